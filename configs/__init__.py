@@ -1,0 +1,1 @@
+"""Experiment configs; run one with `python launch.py --config=configs/NAME.py`."""

@@ -1,0 +1,67 @@
+"""unet_jax command line: train, evaluate (and more) U-Nets from a config.
+
+    python launch.py --config=configs/brain.py:demo --workdir=runs/demo
+    python launch.py --mode=eval --workdir=runs/demo --config.eval.split=valid
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+MODES = ("train", "eval")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
+                               required=True)
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+
+
+class _OnlyOurInfo(logging.logging.Filter):
+  """Keeps library INFO chatter (orbax, grain, jax) out of the run's log."""
+
+  def filter(self, record):
+    return record.levelno > logging.logging.INFO or not any(
+        lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/", "/jaxlib/"))
+
+
+def _argv_with_saved_config(argv: list[str]) -> list[str]:
+  """In eval mode without --config, the run's own saved config is the config."""
+  def value(name):
+    for i, arg in enumerate(argv):
+      if arg.startswith(f"--{name}="):
+        return arg.split("=", 1)[1]
+      if arg == f"--{name}" and i + 1 < len(argv):
+        return argv[i + 1]
+    return None
+
+  if value("mode") not in ("eval",) or value("config") is not None or value("workdir") is None:
+    return argv
+  import unet_jax.saved_config  # pylint: disable=g-import-not-at-top
+  return [argv[0], f"--config={unet_jax.saved_config.__file__}:{value('workdir')}", *argv[1:]]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required in this mode")
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  # Imported here so that --help answers without starting jax.
+  from unet_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  sys.argv = _argv_with_saved_config(sys.argv)
+  app.run(main)

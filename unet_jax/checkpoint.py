@@ -1,0 +1,98 @@
+"""Orbax checkpoints of a run: the latest few and the best by validation Dice."""
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from unet_jax.errors import UserError
+
+BEST_METRIC = "val_dice"
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  """'params/down_0/Conv_0/kernel' for attribute, key and index paths alike."""
+  parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(part) for part in parts)
+
+
+class Checkpoints:
+  """The `checkpoints/` folder of a run.
+
+  Saves are asynchronous (training goes on while they are written) and a
+  step only becomes visible once completely written, so a killed run never
+  leaves a half checkpoint that a restore would pick.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, keep_latest: int = 2, read_only: bool = False):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep_latest),
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_metric, best_mode="max", preservation_policy=policy,
+        read_only=read_only, create=not read_only)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      metrics=metrics)
+
+  def resolve(self, which: str | int) -> int:
+    """The step named by `eval.checkpoint`: best, latest or a step number."""
+    steps = self.manager.all_steps()
+    if not steps:
+      raise UserError(f"{self.directory}: no checkpoint; train the run first")
+    if which == "best":
+      return self.manager.best_step()
+    if which == "latest":
+      return self.manager.latest_step()
+    try:
+      step = int(which)
+    except ValueError:
+      raise UserError(f"eval.checkpoint={which!r}: use best, latest or a step number") from None
+    if step not in steps:
+      raise UserError(f"{self.directory}: no checkpoint at step {step}; saved steps are {sorted(steps)}")
+    return step
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores `step` into the structure, shapes and shardings of `target`.
+
+    Raises:
+      UserError: the checkpoint was written by a model of another shape.
+    """
+    saved = self.manager.item_metadata(step)["state"]
+    self._check_matches(step, saved, target)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return restored["state"]
+
+  def _check_matches(self, step: int, saved: Any, target: Any) -> None:
+    saved_shapes = {_path_name(path): tuple(leaf.shape)
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+      key = _path_name(path)
+      if saved_shapes.get(key) != tuple(leaf.shape):
+        found = "missing" if key not in saved_shapes else f"shape {saved_shapes[key]}"
+        raise UserError(f"{self.directory}/{step}: checkpoint does not match the config: "
+                        f"{key} is {found} in the checkpoint but {tuple(leaf.shape)} in the "
+                        "model (was model.* changed?)")
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

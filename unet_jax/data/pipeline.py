@@ -1,0 +1,86 @@
+"""grain input pipelines: shuffled, augmented train batches and complete eval batches.
+
+Batches are a pure function of (seed, step): batch `k` of a run is always
+the same images with the same augmentation, so resuming at step `k` needs no
+iterator state beyond the step itself. Each JAX process reads only its share
+of every global batch.
+"""
+
+import functools
+from typing import Any, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from unet_jax.data import augment as augment_lib
+from unet_jax.errors import UserError
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """The batch each process reads; the global batch must split evenly."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if global_batch_size % devices:
+    raise UserError(f"batch size {global_batch_size} does not divide evenly over "
+                    f"{devices} devices; use a multiple of {devices}")
+  return global_batch_size // processes
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise UserError(f"the training split has {num_examples} images, fewer than one "
+                    f"batch of {global_batch_size}; lower train.batch_size")
+  return steps
+
+
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=max(1, config.data.prefetch),
+                           prefetch_buffer_size=config.data.prefetch)
+
+
+def _to_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> Iterator[Any]:
+  iter_dataset = dataset.to_iter_dataset(_read_options(config))
+  if config.data.num_workers > 0:
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return iter(iter_dataset)
+
+
+def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[dict]:
+  """This process's share of each training batch, from `start_step` to the end of training.
+
+  Each epoch is a fresh seeded permutation with the last partial batch dropped.
+  """
+  dataset = grain.MapDataset.source(source).shuffle(seed=config.train.seed)
+  if config.augment.enabled:
+    dataset = dataset.random_map(functools.partial(augment_lib.augment, config=config.augment),
+                                 seed=config.train.seed + 1)
+  dataset = dataset[jax.process_index()::jax.process_count()]
+  dataset = dataset.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
+  dataset = dataset.repeat(config.train.epochs)
+  return _to_iterator(dataset[start_step:], config)
+
+
+def _padded_record(index: int, source, size: int) -> dict[str, Any]:
+  record = dict(source[min(index, size - 1)])
+  record["index"] = np.int32(min(index, size - 1))
+  record["valid"] = np.bool_(index < size)
+  return record
+
+
+def eval_batches(source, config: ml_collections.ConfigDict, batch_size: int) -> Iterator[dict]:
+  """Every image of `source` once, in order, in full batches.
+
+  The last batch is padded by repeating the last image, with `valid` False
+  on the padding, so no image is dropped and none is counted twice; `index`
+  is each record's position in `source`.
+  """
+  size = len(source)
+  padded = -(-size // batch_size) * batch_size
+  dataset = grain.MapDataset.range(padded).map(
+      functools.partial(_padded_record, source=source, size=size))
+  dataset = dataset[jax.process_index()::jax.process_count()]
+  dataset = dataset.batch(local_batch_size(batch_size))
+  return _to_iterator(dataset, config)

@@ -1,0 +1,42 @@
+"""Data parallelism with jit over a device mesh: the batch is sharded on the
+`data` axis and the train state is replicated.
+
+One code path serves one CPU, N local devices and many hosts; XLA inserts
+the cross-device reductions (gradients, batch-norm statistics) itself.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def device_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the global batch from each process's numeric arrays (strings stay behind)."""
+  sharding = batch_sharded(mesh)
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items() if np.asarray(value).dtype.kind in "biuf"}
+
+
+def to_host(tree: Any) -> Any:
+  """Brings (possibly multi-host) arrays back as numpy, gathered from every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,104 @@
+"""What a run writes for people: metrics.jsonl, the learning curve and prediction grids."""
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "learning_curve.png"
+
+
+def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
+  """Appends one {"step", "epoch", "split", ...} record to metrics.jsonl."""
+  with open(pathlib.Path(workdir) / METRICS_FILE, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
+  """Drops records logged after `last_step`, the step a resumed run restarts from."""
+  records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+  path = pathlib.Path(workdir) / METRICS_FILE
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tmp.replace(path)
+
+
+def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Train/val loss and val Dice per epoch, best epoch marked; returns the PNG path."""
+  records = read_metrics(workdir)
+  train_loss: dict[int, list[float]] = {}
+  for r in records:
+    if r["split"] == "train":
+      train_loss.setdefault(r["epoch"], []).append(r["loss"])
+  val = [r for r in records if r["split"] == "valid"]
+
+  fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 4))
+  epochs = sorted(train_loss)
+  loss_ax.plot(epochs, [np.mean(train_loss[e]) for e in epochs], "o-", label="train")
+  loss_ax.plot([r["epoch"] for r in val], [r["loss"] for r in val], "s-", label="validation")
+  loss_ax.set(title="Loss (Dice + BCE)", xlabel="epoch", ylabel="loss")
+  loss_ax.legend()
+  dice_ax.plot([r["epoch"] for r in val], [r["dice"] for r in val], "s-", color="C1",
+               label="validation Dice")
+  if val:
+    best = max(val, key=lambda r: r["dice"])
+    dice_ax.axvline(best["epoch"], color="grey", linestyle="--",
+                    label=f"best: epoch {best['epoch']}, Dice {best['dice']:.3f}")
+  dice_ax.set(title="Validation Dice (mean per image)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+  dice_ax.legend(loc="lower right")
+  for ax in (loss_ax, dice_ax):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = pathlib.Path(workdir) / CURVE_FILE
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_predictions(path: str | pathlib.Path, images: np.ndarray, masks: np.ndarray,
+                     probs: np.ndarray, threshold: float, titles: Sequence[str]) -> None:
+  """One row per image: image | ground truth | probability | binary | overlay.
+
+  Args:
+    path: PNG to write.
+    images: (N, H, W, C) in [0, 1].
+    masks: (N, H, W) ground truth.
+    probs: (N, H, W) tumour probabilities.
+    threshold: Probability cut for the binary column.
+    titles: One row title per image (file name and score).
+  """
+  columns = ("image", "ground truth", "probability", f"binary (p > {threshold:g})",
+             "overlay (green: truth, red: prediction)")
+  fig, axes = plt.subplots(len(images), 5, figsize=(15, 3.1 * len(images)), squeeze=False)
+  for row, (image, mask, prob, title) in enumerate(zip(images, masks, probs, titles)):
+    grey = image.mean(-1)
+    binary = prob > threshold
+    overlay = np.stack([grey] * 3, axis=-1) * 0.7
+    overlay[..., 1] += 0.3 * mask
+    overlay[..., 0] += 0.3 * binary
+    panels = (grey, mask, prob, binary, np.clip(overlay, 0, 1))
+    for col, panel in enumerate(panels):
+      ax = axes[row, col]
+      ax.imshow(panel, cmap="gray" if col != 2 else "magma", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(columns[col], fontsize=10)
+    axes[row, 0].set_ylabel(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

@@ -1,0 +1,126 @@
+"""The train state and the pure, jitted steps that train, evaluate and predict with it."""
+
+import functools
+from typing import Any
+
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from unet_jax import losses
+from unet_jax import metrics as metrics_lib
+from unet_jax import model as model_lib
+from unet_jax import parallel
+from unet_jax.data import pipeline
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimiser state and batch-norm statistics."""
+
+  batch_stats: Any = None
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay (plain Adam when weight decay is 0)."""
+  warmup = min(config.train.warmup_epochs * steps_per_epoch, total_steps - 1)
+  if warmup > 0:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.train.learning_rate, warmup_steps=warmup,
+        decay_steps=total_steps)
+  else:
+    schedule = optax.cosine_decay_schedule(config.train.learning_rate, max(total_steps, 1))
+  return optax.adamw(schedule, weight_decay=config.train.weight_decay)
+
+
+def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initialises the U-Net of `config.model` for (H, W, C) images."""
+  model = model_lib.from_config(config.model)
+  variables = model.init(jax.random.key(config.train.seed), jnp.zeros((1, *image_shape)),
+                         train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))
+
+
+def _variables(state: TrainState) -> dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, dice_weight: float,
+               bce_weight: float, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a (global) batch; returns the new state and batch metrics."""
+  masks = batch["mask"].astype(jnp.float32)
+  dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    loss = losses.dice_bce_loss(logits, masks, dice_weight, bce_weight).mean()
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats",
+                                                                      state.batch_stats))
+  counts = metrics_lib.confusion_counts(logits > 0, masks > 0.5)
+  tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+  dice = jnp.where(tp + fp + fn > 0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1), 1.0)
+  return state, {"loss": loss, "dice": dice.mean()}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, threshold: float,
+              dice_weight: float, bce_weight: float) -> dict[str, jax.Array]:
+  """Per-image loss and confusion counts at `threshold`."""
+  logits = state.apply_fn(_variables(state), batch["image"], train=False)
+  masks = batch["mask"].astype(jnp.float32)
+  probs = jax.nn.sigmoid(logits)
+  return {
+      "loss": losses.dice_bce_loss(logits, masks, dice_weight, bce_weight),
+      "counts": metrics_lib.confusion_counts(probs > threshold, masks > 0.5),
+      "index": batch["index"],
+      "valid": batch["valid"],
+  }
+
+
+def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+  """(N, H, W) tumour probabilities."""
+  return jax.nn.sigmoid(state.apply_fn(_variables(state), images, train=False))[..., 0]
+
+
+def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
+  """The jitted train and eval steps: batch sharded over the mesh, state replicated."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  weights = dict(dice_weight=config.train.dice_weight, bce_weight=config.train.bce_weight)
+  p_train = jax.jit(functools.partial(train_step, seed=config.train.seed, **weights),
+                    in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                    donate_argnums=0)
+  p_eval = jax.jit(functools.partial(eval_step, threshold=config.eval.threshold, **weights),
+                   in_shardings=(replicated, sharded), out_shardings=sharded)
+  return p_train, p_eval
+
+
+def evaluate_split(p_eval, state: TrainState, source, config: ml_collections.ConfigDict,
+                   mesh) -> dict[str, np.ndarray]:
+  """Runs the eval step over every image of `source`.
+
+  Returns:
+    Per image, in source order: "loss" (N,) and "counts" (N, 4).
+  """
+  per_image = {"loss": np.zeros(len(source)), "counts": np.zeros((len(source), 4), np.int64)}
+  for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
+    out = parallel.to_host(p_eval(state, parallel.device_batch(batch, mesh)))
+    keep = out["valid"]
+    per_image["loss"][out["index"][keep]] = out["loss"][keep]
+    per_image["counts"][out["index"][keep]] = out["counts"][keep]
+  return per_image
+
+
+def validation_record(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+  scores = metrics_lib.per_image_metrics(per_image["counts"])
+  return {"loss": float(per_image["loss"].mean()), "dice": float(scores["dice"].mean()),
+          "iou": float(scores["iou"].mean())}
