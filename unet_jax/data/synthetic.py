@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from unet_jax.errors import UserError
+
 _FORMAT_VERSION = 1
 _MARKER = "phantoms.json"
 _ANNOTATIONS = "_annotations.coco.json"
@@ -221,15 +223,15 @@ def _existing_export_ok(root: pathlib.Path, params: dict) -> bool:
   """True if ``root`` is a complete export for ``params``, False if absent or empty.
 
   Raises:
-    ValueError: ``root`` holds anything else, so writing there could destroy data.
+    UserError: ``root`` holds anything else, so writing there could destroy data.
   """
   if not root.exists():
     return False
   if not root.is_dir():
-    raise ValueError(f"{root}: exists and is not a directory; refusing to overwrite it")
+    raise UserError(f"{root}: exists and is not a directory; refusing to overwrite it")
   if not (root / _MARKER).is_file():
     if any(root.iterdir()):
-      raise ValueError(
+      raise UserError(
           f"{root}: is not empty and is not a phantom export; refusing to overwrite it")
     return False
   try:
@@ -237,11 +239,11 @@ def _existing_export_ok(root: pathlib.Path, params: dict) -> bool:
   except ValueError:
     stored = None
   if not isinstance(stored, dict) or stored.get("generator") != params["generator"]:
-    raise ValueError(
+    raise UserError(
         f"{root}: has a {_MARKER} not written by this generator; refusing to overwrite it")
   if stored != params:
     diff = sorted(k for k in params.keys() | stored.keys() if stored.get(k) != params.get(k))
-    raise ValueError(f"{root}: holds a phantom export made with different parameters "
+    raise UserError(f"{root}: holds a phantom export made with different parameters "
                      f"({', '.join(diff)}); delete it or use another folder")
   for split, size in params["split_sizes"].items():
     try:
@@ -250,7 +252,7 @@ def _existing_export_ok(root: pathlib.Path, params: dict) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
       names = None
     if names is None or len(names) != size or not all((root / split / f).is_file() for f in names):
-      raise ValueError(f"{root}: phantom export is incomplete or damaged ({split}); "
+      raise UserError(f"{root}: phantom export is incomplete or damaged ({split}); "
                        "delete it to regenerate")
   return True
 
@@ -277,18 +279,18 @@ def write_phantom_coco(root: str | os.PathLike[str], *,
     ``root`` as a ``pathlib.Path``.
 
   Raises:
-    ValueError: If a parameter is invalid, or ``root`` holds anything other than a
+    UserError: If a parameter is invalid, or ``root`` holds anything other than a
         complete phantom export made with the same parameters.
   """
   root = pathlib.Path(root)
   split_sizes = dict(_DEFAULT_SPLITS if split_sizes is None else split_sizes)
   if image_size < 32 or seed < 0 or not 0.0 <= tumour_fraction <= 1.0:
-    raise ValueError(f"invalid phantom parameters: image_size={image_size}, seed={seed}, "
+    raise UserError(f"invalid phantom parameters: image_size={image_size}, seed={seed}, "
                      f"tumour_fraction={tumour_fraction}")
   # Split names become folder and file names, so keep them plain.
   if any(not str(k).replace("-", "_").isidentifier() or not isinstance(v, int) or v < 0
          for k, v in split_sizes.items()):
-    raise ValueError(f"split_sizes must map plain names to non-negative ints, got {split_sizes}")
+    raise UserError(f"split_sizes must map plain names to non-negative ints, got {split_sizes}")
   # Round-trip through JSON so the comparison with the stored marker is like for like.
   params = json.loads(json.dumps({
       "generator": "unet_jax.data.synthetic", "version": _FORMAT_VERSION,

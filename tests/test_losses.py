@@ -1,0 +1,46 @@
+"""Dice and BCE losses on hand-made masks."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax import losses
+
+BIG = 30.0  # A logit whose sigmoid is 1 to float32 precision.
+
+
+def _mask(pixels):
+  mask = np.zeros((1, 4, 4, 1), np.float32)
+  for y, x in pixels:
+    mask[0, y, x, 0] = 1
+  return jnp.asarray(mask)
+
+
+def test_dice_loss_perfect_disjoint_and_partial():
+  truth = _mask([(0, 0), (0, 1), (1, 0), (1, 1)])
+  perfect = jnp.where(truth > 0, BIG, -BIG)
+  np.testing.assert_allclose(losses.soft_dice_loss(perfect, truth), [0.0], atol=1e-6)
+
+  disjoint = jnp.where(_mask([(3, 3), (3, 2), (2, 3), (2, 2)]) > 0, BIG, -BIG)
+  np.testing.assert_allclose(losses.soft_dice_loss(disjoint, truth), [1 - 1 / 9], atol=1e-6)
+
+  # Two of four pixels predicted: Dice = (2*2 + 1) / (2 + 4 + 1).
+  half = jnp.where(_mask([(0, 0), (0, 1)]) > 0, BIG, -BIG)
+  np.testing.assert_allclose(losses.soft_dice_loss(half, truth), [1 - 5 / 7], atol=1e-6)
+
+
+def test_empty_mask_predicted_empty_has_no_dice_loss():
+  empty = _mask([])
+  np.testing.assert_allclose(losses.soft_dice_loss(jnp.full_like(empty, -BIG), empty), [0.0],
+                             atol=1e-6)
+
+
+def test_bce_matches_formula_and_sum_is_weighted():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 4, 1)), jnp.float32)
+  masks = jnp.asarray(rng.random((2, 4, 4, 1)) > 0.5, jnp.float32)
+  p = 1 / (1 + np.exp(-np.asarray(logits)))
+  expected = -(masks * np.log(p) + (1 - masks) * np.log(1 - p)).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(losses.bce_loss(logits, masks), expected, rtol=1e-5)
+  total = losses.dice_bce_loss(logits, masks, dice_weight=0.3, bce_weight=2.0)
+  np.testing.assert_allclose(
+      total, 0.3 * losses.soft_dice_loss(logits, masks) + 2.0 * expected, rtol=1e-5)

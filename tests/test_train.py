@@ -1,0 +1,93 @@
+"""Training end to end on four fake CPU devices, checkpoints and the command line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import conftest
+
+from unet_jax import evaluate, reports, train
+from unet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A two-step run (16 phantoms, global batch 8 over 4 devices)."""
+  config = conftest.tiny_demo_config()
+  workdir = tmp_path_factory.mktemp("run")
+  summary = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, summary
+
+
+def test_two_steps_on_four_devices_write_the_run(trained):
+  assert jax.device_count() == 4
+  config, workdir, summary = trained
+  for name in ("config.json", "metrics.jsonl", "learning_curve.png", "eval/test/summary.json",
+               "eval/test/per_image.csv", "eval/test/predictions.png"):
+    assert (workdir / name).is_file(), name
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  train_records = [r for r in reports.read_metrics(workdir) if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [1, 2]
+  assert summary["n_images"] == 8 and summary["checkpoint_step"] == 2
+  assert 0 <= summary["metrics"]["dice"]["mean"] <= 1
+  rows = (workdir / "eval/test/per_image.csv").read_text().splitlines()
+  assert len(rows) == 9 and rows[0].startswith("file_name,dice,iou")
+  assert json.loads((workdir / "config.json").read_text())["model"]["features"] == 4
+
+
+def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
+  config, workdir, _ = trained
+  logged = [r for r in reports.read_metrics(workdir) if r["split"] == "valid"][-1]
+  config.eval.split = "valid"
+  summary = evaluate.evaluate(config, str(workdir))
+  assert summary["metrics"]["dice"]["mean"] == pytest.approx(logged["dice"], abs=1e-9)
+  assert summary["metrics"]["iou"]["mean"] == pytest.approx(logged["iou"], abs=1e-9)
+  assert summary["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(trained):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.model.features = 8
+  with pytest.raises(UserError, match="checkpoint does not match the config"):
+    evaluate.evaluate(config, str(workdir))
+
+
+def test_finished_run_is_not_trained_again(trained):
+  config, workdir, _ = trained
+  before = (workdir / "metrics.jsonl").read_text()
+  assert train.train_and_evaluate(config, str(workdir)) == {}
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def _launch(*args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_eval_mode_uses_the_saved_config_with_overrides(trained):
+  _, workdir, _ = trained
+  result = _launch("--mode=eval", f"--workdir={workdir}", "--config.eval.split=valid",
+                   "--config.eval.checkpoint=latest")
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((workdir / "eval/valid/summary.json").read_text())
+  assert summary["n_images"] == 8 and summary["checkpoint_step"] == 2
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+  result = _launch("--config=configs/brain.py", f"--workdir={tmp_path}",
+                   f"--config.data.root={tmp_path / 'missing'}")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("error: data.root")
+  assert "configs/brain.py:demo" in result.stderr
+  result = _launch("--config=configs/brain.py", f"--workdir={tmp_path}", "--config.model.widht=3")
+  assert result.returncode != 0 and "widht" in result.stderr
