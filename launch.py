@@ -11,13 +11,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval")
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 
 
 class _OnlyOurInfo(logging.logging.Filter):
@@ -44,20 +42,30 @@ def _argv_with_saved_config(argv: list[str]) -> list[str]:
   return [argv[0], f"--config={unet_jax.saved_config.__file__}:{value('workdir')}", *argv[1:]]
 
 
+def _train(config, workdir):
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, workdir)
+
+
+def _eval(config, workdir):
+  from unet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.evaluate(config, workdir)
+
+
+# Mode name -> runner(config, workdir). Modules are imported by the runner so
+# that --help answers without starting jax.
+RUNNERS = {"train": _train, "eval": _eval}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required in this mode")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
-  # Imported here so that --help answers without starting jax.
-  from unet_jax import evaluate, train  # pylint: disable=g-import-not-at-top
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    else:
-      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+    RUNNERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     sys.exit(f"error: {e}")
 

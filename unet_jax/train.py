@@ -92,8 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.wait()
   checkpoints.close()
 
-  root = data_lib.data_root(config.data, workdir)
-  if data_lib.has_split(root, config.eval.split):
+  if data_lib.has_split(config.data, config.eval.split, workdir):
     return evaluate.evaluate(config, workdir)
-  logging.info("No %r split under %s; skipped the final evaluation.", config.eval.split, root)
+  logging.info("No %r split in the dataset; skipped the final evaluation.", config.eval.split)
   return {}

@@ -39,8 +39,9 @@ def data_root(data_config: ml_collections.ConfigDict, workdir: str) -> pathlib.P
   raise UserError(f"data.root is not set; {_HOW_TO_GET_DATA}")
 
 
-def has_split(root: pathlib.Path, split: str) -> bool:
-  return coco.annotations_path(root, split).is_file()
+def has_split(data_config: ml_collections.ConfigDict, split: str, workdir: str) -> bool:
+  """Whether the configured dataset has `split`."""
+  return coco.annotations_path(data_root(data_config, workdir), split).is_file()
 
 
 def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: str) -> coco.CocoSource:
@@ -50,7 +51,7 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
     UserError: the split does not exist or its files are bad.
   """
   root = data_root(data_config, workdir)
-  if not has_split(root, split):
+  if not has_split(data_config, split, workdir):
     raise UserError(f"{coco.annotations_path(root, split)}: split {split!r} not found under "
                     f"data.root {root}; {_HOW_TO_GET_DATA}")
   return coco.CocoSource(root, split, data_config.image_size, data_config.channels,
