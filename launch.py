@@ -15,7 +15,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                          "What to do.")
+_INPUT = flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (required); "
+                              "export: output folder (default WORKDIR/export).")
 
 
 class _OnlyOurInfo(logging.logging.Filter):
@@ -26,8 +30,11 @@ class _OnlyOurInfo(logging.logging.Filter):
         lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/", "/jaxlib/"))
 
 
+SAVED_CONFIG_MODES = ("eval", "predict", "export")
+
+
 def _argv_with_saved_config(argv: list[str]) -> list[str]:
-  """In eval mode without --config, the run's own saved config is the config."""
+  """Without --config, these modes use the run's own saved config."""
   def value(name):
     for i, arg in enumerate(argv):
       if arg.startswith(f"--{name}="):
@@ -36,7 +43,7 @@ def _argv_with_saved_config(argv: list[str]) -> list[str]:
         return argv[i + 1]
     return None
 
-  if value("mode") not in ("eval",) or value("config") is not None or value("workdir") is None:
+  if value("mode") not in SAVED_CONFIG_MODES or value("config") is not None or value("workdir") is None:
     return argv
   import unet_jax.saved_config  # pylint: disable=g-import-not-at-top
   return [argv[0], f"--config={unet_jax.saved_config.__file__}:{value('workdir')}", *argv[1:]]
@@ -52,9 +59,21 @@ def _eval(config, workdir):
   evaluate.evaluate(config, workdir)
 
 
+def _predict(config, workdir):
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError("--mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER")
+  from unet_jax import predict  # pylint: disable=g-import-not-at-top
+  predict.predict(config, workdir, _INPUT.value, _OUTPUT.value)
+
+
+def _export(config, workdir):
+  from unet_jax import export  # pylint: disable=g-import-not-at-top
+  export.export(config, workdir, _OUTPUT.value)
+
+
 # Mode name -> runner(config, workdir). Modules are imported by the runner so
 # that --help answers without starting jax.
-RUNNERS = {"train": _train, "eval": _eval}
+RUNNERS = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
 
 
 def main(argv):

@@ -44,11 +44,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.features = 32  # Width of the first level; doubles at each level down.
   model.depth = 4  # Number of down-sampling steps.
-  model.pooling = "max"  # Down-sampling: max, avg or conv (strided 3x3).
+  # Down-sampling: max, avg, conv (strided 3x3) or dilated_conv (strided 3x3, dilation 2).
+  model.pooling = "max"
   model.activation = "relu"  # relu, leaky_relu, gelu, silu or elu.
+  model.leaky_slope = 0.01  # Negative slope of leaky_relu.
+  # 3x3 conv dilation: one rate (2) or depth + 1 rates, one per level, bottleneck last
+  # (--config.model.dilation='(1,1,2,2,4)').
+  model.dilation = ml_collections.FieldReference(1, field_type=object)
   model.norm = "batch"  # Normalisation after each conv: batch, group, layer, none.
   model.upsampling = "transpose"  # transpose (2x2 conv) or bilinear (+ 3x3 conv).
   model.dropout = 0.0  # Dropout rate in the bottleneck and decoder.
+  model.residual = False  # Residual double-conv blocks (1x1 projection when widths differ).
+  model.attention = False  # Attention gates on the skip connections (Oktay et al. 2018).
+  model.out_channels = 1  # Logit channels; training is binary, so 1 (one sigmoid logit).
   model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   config.train = train = ml_collections.ConfigDict()
@@ -67,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   eval_config.split = "test"  # Split evaluated by --mode=eval and after training.
   eval_config.checkpoint = "best"  # best, latest or a step number.
   eval_config.threshold = 0.5  # Probability above which a pixel is tumour.
+  eval_config.tune_threshold = False  # Pick the threshold with the best Dice on data.val_split.
+  eval_config.tta = False  # Average the probabilities of the image and its flips.
+  eval_config.largest_component = False  # Keep only the largest predicted tumour blob.
   eval_config.batch_size = 16  # Global evaluation batch.
   eval_config.num_pictures = 6  # Rows in predictions.png.
   return config

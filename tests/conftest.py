@@ -34,3 +34,16 @@ def tiny_demo_config():
 @pytest.fixture
 def tiny_config():
   return tiny_demo_config()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A two-step run (16 phantoms, global batch 8 over 4 devices): (config, workdir, summary).
+
+  Tests that change the config work on a copy.
+  """
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_demo_config()
+  workdir = tmp_path_factory.mktemp("run")
+  summary = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, summary

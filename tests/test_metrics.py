@@ -43,3 +43,58 @@ def test_pooled_weights_pixels_not_images():
   assert metrics.pooled_metrics(counts)["dice"] == pytest.approx(180 / 191)
   assert metrics.per_image_metrics(counts)["dice"].mean() == pytest.approx((180 / 190) / 2)
   assert metrics.summarise(np.array([1.0, 0.0, 0.5]))["median"] == 0.5
+
+
+def test_hd95_by_hand():
+  a = np.zeros((20, 20), bool)
+  a[5:10, 5:10] = True
+  shifted = np.roll(a, 3, axis=1)  # every boundary point moves 3 px
+  assert metrics.hd95(a, a) == 0.0
+  assert metrics.hd95(a, shifted) == pytest.approx(3.0)
+  assert metrics.hd95(np.zeros_like(a), np.zeros_like(a)) == 0.0
+  assert metrics.hd95(a, np.zeros_like(a)) == pytest.approx(np.hypot(20, 20))
+
+
+def test_against_medpy_reference():
+  binary = pytest.importorskip("medpy.metric.binary")
+  rng = np.random.default_rng(0)
+  for _ in range(10):
+    pred = np.zeros((40, 40), bool)
+    true = np.zeros((40, 40), bool)
+    for mask in (pred, true):
+      y, x = rng.integers(5, 30, size=2)
+      h, w = rng.integers(3, 10, size=2)
+      mask[y:y + h, x:x + w] = True
+      mask[rng.integers(0, 40), rng.integers(0, 40)] = True  # a stray pixel
+    scores = metrics.per_image_metrics(metrics.confusion_counts(pred[None], true[None]))
+    assert scores["dice"][0] == pytest.approx(binary.dc(pred, true))
+    assert scores["iou"][0] == pytest.approx(binary.jc(pred, true))
+    assert scores["precision"][0] == pytest.approx(binary.precision(pred, true))
+    assert scores["recall"][0] == pytest.approx(binary.recall(pred, true))
+    assert scores["specificity"][0] == pytest.approx(binary.specificity(pred, true))
+    assert metrics.hd95(pred, true) == pytest.approx(binary.hd95(pred, true))
+
+
+def test_mean_iou_averages_background_and_tumour():
+  pred, true = _pair([(0, 0), (0, 1)], [(0, 0)])  # tp 1, fp 1, fn 0, tn 98
+  scores = metrics.per_image_metrics(metrics.confusion_counts(pred, true))
+  assert scores["miou"][0] == pytest.approx((1 / 2 + 98 / 99) / 2)
+
+
+def test_largest_component_keeps_the_biggest_blob():
+  mask = np.zeros((10, 10), bool)
+  mask[0:2, 0:2] = True
+  mask[5:9, 5:9] = True
+  mask[9, 0] = True
+  kept = metrics.largest_component(mask)
+  assert kept.sum() == 16 and kept[5:9, 5:9].all()
+  assert not metrics.largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_bootstrap_interval_brackets_the_mean():
+  values = np.random.default_rng(1).random(200)
+  summary = metrics.summarise(values)
+  low, high = summary["ci95"]
+  assert low < summary["mean"] < high
+  assert high - low == pytest.approx(2 * 1.96 * values.std() / np.sqrt(200), rel=0.2)
+  assert metrics.summarise(values) == summary  # seeded

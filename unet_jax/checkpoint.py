@@ -38,7 +38,8 @@ class Checkpoints:
     ])
     options = ocp.CheckpointManagerOptions(
         best_fn=_best_metric, best_mode="max", preservation_policy=policy,
-        read_only=read_only, create=not read_only)
+        read_only=read_only, create=not read_only,
+        save_interval_steps=0 if read_only else 1)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler()})

@@ -3,7 +3,7 @@
 import csv
 import json
 import pathlib
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import jax
@@ -16,6 +16,10 @@ from unet_jax import metrics as metrics_lib
 from unet_jax import parallel
 from unet_jax import reports
 from unet_jax import steps
+from unet_jax.data import pipeline
+
+# Candidate thresholds for eval.tune_threshold.
+THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[steps.TrainState, int]:
@@ -29,11 +33,68 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
   return state, step
 
 
+def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+  """(index, probability map, ground-truth mask) for every image of `source`."""
+  for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
+    arrays = parallel.device_batch(batch, mesh)
+    # Gathered with the probabilities, so every process sees the global batch.
+    host = parallel.to_host({"probs": predict(state, arrays.pop("image")), **arrays})
+    for i in np.flatnonzero(host["valid"]):
+      yield int(host["index"][i]), host["probs"][i], host["mask"][i, ..., 0] > 0
+
+
+def binarise(probs: np.ndarray, threshold: float, largest_component: bool) -> np.ndarray:
+  """The predicted mask: probabilities above `threshold`, optionally only the largest blob."""
+  mask = probs > threshold
+  return metrics_lib.largest_component(mask) if largest_component else mask
+
+
+def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: str, mesh) -> float:
+  """The threshold of THRESHOLDS with the best mean Dice on the validation split."""
+  source = data_lib.build_source(config.data, config.data.val_split, workdir)
+  dice = np.zeros((len(source), len(THRESHOLDS)))
+  for index, probs, truth in _probabilities(predict, state, source, config, mesh):
+    masks = np.stack([binarise(probs, t, config.eval.largest_component) for t in THRESHOLDS])
+    counts = metrics_lib.confusion_counts(masks, np.broadcast_to(truth, masks.shape))
+    dice[index] = metrics_lib.per_image_metrics(counts)["dice"]
+  mean = dice.mean(axis=0)
+  # Among equal scores prefer the threshold nearest 0.5.
+  best = max(range(len(THRESHOLDS)), key=lambda i: (round(mean[i], 6), -abs(THRESHOLDS[i] - 0.5)))
+  logging.info("Threshold tuned on %s: %.2f (mean Dice %.4f; at 0.5: %.4f)", config.data.val_split,
+               THRESHOLDS[best], mean[best], mean[np.argmin(abs(THRESHOLDS - 0.5))])
+  return float(THRESHOLDS[best])
+
+
+def score_split(predict, state, source, config, mesh, threshold: float) -> dict[str, np.ndarray]:
+  """Per-image metrics (source order) of the thresholded, post-processed predictions."""
+  counts = np.zeros((len(source), 4), np.int64)
+  hd95 = np.zeros(len(source))
+  for index, probs, truth in _probabilities(predict, state, source, config, mesh):
+    mask = binarise(probs, threshold, config.eval.largest_component)
+    counts[index] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
+    hd95[index] = metrics_lib.hd95(mask, truth)
+  scores = metrics_lib.per_image_metrics(counts)
+  scores["hd95"] = hd95
+  return {"counts": counts, **scores}
+
+
 def _picture_rows(dice: np.ndarray, count: int) -> list[int]:
   """Images from best to worst Dice, evenly spaced, so best, median and worst show."""
   order = np.argsort(-dice, kind="stable")
   picks = np.linspace(0, len(order) - 1, num=min(count, len(order))).round().astype(int)
   return [int(order[i]) for i in dict.fromkeys(picks)]
+
+
+def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
+  rows = _picture_rows(scores["dice"], config.eval.num_pictures)
+  samples = [source[i] for i in rows]
+  images = np.stack([s["image"] for s in samples])
+  batch, count = parallel.put_global_batch(images, mesh)
+  probs = parallel.to_host(predict(state, batch))[:count]
+  titles = [f"{s['file_name'][:28]}\nDice {scores['dice'][i]:.3f}" for s, i in zip(samples, rows)]
+  masks = np.stack([s["mask"][..., 0] for s in samples])
+  if jax.process_index() == 0:
+    reports.plot_predictions(path, images, masks, probs, threshold, titles)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -46,39 +107,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   split = config.eval.split
   source = data_lib.build_source(config.data, split, workdir)
   state, step = restore_state(config, workdir, mesh)
-  _, p_eval = steps.jit_steps(config, mesh)
-  per_image = steps.evaluate_split(p_eval, state, source, config, mesh)
-  scores = metrics_lib.per_image_metrics(per_image["counts"])
+  predict = steps.jit_predict(mesh, tta=config.eval.tta)
+  threshold = config.eval.threshold
+  if config.eval.tune_threshold:
+    threshold = tune_threshold(predict, state, config, workdir, mesh)
+  scores = score_split(predict, state, source, config, mesh, threshold)
+  counts = scores.pop("counts")
   summary = {
       "split": split,
       "n_images": len(source),
       "checkpoint_step": step,
-      "threshold": config.eval.threshold,
+      "threshold": threshold,
+      "threshold_tuned_on": config.data.val_split if config.eval.tune_threshold else None,
+      "tta": config.eval.tta,
+      "largest_component": config.eval.largest_component,
       "metrics": {name: metrics_lib.summarise(values) for name, values in scores.items()},
-      "pooled": metrics_lib.pooled_metrics(per_image["counts"]),
-      "loss": float(per_image["loss"].mean()),
+      "pooled": metrics_lib.pooled_metrics(counts),
   }
-  if jax.process_index() != 0:
-    return summary
-
   out = pathlib.Path(workdir) / "eval" / split
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  with open(out / "per_image.csv", "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels"])
-    for i, info in enumerate(source.images):
-      tp, fp, fn, _ = per_image["counts"][i]
-      writer.writerow([info["file_name"], *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp])
-
-  rows = _picture_rows(scores["dice"], config.eval.num_pictures)
-  samples = [source[i] for i in rows]
-  images = np.stack([s["image"] for s in samples])
-  probs = np.asarray(jax.jit(steps.predict_step)(state, images))
-  titles = [f"{s['file_name'][:28]}\nDice {scores['dice'][i]:.3f}" for s, i in zip(samples, rows)]
-  reports.plot_predictions(out / "predictions.png", images, np.stack([s["mask"][..., 0] for s in samples]),
-                           probs, config.eval.threshold, titles)
-  logging.info("%s (step %d): mean Dice %.4f, IoU %.4f over %d images -> %s", split, step,
-               summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
-               len(source), out)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "per_image.csv", "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels"])
+      for i, name in enumerate(source.file_names):
+        tp, fp, fn, _ = counts[i]
+        writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp])
+  _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
+  logging.info("%s (step %d): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
+               split, step, summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
+               summary["metrics"]["hd95"]["mean"], len(source), out)
   return summary

@@ -1,14 +1,15 @@
-"""Per-image segmentation metrics from confusion counts.
+"""Per-image segmentation metrics, the way medical-segmentation papers report them.
 
-Empty-mask semantics: when prediction and ground truth are both empty, Dice,
-IoU, precision and recall are 1 (a correct "no tumour"); when exactly one is
-empty they are 0. No image is ever dropped from a mean.
+Empty-mask semantics (no image is ever dropped from a mean):
+- truth and prediction both empty: Dice, IoU, precision, recall 1 and HD95 0
+  (a correct "no tumour");
+- exactly one empty: Dice, IoU 0 and HD95 the image diagonal (a miss or a
+  false alarm costs the most it can).
 """
 
 import jax.numpy as jnp
 import numpy as np
-
-PER_IMAGE = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
+from scipy import ndimage
 
 
 def confusion_counts(pred, target):
@@ -23,7 +24,7 @@ def confusion_counts(pred, target):
   Returns:
     (N, 4) counts: tp, fp, fn, tn.
   """
-  xp = jnp if not isinstance(pred, np.ndarray) else np
+  xp = np if isinstance(pred, np.ndarray) else jnp
   pred = pred.astype(bool).reshape(pred.shape[0], -1)
   target = target.astype(bool).reshape(target.shape[0], -1)
   tp = xp.sum(pred & target, axis=1)
@@ -33,47 +34,77 @@ def confusion_counts(pred, target):
   return xp.stack([tp, fp, fn, tn], axis=1)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-  """num / den, with 0/0 = 1 (both empty agrees) and x/0 impossible otherwise."""
-  out = np.ones_like(num, dtype=np.float64)
-  nonzero = den > 0
-  out[nonzero] = num[nonzero] / den[nonzero]
-  return out
+def _ratio(num: np.ndarray, den: np.ndarray, empty: float | np.ndarray = 1.0) -> np.ndarray:
+  """num / den, and `empty` where den is 0."""
+  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  return np.where(den > 0, num / np.maximum(den, 1e-300), empty)
 
 
 def per_image_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
-  """Dice, IoU, precision, recall, specificity and accuracy per image.
-
-  Args:
-    counts: (N, 4) tp, fp, fn, tn from `confusion_counts`.
+  """Overlap metrics per image from (N, 4) tp, fp, fn, tn counts.
 
   Returns:
-    Metric name to (N,) float64 values.
+    dice, iou, precision, recall (sensitivity), specificity, accuracy, and
+    miou (mean of background and tumour IoU), each (N,) float64.
   """
   tp, fp, fn, tn = np.asarray(counts, dtype=np.float64).T
+  iou = _ratio(tp, tp + fp + fn)
   return {
       "dice": _ratio(2 * tp, 2 * tp + fp + fn),
-      "iou": _ratio(tp, tp + fp + fn),
-      # Precision of an empty prediction on a non-empty mask is 0 (a miss),
-      # recall of any prediction on an empty mask is 1 only if it is empty too.
-      "precision": np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), (fn == 0).astype(float)),
-      "recall": np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), (fp == 0).astype(float)),
+      "iou": iou,
+      # An empty prediction is precise only if there was nothing to find, and
+      # recall on an empty truth is perfect only without false alarms.
+      "precision": _ratio(tp, tp + fp, empty=(fn == 0).astype(float)),
+      "recall": _ratio(tp, tp + fn, empty=(fp == 0).astype(float)),
       "specificity": _ratio(tn, tn + fp),
-      "accuracy": (tp + tn) / np.maximum(tp + fp + fn + tn, 1),
+      "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+      "miou": (iou + _ratio(tn, tn + fp + fn)) / 2,
   }
 
 
 def pooled_metrics(counts: np.ndarray) -> dict[str, float]:
   """Dice and IoU over all pixels of all images together."""
   tp, fp, fn, _ = np.asarray(counts, dtype=np.float64).sum(axis=0)
-  return {
-      "dice": float(_ratio(np.array([2 * tp]), np.array([2 * tp + fp + fn]))[0]),
-      "iou": float(_ratio(np.array([tp]), np.array([tp + fp + fn]))[0]),
-  }
+  return {"dice": float(_ratio(2 * tp, 2 * tp + fp + fn)), "iou": float(_ratio(tp, tp + fp + fn))}
 
 
-def summarise(values: np.ndarray) -> dict[str, float]:
-  """Mean, median and standard deviation over images."""
+def _surface(mask: np.ndarray) -> np.ndarray:
+  """Boundary pixels: the mask minus its 4-connected erosion."""
+  return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+  """95th-percentile symmetric Hausdorff distance in pixels between two (H, W) masks.
+
+  The percentile is taken over the distances from each boundary pixel of one
+  mask to the nearest boundary pixel of the other, both directions pooled.
+  """
+  pred, target = pred.astype(bool), target.astype(bool)
+  if not pred.any() and not target.any():
+    return 0.0
+  if not pred.any() or not target.any():
+    return float(np.hypot(*pred.shape))
+  pred_surface, target_surface = _surface(pred), _surface(target)
+  to_target = ndimage.distance_transform_edt(~target_surface)[pred_surface]
+  to_pred = ndimage.distance_transform_edt(~pred_surface)[target_surface]
+  return float(np.percentile(np.concatenate([to_target, to_pred]), 95))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+  """Keeps only the largest 8-connected component of a binary (H, W) mask."""
+  labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+  if count <= 1:
+    return mask.astype(bool)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  return labels == sizes.argmax()
+
+
+def summarise(values: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict[str, float]:
+  """Mean, median, standard deviation and a 95% bootstrap interval of the mean over images."""
   values = np.asarray(values, dtype=np.float64)
+  rng = np.random.default_rng(seed)
+  means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+  low, high = np.percentile(means, [2.5, 97.5])
   return {"mean": float(values.mean()), "median": float(np.median(values)),
-          "std": float(values.std())}
+          "std": float(values.std()), "ci95": [float(low), float(high)]}

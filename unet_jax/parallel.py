@@ -34,6 +34,17 @@ def device_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array
           for key, value in local_batch.items() if np.asarray(value).dtype.kind in "biuf"}
 
 
+def put_global_batch(images: np.ndarray, mesh: Mesh) -> tuple[jax.Array, int]:
+  """Shards a batch that every process holds in full, padding it to the device count.
+
+  Returns:
+    The sharded batch and the number of real (unpadded) rows.
+  """
+  count = len(images)
+  padded = np.concatenate([images, np.repeat(images[-1:], -count % jax.device_count(), axis=0)])
+  return jax.device_put(padded, batch_sharded(mesh)), count
+
+
 def to_host(tree: Any) -> Any:
   """Brings (possibly multi-host) arrays back as numpy, gathered from every process."""
   if jax.process_count() == 1:

@@ -1,7 +1,8 @@
 """A config file that loads a run's own saved config: `saved_config.py:WORKDIR`.
 
-launch.py uses it as the default `--config` of the eval and predict modes,
-so `--config.*` overrides still apply to the run's config.
+launch.py uses it as the default `--config` of the modes that work on a
+trained run, so `--config.*` overrides still apply. The saved values are laid
+over today's defaults, so a run saved before a field existed still loads.
 """
 
 import json
@@ -9,15 +10,28 @@ import pathlib
 
 import ml_collections
 
+from configs import default
+
 CONFIG_FILE = "config.json"
+
+
+def _overlay(base: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):
+      _overlay(base[key], value)
+    else:
+      base[key] = tuple(value) if isinstance(value, list) else value
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / CONFIG_FILE
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
   except FileNotFoundError:
     raise SystemExit(f"error: {path}: no saved config; is {workdir} a trained run "
                      "(or pass --config)?") from None
   except json.JSONDecodeError as e:
     raise SystemExit(f"error: {path}: malformed JSON ({e})") from None
+  config = default.get_config()
+  _overlay(config, saved)
+  return config

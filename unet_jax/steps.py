@@ -87,9 +87,28 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, threshold: floa
   }
 
 
-def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
-  """(N, H, W) tumour probabilities."""
-  return jax.nn.sigmoid(state.apply_fn(_variables(state), images, train=False))[..., 0]
+def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False) -> jax.Array:
+  """(N, H, W) tumour probabilities.
+
+  With `tta`, the probabilities of the image and of its left-right,
+  up-down and double flips (each flipped back) are averaged.
+  """
+  def probs(x):
+    return jax.nn.sigmoid(state.apply_fn(_variables(state), x, train=False))[..., 0]
+
+  if not tta:
+    return probs(images)
+  total = probs(images)
+  for axes in ((2,), (1,), (1, 2)):
+    total += jnp.flip(probs(jnp.flip(images, axes)), axes)
+  return total / 4
+
+
+def jit_predict(mesh, tta: bool = False):
+  """`predict_step` jitted with the batch sharded over the mesh."""
+  return jax.jit(functools.partial(predict_step, tta=tta),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.batch_sharded(mesh))
 
 
 def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:

@@ -92,6 +92,11 @@ class CocoSource(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return len(self.images)
 
+  @property
+  def file_names(self) -> list[str]:
+    """Image file names in index order."""
+    return [image["file_name"] for image in self.images]
+
   def __repr__(self) -> str:
     return f"CocoSource({self.json_path}, {len(self)} images)"
 
