@@ -4,6 +4,7 @@
     python launch.py --mode=eval --workdir=runs/demo --config.eval.split=valid
 """
 
+import os
 import sys
 
 from absl import app
@@ -15,9 +16,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "describe"],
                           "What to do.")
 _INPUT = flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "Multi-host: host:port of process 0 (default $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+    "Multi-host: number of processes (default $JAX_NUM_PROCESSES or 1).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+    "Multi-host: this process's index (default $JAX_PROCESS_ID or 0).")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (required); "
                               "export: output folder (default WORKDIR/export).")
 
@@ -50,6 +60,10 @@ def _argv_with_saved_config(argv: list[str]) -> list[str]:
 
 
 def _train(config, workdir):
+  if "sweep" in config:  # configs/ablation.py: one training run per variant.
+    from unet_jax import ablation  # pylint: disable=g-import-not-at-top
+    ablation.run_sweep(config, workdir)
+    return
   from unet_jax import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(config, workdir)
 
@@ -71,9 +85,15 @@ def _export(config, workdir):
   export.export(config, workdir, _OUTPUT.value)
 
 
+def _describe(config, workdir):
+  from unet_jax import describe  # pylint: disable=g-import-not-at-top
+  describe.describe(config, workdir)
+
+
 # Mode name -> runner(config, workdir). Modules are imported by the runner so
 # that --help answers without starting jax.
-RUNNERS = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+RUNNERS = {"train": _train, "eval": _eval, "predict": _predict, "export": _export,
+           "describe": _describe}
 
 
 def main(argv):
@@ -83,6 +103,10 @@ def main(argv):
     raise app.UsageError("--config is required in this mode")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if _MODE.value != "describe":  # describe reads files only; it never starts jax
+    from unet_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
   try:
     RUNNERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UserError as e:

@@ -35,6 +35,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.epochs = 12
     config.train.batch_size = 16
     config.train.learning_rate = 3e-3
+  elif arg == "smoke":  # Seconds: a tiny U-Net on 32x32 phantoms, for tests and CI.
+    config.data.synthetic.enabled = True
+    config.data.image_size = config.data.synthetic.image_size = 32
+    config.data.synthetic.num_train = 16
+    config.data.synthetic.num_valid = config.data.synthetic.num_test = 8
+    config.model.features, config.model.depth = 4, 2
+    config.train.epochs, config.train.batch_size = 2, 8
+    config.train.log_every_steps = 1
+    config.eval.batch_size, config.eval.num_pictures = 8, 2
+    config.data.prefetch = 1
   elif arg:
-    raise ValueError(f"configs/brain.py: unknown variant {arg!r}; use 'demo' or nothing.")
+    raise ValueError(f"configs/brain.py: unknown variant {arg!r}; use demo, smoke or nothing.")
   return config

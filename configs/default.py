@@ -14,14 +14,29 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = data = ml_collections.ConfigDict()
-  data.root = ""  # Dataset root: a COCO export with train/ valid/ test/ folders.
+  data.format = "coco"  # Dataset layout: coco, lgg (patient folders of .tif) or brats (.h5).
+  data.root = ""  # Dataset root, e.g. a COCO export with train/ valid/ test/ folders.
   data.image_size = 256  # Images and masks are resized to this square size.
-  data.channels = 1  # 1: grey input, 3: RGB input.
-  data.category_ids = ()  # COCO categories that are foreground; () merges all.
+  data.channels = 1  # Input channels: 1 grey or 3 RGB; brats: len(data.modalities).
   data.train_split = "train"  # Split the model is trained on.
   data.val_split = "valid"  # Split that picks the best checkpoint.
+  # COCO: which categories are foreground, and where the annotations are.
+  data.category_ids = ()  # COCO categories that are foreground; () merges all.
+  data.annotations = ""  # One COCO file for all splits (relative to root); "": split folders.
+  data.subset_key = "subset"  # With data.annotations: image key naming its split ("a.b" nests).
+  data.image_dir = ""  # With data.annotations: folder of the images; "": the file's folder.
+  # lgg and brats: patients / volumes are split, seeded; none is ever on two sides.
+  data.val_fraction = 0.1  # Fraction of patients (volumes) in the valid split.
+  data.test_fraction = 0.1  # Fraction of patients (volumes) in the test split.
+  data.split_seed = 0  # Seeds that split; keep it fixed across runs you compare.
+  # brats: channels of the h5 "image" and "mask" datasets.
+  data.modalities = (0, 1, 2, 3)  # Image channels used as input (data.channels of them).
+  data.mask_channels = (0, 1, 2)  # Mask channels merged into foreground; all: whole tumour.
+  data.clip_percentiles = (0.5, 99.5)  # Per-slice robust min-max to [0, 1] over brain pixels.
+  # Input pipeline.
   data.num_workers = 0  # grain worker processes (0 decodes in the main process).
   data.prefetch = 4  # Batches read ahead of the train step.
+  data.cache_dir = ""  # Cache decoded, resized samples here as .npy files ("": off).
   # Synthetic phantoms, written to <workdir>/phantoms when data.root is "".
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.enabled = False  # Without a data.root, train on phantoms.
@@ -33,13 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.augment = augment = ml_collections.ConfigDict()
   augment.enabled = True  # Training only; image and mask move together.
-  augment.rotate_degrees = 5.0  # Uniform rotation in [-x, x] degrees.
-  augment.shift_fraction = 0.04  # Uniform shift in [-x, x] of the image size.
-  augment.geometric_prob = 0.5  # Probability of rotating and shifting a sample.
-  augment.brightness = 0.1  # Additive jitter in [-x, x] (images are in [0, 1]).
-  augment.contrast = 0.1  # Multiplicative jitter in [1 - x, 1 + x] about the mean.
-  augment.intensity_prob = 0.5  # Probability of brightness/contrast jitter.
+  augment.rotate_degrees = 5.0  # Uniform rotation in [-x, x] degrees...
+  augment.rotate_prob = 0.5  # ...applied with this probability.
+  augment.shift_fraction = 0.04  # Uniform shift in [-x, x] of the image size...
+  augment.shift_prob = 0.5
+  augment.brightness = 0.1  # Additive jitter in [-x, x] (images are in [0, 1])...
+  augment.brightness_prob = 0.5
+  augment.contrast = 0.1  # Multiplicative jitter in [1 - x, 1 + x] about the mean...
+  augment.contrast_prob = 0.5
   augment.hflip_prob = 0.0  # Left-right flips; off for brain MRI by default.
+  augment.vflip_prob = 0.0  # Up-down flips; off by default.
 
   config.model = model = ml_collections.ConfigDict()
   model.features = 32  # Width of the first level; doubles at each level down.
@@ -63,13 +81,26 @@ def get_config() -> ml_collections.ConfigDict:
   train.epochs = 30  # Passes over the training split.
   train.batch_size = 16  # Global batch, split over all devices.
   train.seed = 0  # Seeds initialisation, shuffling, augmentation and dropout.
-  train.learning_rate = 1e-3  # Peak Adam learning rate.
-  train.warmup_epochs = 1  # Linear warm-up, then cosine decay to zero.
-  train.weight_decay = 0.0  # Decoupled weight decay (AdamW when > 0).
+  train.optimizer = "adam"  # adam, adamw or sgd (Nesterov momentum).
+  train.learning_rate = 1e-3  # Peak learning rate.
+  train.weight_decay = 0.0  # Decoupled weight decay of adamw.
+  train.momentum = 0.9  # Momentum of sgd.
+  train.schedule = "cosine"  # constant, cosine (warm-up then decay to 0) or step.
+  train.warmup_epochs = 1  # Linear warm-up of the cosine schedule.
+  train.step_every_epochs = 10  # step schedule: multiply the rate by step_factor this often.
+  train.step_factor = 0.1
+  train.plateau_patience = 0  # Epochs without a lower val loss before the rate drops (0: off).
+  train.plateau_factor = 0.5  # Rate multiplier on a plateau.
+  train.grad_clip = 0.0  # Clip gradients to this global norm (0: off).
+  train.ema_decay = 0.0  # Evaluate an EMA of the parameters with this decay (0: off).
+  train.early_stopping_patience = 0  # Epochs without a better val Dice before stopping (0: off).
   train.dice_weight = 1.0  # Weight of the soft Dice loss.
   train.bce_weight = 1.0  # Weight of the sigmoid binary cross-entropy.
+  train.dice_smooth = 1.0  # Smoothing term of the soft Dice.
+  train.dice_per_image = True  # Dice per image (True) or over the whole batch (False).
   train.log_every_steps = 10  # Train loss is written to metrics.jsonl this often.
   train.keep_checkpoints = 2  # Latest checkpoints kept (the best is always kept).
+  train.checkpoint_every_epochs = 1  # Save this often (and always at the end).
 
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.split = "test"  # Split evaluated by --mode=eval and after training.

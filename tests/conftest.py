@@ -13,21 +13,9 @@ from configs import brain  # pylint: disable=g-import-not-at-top
 
 
 def tiny_demo_config():
-  """The demo recipe shrunk to seconds: a small U-Net on 32x32 phantoms."""
-  config = brain.get_config("demo")
-  config.data.image_size = 32
-  config.data.synthetic.image_size = 32
-  config.data.synthetic.num_train = 16
-  config.data.synthetic.num_valid = 8
-  config.data.synthetic.num_test = 8
-  config.model.features = 4
-  config.model.depth = 2
-  config.train.batch_size = 8
+  """configs/brain.py:smoke, one epoch: two steps of a tiny U-Net on 32x32 phantoms."""
+  config = brain.get_config("smoke")
   config.train.epochs = 1
-  config.train.log_every_steps = 1
-  config.eval.batch_size = 8
-  config.eval.num_pictures = 2
-  config.data.prefetch = 1
   return config
 
 

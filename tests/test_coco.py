@@ -1,14 +1,22 @@
-"""The COCO source: rasterisation, merging, negatives and bad input."""
+"""The COCO source: both layouts, every geometry, image kinds and bad input."""
 
 import json
+import logging
 import os
 
+import grain
+import ml_collections
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 import pytest
 
+from configs import brain
+from unet_jax import data
 from unet_jax.data import coco
 from unet_jax.errors import UserError
+
+CATEGORIES = [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}]
 
 
 def _export(tmp_path, images, annotations, split="train", size=(8, 8)):
@@ -21,22 +29,36 @@ def _export(tmp_path, images, annotations, split="train", size=(8, 8)):
       "images": [{"id": i, "file_name": n, "width": size[0], "height": size[1]}
                  for i, n in images.items()],
       "annotations": [{"id": k, "iscrowd": 0, **a} for k, a in enumerate(annotations)],
-      "categories": [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}],
+      "categories": CATEGORIES,
   }
   (folder / coco.ANNOTATIONS_FILE).write_text(json.dumps(coco_json))
   return tmp_path
 
 
+def _one(tmp_path, annotation, size=(8, 8)):
+  return coco.CocoSource(_export(tmp_path, {0: "a.png"}, [annotation], size=size), "train",
+                         size[0])
+
+
 def test_polygon_matches_hand_drawn_mask(tmp_path):
   # A rectangle from (2, 1) to (6, 4): pixel centres x+0.5 in [2, 6], y+0.5 in [1, 4].
   polygon = [2, 1, 6, 1, 6, 4, 2, 4]
-  root = _export(tmp_path, {0: "a.png"}, [{"image_id": 0, "category_id": 1,
-                                           "segmentation": [polygon], "bbox": [2, 1, 4, 3]}])
+  source = _one(tmp_path, {"image_id": 0, "category_id": 1, "segmentation": [polygon],
+                           "bbox": [2, 1, 4, 3]})
   expected = np.zeros((8, 8), np.uint8)
   expected[1:4, 2:6] = 1
-  source = coco.CocoSource(root, "train", image_size=8)
   np.testing.assert_array_equal(source.mask(0), expected)
   np.testing.assert_array_equal(source[0]["mask"][..., 0], expected)
+  assert isinstance(source, grain.sources.RandomAccessDataSource)
+  assert source.file_names == ["a.png"]
+
+
+def test_several_polygons_of_one_object_and_flat_polygons_merge(tmp_path):
+  source = _one(tmp_path, {"image_id": 0, "category_id": 1,
+                           "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2], [6, 6, 8, 6, 8, 8, 6, 8]]})
+  assert source.mask(0).sum() == 8 and source.mask(0)[7, 7] and source.mask(0)[0, 0]
+  flat = _one(tmp_path, {"image_id": 0, "category_id": 1, "segmentation": [0, 0, 2, 0, 2, 2]})
+  assert flat.mask(0).sum() > 0
 
 
 def test_categories_merge_and_bbox_only_and_rle(tmp_path):
@@ -45,13 +67,56 @@ def test_categories_merge_and_bbox_only_and_rle(tmp_path):
       {"image_id": 0, "category_id": 1, "segmentation": [], "bbox": [6, 6, 2, 2]},
       {"image_id": 0, "category_id": 2, "segmentation": rle, "bbox": [0, 0, 2, 2],
        "iscrowd": 1},
+      {"image_id": 0, "category_id": 0, "bbox": [3, 3, 1, 1]},  # no segmentation key at all
   ])
   expected = np.zeros((8, 8), np.uint8)
   expected[6:8, 6:8] = 1
   expected[0:2, 0:2] = 1
+  expected[3, 3] = 1
   np.testing.assert_array_equal(coco.CocoSource(root, "train", 8).mask(0), expected)
   only_two = coco.CocoSource(root, "train", 8, category_ids=(2,)).mask(0)
   assert only_two.sum() == 4 and only_two[0:2, 0:2].all()
+  with pytest.raises(UserError, match=r"category_ids \[7\] are not among its categories"):
+    coco.CocoSource(root, "train", 8, category_ids=(1, 7))
+
+
+def test_compressed_rle_string(tmp_path):
+  expected = np.zeros((8, 8), np.uint8)
+  expected[2:5, 3:7] = 1
+  counts = mask_utils.encode(np.asfortranarray(expected))["counts"].decode("ascii")
+  source = _one(tmp_path, {"image_id": 0, "category_id": 1, "iscrowd": 1,
+                           "segmentation": {"size": [8, 8], "counts": counts}})
+  np.testing.assert_array_equal(source.mask(0), expected)
+
+
+def test_rle_of_another_size_is_refused(tmp_path):
+  with pytest.raises(UserError, match=r"annotation 0 of a\.png: RLE size \[4, 4\] differs"):
+    _one(tmp_path, {"image_id": 0, "category_id": 1,
+                    "segmentation": {"size": [4, 4], "counts": [0, 16]}})
+
+
+def test_polygon_outside_the_image_is_clipped_with_a_warning(tmp_path, caplog):
+  caplog.set_level(logging.WARNING)
+  # A square from (4, 4) to (12, 12) on an 8x8 image: what is inside is (4..8, 4..8).
+  source = _one(tmp_path, {"image_id": 0, "category_id": 1,
+                           "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]})
+  expected = np.zeros((8, 8), np.uint8)
+  expected[4:, 4:] = 1
+  np.testing.assert_array_equal(source.mask(0), expected)
+  assert "reaches outside the 8x8 image; clipped" in caplog.text
+  assert "annotation 0 of a.png" in caplog.text
+
+
+def test_zero_area_polygons_are_ignored_with_a_warning(tmp_path, caplog):
+  caplog.set_level(logging.WARNING)
+  source = _one(tmp_path, {"image_id": 0, "category_id": 1,
+                           "segmentation": [[1, 1, 5, 5, 3, 3], [1, 1, 2, 2], [0, 0, 2, 0, 2, 2]]})
+  assert source.mask(0).sum() > 0  # the one real triangle is kept
+  assert caplog.text.count("zero-area polygon ignored") == 2
+  caplog.clear()
+  outside = _one(tmp_path, {"image_id": 0, "category_id": 1,
+                            "segmentation": [[20, 20, 30, 20, 30, 30]]})
+  assert outside.mask(0).sum() == 0 and "lies outside the 8x8 image; ignored" in caplog.text
 
 
 def test_image_without_annotation_is_a_negative(tmp_path):
@@ -65,22 +130,101 @@ def test_image_without_annotation_is_a_negative(tmp_path):
   assert record["mask"].shape == (4, 4, 1) and set(np.unique(source[0]["mask"])) <= {0, 1}
 
 
-def test_sixteen_bit_images_scale_to_unit_range(tmp_path):
+@pytest.mark.parametrize("mode, pixel, grey", [
+    ("L", 255, 1.0), ("RGB", (255, 0, 0), 0.299), ("RGBA", (0, 0, 255, 0), 0.114),
+    ("I;16", 65535, 1.0), ("P", 0, 0.0)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_kinds_read_as_channels(tmp_path, mode, pixel, grey, channels):
   root = _export(tmp_path, {0: "a.png"}, [])
-  Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "train" / "a.png")
-  image = coco.CocoSource(root, "train", 8)[0]["image"]
-  np.testing.assert_allclose(image, 1.0)
+  Image.new(mode, (8, 8), pixel).save(tmp_path / "train" / "a.png")
+  image = coco.CocoSource(root, "train", 8, channels=channels)[0]["image"]
+  assert image.shape == (8, 8, channels) and image.dtype == np.float32
+  assert 0 <= image.min() and image.max() <= 1
+  if channels == 1:
+    np.testing.assert_allclose(image, grey, atol=0.01)
+  if mode == "RGB" and channels == 3:
+    np.testing.assert_allclose(image[0, 0], [1, 0, 0])
+
+
+def _single_file(tmp_path, image_dir=""):
+  """One annotation file at the root; images carry their subset in extra.split."""
+  folder = tmp_path / (image_dir or ".")
+  folder.mkdir(parents=True, exist_ok=True)
+  images = []
+  for i, subset in enumerate(["train", "train", "valid", "test"]):
+    Image.new("L", (8, 8), 40 * i).save(folder / f"img{i}.png")
+    images.append({"id": i, "file_name": f"img{i}.png", "width": 8, "height": 8,
+                   "extra": {"split": subset}})
+  annotations = [{"id": 0, "image_id": 2, "category_id": 1, "bbox": [0, 0, 4, 4]}]
+  (tmp_path / "all.json").write_text(json.dumps(
+      {"images": images, "annotations": annotations, "categories": CATEGORIES}))
+  return tmp_path
+
+
+def _data_config(root, **fields):
+  config = brain.get_config().data
+  config.root = str(root)
+  config.image_size = 8
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def test_one_annotation_file_whose_images_carry_their_subset(tmp_path):
+  root = _single_file(tmp_path, image_dir="pictures")
+  config = _data_config(root, annotations="all.json", subset_key="extra.split",
+                        image_dir="pictures")
+  assert data.subset_names(config, str(tmp_path)) == ["train", "valid", "test"]
+  train = data.build_source(config, "train", str(tmp_path))
+  assert train.file_names == ["img0.png", "img1.png"]
+  valid = data.build_source(config, "valid", str(tmp_path))
+  assert len(valid) == 1 and valid[0]["mask"].sum() == 16
+  assert data.has_split(config, "test", str(tmp_path))
+  assert not data.has_split(config, "holdout", str(tmp_path))
+  with pytest.raises(UserError, match="'holdout' not found .*; splits found: train, valid, test"):
+    data.build_source(config, "holdout", str(tmp_path))
+  with pytest.raises(UserError, match="no image has extra.split='holdout'; it has train, valid"):
+    coco.CocoSource(root, "holdout", 8, layout=data.coco_layout(config))
+  config.subset_key = "split"
+  with pytest.raises(UserError, match=r"all\.json: image 'img0\.png' has no 'split' naming"):
+    data.build_source(config, "train", str(tmp_path))
+
+
+def test_split_layout_through_build_source(tmp_path):
+  root = _export(tmp_path, {0: "a.png"}, [], split="valid")
+  config = _data_config(root)
+  assert data.has_split(config, "valid", "unused") and not data.has_split(config, "train", "x")
+  assert len(data.build_source(config, "valid", "unused")) == 1
+  with pytest.raises(UserError, match=r"split 'train' not found .*; splits found: valid$"):
+    data.build_source(config, "train", "unused")
+  config.format = "yolo"
+  with pytest.raises(UserError, match="data.format must be one of coco, lgg, brats"):
+    data.build_source(config, "valid", "unused")
+
+
+def test_cache_dir_gives_the_same_records(tmp_path):
+  root = _export(tmp_path / "data", {0: "a.png", 1: "b.png"},
+                 [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}])
+  config = _data_config(root)
+  plain = data.build_source(config, "train", "unused")
+  config.cache_dir = str(tmp_path / "cache")
+  cached = data.build_source(config, "train", "unused")
+  for i in range(2):
+    for key in ("image", "mask"):
+      np.testing.assert_array_equal(cached[i][key], plain[i][key])
+  assert cached.file_names == plain.file_names
+  assert len(list((tmp_path / "cache").glob("*/*.npy"))) == 2
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd"])
 def test_file_name_leaving_the_dataset_is_refused(tmp_path, name):
   root = _export(tmp_path, {0: "a.png"}, [])
-  data = json.loads((root / "train" / coco.ANNOTATIONS_FILE).read_text())
-  data["images"][0]["file_name"] = name
-  (root / "train" / coco.ANNOTATIONS_FILE).write_text(json.dumps(data))
+  data_json = json.loads((root / "train" / coco.ANNOTATIONS_FILE).read_text())
+  data_json["images"][0]["file_name"] = name
+  (root / "train" / coco.ANNOTATIONS_FILE).write_text(json.dumps(data_json))
   Image.new("L", (8, 8)).save(tmp_path / "outside.png")
   with pytest.raises(UserError, match="leaves the dataset folder"):
-    coco.CocoSource(root, "train", 8)[0]
+    coco.CocoSource(root, "train", 8)
 
 
 def test_symlink_out_of_the_dataset_is_refused(tmp_path):
@@ -89,7 +233,7 @@ def test_symlink_out_of_the_dataset_is_refused(tmp_path):
   os.remove(root / "train" / "a.png")
   os.symlink(tmp_path / "secret.png", root / "train" / "a.png")
   with pytest.raises(UserError, match="leaves the dataset folder"):
-    coco.CocoSource(root, "train", 8)[0]
+    coco.CocoSource(root, "train", 8)
 
 
 def test_bad_files_name_the_file_and_the_problem(tmp_path):
@@ -101,9 +245,9 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
     coco.CocoSource(root, "train", 8)[0]
   os.remove(root / "train" / "a.png")
   with pytest.raises(UserError, match=r"a\.png: image file not found"):
-    coco.CocoSource(root, "train", 8)[0]
+    coco.CocoSource(root, "train", 8)
   Image.new("L", (6, 8)).save(root / "train" / "a.png")
-  with pytest.raises(UserError, match="image is 6x8 but"):
+  with pytest.raises(UserError, match=r"a\.png: image is 6x8 but"):
     coco.CocoSource(root, "train", 8)[0]
 
   json_path.write_text("{not json")
@@ -113,7 +257,36 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
   with pytest.raises(UserError, match="not a COCO export"):
     coco.CocoSource(root, "train", 8)
   json_path.write_text(json.dumps({"images": [], "annotations": [{"id": 3, "image_id": 9}]}))
-  with pytest.raises(UserError, match="unknown image id 9"):
+  with pytest.raises(UserError, match="annotation 3 refers to unknown image id 9"):
+    coco.CocoSource(root, "train", 8)
+  json_path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}))
+  with pytest.raises(UserError, match="lacks id, file_name, width or height"):
     coco.CocoSource(root, "train", 8)
   with pytest.raises(UserError, match="annotation file not found"):
     coco.CocoSource(root, "valid", 8)
+
+
+@pytest.mark.parametrize("annotation, problem", [
+    ({"segmentation": [[1, 2, 3]]}, "not an even-length list of numbers"),
+    ({"segmentation": "abc"}, "neither polygons nor RLE"),
+    ({"segmentation": {"size": [8, 8], "counts": [1, 2]}}, "do not add up"),
+    ({"segmentation": {"size": [8, 8], "counts": 5}}, "must be a list or a string"),
+    ({}, "no segmentation and no"),
+])
+def test_unreadable_geometry_names_the_annotation(tmp_path, annotation, problem):
+  with pytest.raises(UserError, match=rf"_annotations\.coco\.json: annotation 0 of a\.png: "
+                                      rf".*{problem}"):
+    _one(tmp_path, {"image_id": 0, "category_id": 1, **annotation})
+
+
+def test_every_error_is_one_line(tmp_path):
+  root = _export(tmp_path, {0: "a.png"}, [])
+  (root / "train" / "a.png").write_bytes(b"\x89PNG broken")
+  with pytest.raises(UserError) as error:
+    coco.CocoSource(root, "train", 8)[0]
+  assert "\n" not in str(error.value)
+
+
+def test_config_dict_layout_defaults_to_split_folders():
+  config = ml_collections.ConfigDict({"format": "coco"})
+  assert data.coco_layout(config) == coco.Layout()

@@ -44,3 +44,13 @@ def test_bce_matches_formula_and_sum_is_weighted():
   total = losses.dice_bce_loss(logits, masks, dice_weight=0.3, bce_weight=2.0)
   np.testing.assert_allclose(
       total, 0.3 * losses.soft_dice_loss(logits, masks) + 2.0 * expected, rtol=1e-5)
+
+
+def test_batch_dice_pools_the_images():
+  truth = jnp.concatenate([_mask([(0, 0), (0, 1)]), _mask([])])
+  pred = jnp.concatenate([jnp.where(_mask([(0, 0)]) > 0, BIG, -BIG), jnp.full((1, 4, 4, 1), -BIG)])
+  # Pooled: intersection 1, totals 1 + 2: Dice (2 + 1) / (3 + 1).
+  np.testing.assert_allclose(losses.soft_dice_loss(pred, truth, per_image=False),
+                             [1 - 3 / 4] * 2, atol=1e-6)
+  np.testing.assert_allclose(losses.soft_dice_loss(pred, truth, smooth=0.5),
+                             [1 - 2.5 / 3.5, 0.0], atol=1e-6)

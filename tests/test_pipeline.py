@@ -1,23 +1,35 @@
-"""grain pipelines: seeded epochs, exact resume, complete eval batches, augmentation."""
+"""grain pipelines: seeded epochs, exact resume, complete eval batches, augmentation, cache."""
 
 import itertools
 
 import numpy as np
+import pytest
 
-from unet_jax.data import augment, pipeline
+from unet_jax.data import augment, cache, pipeline
+from unet_jax.errors import UserError
 
 
 class FakeSource:
   """Ten 8x8 images whose pixels hold their index; a square tumour in each."""
 
+  def __init__(self):
+    self.reads = 0
+
   def __len__(self):
     return 10
 
   def __getitem__(self, index):
+    self.reads += 1
     mask = np.zeros((8, 8, 1), np.uint8)
     mask[2:6, 2:6] = 1
     return {"image": np.full((8, 8, 1), index / 10, np.float32), "mask": mask,
             "file_name": f"img{index}.png"}
+
+  @property
+  def file_names(self):
+    return [f"img{i}.png" for i in range(10)]
+
+  fingerprint = "fake source v1"
 
 
 def _names(batches, count):
@@ -58,28 +70,118 @@ def test_eval_batches_cover_every_image_once(tiny_config):
   assert valid.sum() == 10
 
 
-def test_augmentation_moves_image_and_mask_together(tiny_config):
-  config = tiny_config.augment
-  config.geometric_prob, config.intensity_prob = 1.0, 0.0
-  config.rotate_degrees, config.shift_fraction = 5.0, 0.1
-  mask = np.zeros((32, 32, 1), np.uint8)
+def _only(config, **probs):
+  """Turns every transform off except those given, with their probabilities."""
+  for name in ("rotate_prob", "shift_prob", "brightness_prob", "contrast_prob", "hflip_prob",
+               "vflip_prob"):
+    config[name] = probs.get(name, 0.0)
+  return config
+
+
+def _square_sample(size=32):
+  mask = np.zeros((size, size, 1), np.uint8)
   mask[8:20, 10:24] = 1
-  sample = {"image": mask.astype(np.float32), "mask": mask, "file_name": "x"}
+  return {"image": mask.astype(np.float32), "mask": mask, "file_name": "x"}
+
+
+@pytest.mark.parametrize("transform", ["rotate_prob", "shift_prob"])
+def test_geometric_transforms_move_image_and_mask_together(tiny_config, transform):
+  config = _only(tiny_config.augment, **{transform: 1.0})
+  config.rotate_degrees, config.shift_fraction = 20.0, 0.1
+  sample = _square_sample()
   moved = [augment.augment(sample, np.random.default_rng(s), config) for s in range(5)]
   for out in moved:
     assert set(np.unique(out["mask"])) <= {0, 1} and out["mask"].dtype == np.uint8
     image_mask = out["image"][..., 0] > 0.5
     overlap = (image_mask & (out["mask"][..., 0] > 0)).sum() / image_mask.sum()
     assert overlap > 0.9
-  assert any(not np.array_equal(out["mask"], mask) for out in moved)
+  assert any(not np.array_equal(out["mask"], sample["mask"]) for out in moved)
   again = augment.augment(sample, np.random.default_rng(0), config)
   np.testing.assert_array_equal(again["image"], moved[0]["image"])
 
 
+def test_flips_are_exact_and_off_by_default(tiny_config):
+  assert tiny_config.augment.hflip_prob == 0 and tiny_config.augment.vflip_prob == 0
+  sample = _square_sample()
+  out = augment.augment(sample, np.random.default_rng(0), _only(tiny_config.augment,
+                                                                hflip_prob=1.0))
+  np.testing.assert_array_equal(out["mask"], sample["mask"][:, ::-1])
+  out = augment.augment(sample, np.random.default_rng(0), _only(tiny_config.augment,
+                                                                vflip_prob=1.0))
+  np.testing.assert_array_equal(out["image"], sample["image"][::-1])
+
+
+def test_disabled_transforms_leave_the_sample_alone(tiny_config):
+  sample = _square_sample()
+  out = augment.augment(sample, np.random.default_rng(0), _only(tiny_config.augment))
+  np.testing.assert_array_equal(out["image"], sample["image"])
+  np.testing.assert_array_equal(out["mask"], sample["mask"])
+
+
+def test_turning_one_transform_off_keeps_the_others_draws(tiny_config):
+  sample = _square_sample()
+  config = _only(tiny_config.augment, rotate_prob=1.0, brightness_prob=1.0)
+  with_brightness = augment.augment(sample, np.random.default_rng(7), config)
+  config.brightness_prob = 0.0
+  without = augment.augment(sample, np.random.default_rng(7), config)
+  np.testing.assert_array_equal(with_brightness["mask"], without["mask"])
+  assert not np.array_equal(with_brightness["image"], without["image"])
+
+
 def test_intensity_jitter_stays_in_range(tiny_config):
-  config = tiny_config.augment
-  config.geometric_prob, config.intensity_prob = 0.0, 1.0
+  config = _only(tiny_config.augment, brightness_prob=1.0, contrast_prob=1.0)
+  config.brightness, config.contrast = 0.5, 0.5
   sample = FakeSource()[9]
   out = augment.augment(sample, np.random.default_rng(3), config)
   assert out["image"].min() >= 0 and out["image"].max() <= 1
+  assert not np.array_equal(out["image"], sample["image"])
   np.testing.assert_array_equal(out["mask"], sample["mask"])
+
+
+def test_worker_processes_give_the_same_batches(tiny_config):
+  tiny_config.train.batch_size = 4
+  tiny_config.train.epochs = 1
+  in_process = list(pipeline.train_batches(FakeSource(), tiny_config))
+  tiny_config.data.num_workers = 1
+  with_worker = list(pipeline.train_batches(FakeSource(), tiny_config))
+  assert len(in_process) == len(with_worker) == 2
+  for a, b in zip(in_process, with_worker):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert list(a["file_name"]) == list(b["file_name"])
+
+
+class BrokenSource(FakeSource):
+
+  def __getitem__(self, index):
+    raise UserError(f"img{index}.png: not a readable image")
+
+
+def test_bad_file_in_a_worker_is_still_a_user_error(tiny_config):
+  tiny_config.train.batch_size = 4
+  tiny_config.data.num_workers = 1
+  with pytest.raises(UserError, match="not a readable image"):
+    next(pipeline.train_batches(BrokenSource(), tiny_config))
+
+
+def test_cache_serves_samples_from_disk(tmp_path):
+  source = FakeSource()
+  cached = cache.CachedSource(source, tmp_path / "cache")
+  first = [cached[i] for i in range(10)]
+  assert source.reads == 10 and len(list(cached.folder.glob("*.npy"))) == 10
+  again = cache.CachedSource(source, tmp_path / "cache")
+  for i, record in enumerate(first):
+    hit = again[i]
+    np.testing.assert_array_equal(hit["image"], record["image"])
+    np.testing.assert_array_equal(hit["mask"], record["mask"])
+    assert hit["mask"].dtype == np.uint8 and hit["file_name"] == f"img{i}.png"
+  assert source.reads == 10 and again.file_names == source.file_names
+  (cached.folder / "0000003.npy").write_bytes(b"truncated")
+  np.testing.assert_array_equal(again[3]["image"], first[3]["image"])
+  assert source.reads == 11
+
+
+def test_cache_folder_follows_the_source(tmp_path):
+  first = cache.CachedSource(FakeSource(), tmp_path)
+  other = FakeSource()
+  other.fingerprint = "fake source, other size"
+  assert cache.CachedSource(other, tmp_path).folder != first.folder

@@ -42,14 +42,16 @@ class Checkpoints:
         save_interval_steps=0 if read_only else 1)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "loop": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, metrics: dict[str, float]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                      metrics=metrics)
+  def save(self, step: int, state: Any, metrics: dict[str, float], loop: dict[str, Any]) -> None:
+    """Saves the train state and the loop's own counters (early stopping, plateau)."""
+    self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)))
 
   def resolve(self, which: str | int) -> int:
     """The step named by `eval.checkpoint`: best, latest or a step number."""
@@ -68,8 +70,11 @@ class Checkpoints:
       raise UserError(f"{self.directory}: no checkpoint at step {step}; saved steps are {sorted(steps)}")
     return step
 
-  def restore(self, step: int, target: Any) -> Any:
+  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the structure, shapes and shardings of `target`.
+
+    Returns:
+      The train state and the loop counters saved with it.
 
     Raises:
       UserError: the checkpoint was written by a model of another shape.
@@ -77,9 +82,9 @@ class Checkpoints:
     saved = self.manager.item_metadata(step)["state"]
     self._check_matches(step, saved, target)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["loop"])
 
   def _check_matches(self, step: int, saved: Any, target: Any) -> None:
     saved_shapes = {_path_name(path): tuple(leaf.shape)

@@ -13,6 +13,7 @@ import numpy as np
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import metrics as metrics_lib
+from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
 from unet_jax import steps
@@ -27,8 +28,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
   step = checkpoints.resolve(config.eval.checkpoint)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  target = steps.create_train_state(config, image_shape, steps.make_optimizer(config, 1, 1))
-  state = checkpoints.restore(step, jax.device_put(target, parallel.replicated(mesh)))
+  target = steps.create_train_state(config, image_shape, optim.make_optimizer(config, 1, 1))
+  state, _ = checkpoints.restore(step, jax.device_put(target, parallel.replicated(mesh)))
   checkpoints.close()
   return state, step
 

@@ -1,5 +1,13 @@
-"""The U-Net (Ronneberger et al., 2015) in Flax linen, with its design choices as fields."""
+"""The U-Net (Ronneberger et al., 2015) in Flax linen, with its design choices as fields.
 
+Parameter paths: `down_<level>`, `pool_<level>` (learned poolings only),
+`bottleneck`, `up_<level>` (with `attention` inside when gated),
+`decode_<level>` and `head`; level 0 is the full resolution.
+"""
+
+import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -7,66 +15,94 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "leaky_relu": nn.leaky_relu,
-    "gelu": nn.gelu,
-    "silu": nn.silu,
-    "elu": nn.elu,
-}
-POOLINGS = ("max", "avg", "conv")
+from unet_jax.errors import UserError
+
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu")
+POOLINGS = ("max", "avg", "conv", "dilated_conv")
 NORMS = ("batch", "group", "layer", "none")
 UPSAMPLINGS = ("transpose", "bilinear")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Group norm's groups; gcd(GROUPS, width) when GROUPS does not divide the width.
+GROUPS = 8
+# Rate of the strided 3x3 convolution of `pooling="dilated_conv"`.
+POOL_DILATION = 2
 
 
 def _choice(name: str, value: str, allowed) -> str:
   if value not in allowed:
-    raise ValueError(f"model.{name}={value!r} is not one of {sorted(allowed)}")
+    raise UserError(f"model.{name}={value!r} is not one of {sorted(allowed)}")
   return value
+
+
+def activation_fn(name: str, leaky_slope: float = 0.01) -> Callable[[jax.Array], jax.Array]:
+  """The activation called `name`; `leaky_slope` is leaky_relu's negative slope."""
+  if name == "leaky_relu":
+    return functools.partial(nn.leaky_relu, negative_slope=leaky_slope)
+  return {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "elu": nn.elu}[name]
+
+
+def _normalise(x: jax.Array, norm: str, train: bool, dtype: Any,
+               name: str | None = None) -> jax.Array:
+  if norm == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)(x)
+  if norm == "group":
+    return nn.GroupNorm(num_groups=math.gcd(GROUPS, x.shape[-1]), dtype=dtype, name=name)(x)
+  if norm == "layer":  # Over the channels of each pixel.
+    return nn.LayerNorm(dtype=dtype, name=name)(x)
+  return x
 
 
 class ConvBlock(nn.Module):
   """Two 3x3 convolutions, each followed by normalisation and activation.
 
+  As a residual block the second activation comes after adding the input,
+  projected by a 1x1 convolution (`shortcut`) when its width differs.
+
   Attributes:
     features: Output channels of both convolutions.
     activation: Name of the activation (see ACTIVATIONS).
+    leaky_slope: Negative slope of leaky_relu.
     norm: batch, group, layer or none.
+    dilation: Dilation rate of both convolutions.
+    residual: Whether to add the (projected) input before the last activation.
     dtype: Compute dtype.
   """
 
   features: int
   activation: str = "relu"
+  leaky_slope: float = 0.01
   norm: str = "batch"
+  dilation: int = 1
+  residual: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    act = ACTIVATIONS[self.activation]
-    for _ in range(2):
-      # A bias before a normalisation that re-centres is redundant.
-      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=self.norm == "none",
-                  dtype=self.dtype)(x)
+    act = activation_fn(self.activation, self.leaky_slope)
+    # A bias before a normalisation that re-centres is redundant.
+    use_bias = self.norm == "none"
+    inputs = x
+    for i in range(2):
+      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_dilation=self.dilation,
+                  use_bias=use_bias, dtype=self.dtype)(x)
       x = _normalise(x, self.norm, train, self.dtype)
-      x = act(x)
+      if i == 0 or not self.residual:
+        x = act(x)
+    if self.residual:
+      if inputs.shape[-1] != self.features:
+        inputs = nn.Conv(self.features, (1, 1), use_bias=use_bias, dtype=self.dtype,
+                         name="shortcut")(inputs)
+        inputs = _normalise(inputs, self.norm, train, self.dtype, name="shortcut_norm")
+      x = act(x + inputs.astype(x.dtype))
     return x
-
-
-def _normalise(x: jax.Array, norm: str, train: bool, dtype: Any) -> jax.Array:
-  if norm == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)(x)
-  if norm == "group":
-    return nn.GroupNorm(num_groups=min(8, x.shape[-1]), dtype=dtype)(x)
-  if norm == "layer":
-    return nn.LayerNorm(dtype=dtype)(x)
-  return x
 
 
 class Down(nn.Module):
   """Halves the spatial size.
 
   Attributes:
-    pooling: max, avg or conv (a learned strided 3x3 convolution).
+    pooling: max, avg, conv (a learned strided 3x3 convolution) or
+      dilated_conv (the same with dilation POOL_DILATION).
     dtype: Compute dtype.
   """
 
@@ -79,7 +115,32 @@ class Down(nn.Module):
       return nn.max_pool(x, (2, 2), strides=(2, 2))
     if self.pooling == "avg":
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+    dilation = POOL_DILATION if self.pooling == "dilated_conv" else 1
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_dilation=dilation,
+                   padding="SAME", dtype=self.dtype)(x)
+
+
+class AttentionGate(nn.Module):
+  """Additive attention gate on a skip connection (Oktay et al., 2018).
+
+  alpha = sigmoid(psi(relu(W_skip skip + W_gate gate + b))) per pixel, and
+  the skip is multiplied by alpha. The gating signal is the up-sampled
+  decoder feature, at the skip's resolution (as in common reimplementations).
+
+  Attributes:
+    features: Channels of the intermediate space.
+    dtype: Compute dtype.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
+    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="skip")(skip)
+    g = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="gate")(gate)
+    alpha = nn.sigmoid(nn.Conv(1, (1, 1), dtype=self.dtype, name="psi")(nn.relu(x + g)))
+    return skip * alpha
 
 
 class Up(nn.Module):
@@ -88,11 +149,13 @@ class Up(nn.Module):
   Attributes:
     features: Output channels of the up-sampling.
     upsampling: transpose (2x2 transposed conv) or bilinear (resize + 3x3 conv).
+    attention: Whether an AttentionGate weights the skip first.
     dtype: Compute dtype.
   """
 
   features: int
   upsampling: str = "transpose"
+  attention: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -103,23 +166,32 @@ class Up(nn.Module):
       n, h, w, c = x.shape
       x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
       x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
-    return jnp.concatenate([skip.astype(x.dtype), x], axis=-1)
+    skip = skip.astype(x.dtype)
+    if self.attention:
+      skip = AttentionGate(max(self.features // 2, 1), self.dtype, name="attention")(skip, x)
+    return jnp.concatenate([skip, x], axis=-1)
 
 
 class UNet(nn.Module):
-  """U-Net returning one tumour logit per pixel.
+  """U-Net returning `out_channels` logits per pixel (one tumour logit by default).
 
-  Any input size works: the input is padded to a multiple of 2**depth and the
-  logits are cropped back to the input size.
+  Convolutions are "same"-padded and any input size works: the input is
+  padded to a multiple of 2**depth and the logits are cropped back to it.
 
   Attributes:
     features: Channels of the first level; they double at each level down.
     depth: Number of down-sampling steps.
-    pooling: max, avg or conv.
+    pooling: max, avg, conv (strided 3x3) or dilated_conv (strided, dilated 3x3).
     activation: relu, leaky_relu, gelu, silu or elu.
-    norm: batch, group, layer or none.
+    leaky_slope: Negative slope of leaky_relu.
+    dilation: Dilation of the 3x3 convolutions: one rate for all, or depth + 1
+      rates, one per level (the encoder and decoder blocks of level i use
+      rate i) with the last for the bottleneck.
+    norm: batch, group, layer or none, between each convolution and activation.
     upsampling: transpose or bilinear.
-    dropout: Dropout rate in the bottleneck and decoder.
+    dropout: Dropout rate after the bottleneck and each decoder block.
+    residual: Whether the double convolutions are residual blocks.
+    attention: Whether attention gates weight the skip connections.
     out_channels: Logit channels (1 for a binary mask).
     dtype: Compute dtype; parameters and logits stay float32.
   """
@@ -128,42 +200,68 @@ class UNet(nn.Module):
   depth: int = 4
   pooling: str = "max"
   activation: str = "relu"
+  leaky_slope: float = 0.01
+  dilation: int | tuple[int, ...] = 1
   norm: str = "batch"
   upsampling: str = "transpose"
   dropout: float = 0.0
+  residual: bool = False
+  attention: bool = False
   out_channels: int = 1
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    self._check_fields()
+    super().__post_init__()
 
   def _check_fields(self):
     _choice("pooling", self.pooling, POOLINGS)
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("norm", self.norm, NORMS)
     _choice("upsampling", self.upsampling, UPSAMPLINGS)
-    if self.depth < 1 or self.features < 1:
-      raise ValueError(f"model.depth and model.features must be >= 1, got {self.depth}, {self.features}")
+    if self.depth < 1 or self.features < 1 or self.out_channels < 1:
+      raise UserError("model.depth, model.features and model.out_channels must be >= 1, got "
+                      f"{self.depth}, {self.features}, {self.out_channels}")
+    if not 0 <= self.dropout < 1:
+      raise UserError(f"model.dropout={self.dropout} is not in [0, 1)")
+    if not isinstance(self.dilation, int) and len(self.dilation) != self.depth + 1:
+      raise UserError(f"model.dilation={self.dilation} needs one rate or depth + 1 = "
+                      f"{self.depth + 1} rates (one per level, the last for the bottleneck)")
+    if min(self.rates()) < 1:
+      raise UserError(f"model.dilation={self.dilation}: rates must be >= 1")
+
+  def rates(self) -> tuple[int, ...]:
+    """The dilation rate of each level, 0 to depth (the bottleneck)."""
+    if isinstance(self.dilation, int):
+      return (self.dilation,) * (self.depth + 1)
+    return tuple(self.dilation)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    self._check_fields()
     height, width = images.shape[1:3]
     multiple = 2**self.depth
     pad_h, pad_w = -height % multiple, -width % multiple
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))).astype(self.dtype)
+    rates = self.rates()
 
-    block = lambda f, name: ConvBlock(f, self.activation, self.norm, self.dtype, name=name)
+    def block(level, name):
+      return ConvBlock(self.features * 2**level, activation=self.activation,
+                       leaky_slope=self.leaky_slope, norm=self.norm, dilation=rates[level],
+                       residual=self.residual, dtype=self.dtype, name=name)
+
     skips = []
     for level in range(self.depth):
-      x = block(self.features * 2**level, f"down_{level}")(x, train=train)
+      x = block(level, f"down_{level}")(x, train=train)
       skips.append(x)
       x = Down(self.pooling, self.dtype, name=f"pool_{level}")(x)
 
-    x = block(self.features * 2**self.depth, "bottleneck")(x, train=train)
+    x = block(self.depth, "bottleneck")(x, train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     for level in reversed(range(self.depth)):
-      features = self.features * 2**level
-      x = Up(features, self.upsampling, self.dtype, name=f"up_{level}")(x, skips[level])
-      x = block(features, f"decode_{level}")(x, train=train)
+      x = Up(self.features * 2**level, self.upsampling, self.attention, self.dtype,
+             name=f"up_{level}")(x, skips[level])
+      x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     logits = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
@@ -171,15 +269,26 @@ class UNet(nn.Module):
 
 
 def from_config(model: ml_collections.ConfigDict) -> UNet:
-  """Builds the U-Net described by a `config.model` block."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  return UNet(
-      features=model.features,
-      depth=model.depth,
-      pooling=model.pooling,
-      activation=model.activation,
-      norm=model.norm,
-      upsampling=model.upsampling,
-      dropout=model.dropout,
-      dtype=dtypes[_choice("dtype", model.dtype, dtypes)],
-  )
+  """Builds the U-Net described by a `config.model` block.
+
+  Fields missing from `model` (a config saved by an older version) take the
+  UNet's defaults.
+
+  Raises:
+    UserError: an unknown field or value, or out_channels other than 1 (the
+      losses and metrics are binary, on one sigmoid logit).
+  """
+  defaults = {f.name: f.default for f in dataclasses.fields(UNet)
+              if f.name not in ("parent", "name")}
+  unknown = sorted(set(model.keys()) - set(defaults))
+  if unknown:
+    raise UserError(f"config.model has unknown fields {unknown}; known: {sorted(defaults)}")
+  fields = {name: model.get(name, default) for name, default in defaults.items()}
+  if isinstance(fields["dilation"], (list, tuple)):  # A saved config.json holds a list.
+    fields["dilation"] = tuple(int(rate) for rate in fields["dilation"])
+  if fields["out_channels"] != 1:
+    raise UserError(f"model.out_channels={fields['out_channels']}: training and evaluation "
+                    "are binary (one sigmoid logit); use 1")
+  dtype = fields["dtype"] if isinstance(fields["dtype"], str) else jnp.dtype(fields["dtype"]).name
+  fields["dtype"] = DTYPES[_choice("dtype", dtype, DTYPES)]
+  return UNet(**fields)

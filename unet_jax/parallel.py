@@ -14,9 +14,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def initialize_distributed(coordinator_address: str | None, num_processes: int,
+                           process_id: int) -> None:
+  """Joins a multi-process run through JAX's own runtime (no-op for one process).
+
+  On CPU the collectives go over gloo, so several local processes on
+  loopback behave like several hosts.
+  """
+  if num_processes <= 1:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices`, by default every device of every process."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

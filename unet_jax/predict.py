@@ -74,16 +74,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     loaded = []
     for path in files[start:start + config.eval.batch_size]:
       try:
-        loaded.append((path, images_lib.read_image(path, config.data.channels)))
+        # The model sees the image exactly as training prepared it.
+        model_input, _ = images_lib.load_image(path, config.data.channels, size)
+        loaded.append((path, images_lib.read_image(path, config.data.channels), model_input))
       except UserError as e:
         logging.warning("skipped: %s", e)
         rows.append({"file": path.name, "error": str(e)})
     if not loaded:
       continue
-    batch = np.stack([images_lib.resize_image(image, size) for _, image in loaded])
+    batch = np.stack([model_input for _, _, model_input in loaded])
     sharded, count = parallel.put_global_batch(batch, mesh)
     probs = parallel.to_host(predict_fn(state, sharded))[:count]
-    for (path, image), prob in zip(loaded, probs):
+    for (path, image, _), prob in zip(loaded, probs):
       height, width = image.shape[:2]
       prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
       mask = evaluate.binarise(prob, threshold, config.eval.largest_component)

@@ -19,22 +19,17 @@ from unet_jax.data import pipeline
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimiser state and batch-norm statistics."""
+  """Parameters, optimiser state, batch-norm statistics and the training controls.
+
+  Attributes:
+    batch_stats: Batch-norm running statistics (empty without batch norm).
+    ema_params: Exponential moving average of the parameters, or None.
+    lr_scale: Factor on every update, lowered by reduce-on-plateau.
+  """
 
   batch_stats: Any = None
-
-
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay (plain Adam when weight decay is 0)."""
-  warmup = min(config.train.warmup_epochs * steps_per_epoch, total_steps - 1)
-  if warmup > 0:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.train.learning_rate, warmup_steps=warmup,
-        decay_steps=total_steps)
-  else:
-    schedule = optax.cosine_decay_schedule(config.train.learning_rate, max(total_steps, 1))
-  return optax.adamw(schedule, weight_decay=config.train.weight_decay)
+  ema_params: Any = None
+  lr_scale: Any = None
 
 
 def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
@@ -43,16 +38,28 @@ def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int
   model = model_lib.from_config(config.model)
   variables = model.init(jax.random.key(config.train.seed), jnp.zeros((1, *image_shape)),
                          train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))
+  params = variables["params"]
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx,
+      batch_stats=variables.get("batch_stats", flax.core.FrozenDict()),
+      ema_params=params if config.train.ema_decay > 0 else None,
+      lr_scale=jnp.ones((), jnp.float32))
 
 
 def _variables(state: TrainState) -> dict[str, Any]:
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  """The variables evaluation uses: the EMA parameters when kept."""
+  params = state.params if state.ema_params is None else state.ema_params
+  return {"params": params, "batch_stats": state.batch_stats}
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, dice_weight: float,
-               bce_weight: float, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
+def _loss_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  train = config.train
+  return dict(dice_weight=train.dice_weight, bce_weight=train.bce_weight,
+              smooth=train.dice_smooth, per_image=train.dice_per_image)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
+               ema_decay: float, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics."""
   masks = batch["mask"].astype(jnp.float32)
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -61,26 +68,32 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, dice_weight: f
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    loss = losses.dice_bce_loss(logits, masks, dice_weight, bce_weight).mean()
+    loss = losses.dice_bce_loss(logits, masks, **loss_options).mean()
     return loss, (logits, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats",
-                                                                      state.batch_stats))
+  (loss, (logits, model_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                        batch_stats=model_updates.get("batch_stats", state.batch_stats))
   counts = metrics_lib.confusion_counts(logits > 0, masks > 0.5)
   tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
   dice = jnp.where(tp + fp + fn > 0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1), 1.0)
-  return state, {"loss": loss, "dice": dice.mean()}
+  return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, threshold: float,
-              dice_weight: float, bce_weight: float) -> dict[str, jax.Array]:
+              loss_options: dict[str, Any]) -> dict[str, jax.Array]:
   """Per-image loss and confusion counts at `threshold`."""
   logits = state.apply_fn(_variables(state), batch["image"], train=False)
   masks = batch["mask"].astype(jnp.float32)
   probs = jax.nn.sigmoid(logits)
   return {
-      "loss": losses.dice_bce_loss(logits, masks, dice_weight, bce_weight),
+      "loss": losses.dice_bce_loss(logits, masks, **loss_options),
       "counts": metrics_lib.confusion_counts(probs > threshold, masks > 0.5),
       "index": batch["index"],
       "valid": batch["valid"],
@@ -114,11 +127,14 @@ def jit_predict(mesh, tta: bool = False):
 def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   """The jitted train and eval steps: batch sharded over the mesh, state replicated."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  weights = dict(dice_weight=config.train.dice_weight, bce_weight=config.train.bce_weight)
-  p_train = jax.jit(functools.partial(train_step, seed=config.train.seed, **weights),
+  options = _loss_options(config)
+  p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
+                                      ema_decay=config.train.ema_decay),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
-  p_eval = jax.jit(functools.partial(eval_step, threshold=config.eval.threshold, **weights),
+  # Validation loss is per image: padding must not enter a batch Dice.
+  p_eval = jax.jit(functools.partial(eval_step, threshold=config.eval.threshold,
+                                     loss_options={**options, "per_image": True}),
                    in_shardings=(replicated, sharded), out_shardings=sharded)
   return p_train, p_eval
 

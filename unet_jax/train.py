@@ -1,6 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`."""
 
+import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -13,10 +15,12 @@ import numpy as np
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import evaluate
+from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
 from unet_jax import steps
 from unet_jax.data import pipeline
+from unet_jax.errors import UserError
 
 from unet_jax.saved_config import CONFIG_FILE
 
@@ -27,68 +31,138 @@ def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
   tmp.replace(workdir / CONFIG_FILE)
 
 
+@dataclasses.dataclass
+class LoopCounters:
+  """What early stopping and reduce-on-plateau remember; checkpointed with the model."""
+
+  best_dice: float = -1.0
+  epochs_since_best_dice: int = 0
+  best_loss: float | None = None
+  epochs_since_best_loss: int = 0
+  stopped_early: bool = False
+
+  def observe(self, val: dict[str, float], train: ml_collections.ConfigDict) -> tuple[bool, bool]:
+    """Takes one validation; returns (lower the learning rate, stop training)."""
+    if val["dice"] > self.best_dice:
+      self.best_dice, self.epochs_since_best_dice = val["dice"], 0
+    else:
+      self.epochs_since_best_dice += 1
+    if self.best_loss is None or val["loss"] < self.best_loss:
+      self.best_loss, self.epochs_since_best_loss = val["loss"], 0
+    else:
+      self.epochs_since_best_loss += 1
+    plateau = 0 < train.plateau_patience <= self.epochs_since_best_loss
+    if plateau:
+      self.epochs_since_best_loss = 0
+    self.stopped_early = 0 < train.early_stopping_patience <= self.epochs_since_best_dice
+    return plateau, self.stopped_early
+
+
+def _progress(step: int, total: int, width: int = 20) -> str:
+  done = int(width * step / total)
+  return f"[{'#' * done}{'.' * (width - done)}] {100 * step / total:3.0f}%"
+
+
+def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: int,
+                  checkpoints: checkpoint_lib.Checkpoints) -> None:
+  """Stops the run on a NaN or infinite loss, naming the step, its images and the last checkpoint."""
+  for offset, metrics in enumerate(window):
+    if not math.isfinite(metrics["loss"]):
+      checkpoints.wait()
+      last = checkpoints.latest_step()
+      where = f"{checkpoints.directory}/{last}" if last is not None else "none saved yet"
+      files = ", ".join(str(n) for n in list(names[offset])[:8])
+      raise UserError(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]; "
+                      f"stopped, last good checkpoint: {where} (try a lower train.learning_rate "
+                      "or train.grad_clip)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, then evaluates its best checkpoint.
 
   Returns:
-    The evaluation summary of `config.eval.split`, or the best validation
-    record when that split does not exist.
+    The evaluation summary of `config.eval.split`; {} when that split does
+    not exist or the run had already finished.
   """
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  train_cfg = config.train
   mesh = parallel.make_mesh()
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
-  epoch_steps = pipeline.steps_per_epoch(len(train_source), config.train.batch_size)
-  total_steps = config.train.epochs * epoch_steps
+  epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
+  total_steps = train_cfg.epochs * epoch_steps
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
-  tx = steps.make_optimizer(config, total_steps, epoch_steps)
-  state = jax.device_put(steps.create_train_state(config, image_shape, tx), parallel.replicated(mesh))
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep_latest=config.train.keep_checkpoints)
+  tx = optim.make_optimizer(config, total_steps, epoch_steps)
+  state = jax.device_put(steps.create_train_state(config, image_shape, tx),
+                         parallel.replicated(mesh))
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep_latest=train_cfg.keep_checkpoints)
+  counters = LoopCounters()
   start_step = checkpoints.latest_step() or 0
   if start_step:
-    state = checkpoints.restore(start_step, state)
+    state, saved_counters = checkpoints.restore(start_step, state)
+    counters = LoopCounters(**saved_counters)
     reports.truncate_metrics(workdir, start_step)
     logging.info("Resumed from step %d", start_step)
-  if jax.process_index() == 0:
-    write_config(config, workdir_path)
-  if start_step >= total_steps:
-    logging.info("%s already finished (%d steps); raise train.epochs to train further.",
-                 workdir, start_step)
+  stopped = counters.stopped_early and (
+      0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
+  if start_step >= total_steps or stopped:
+    logging.info("%s already finished at step %d%s; raise train.epochs%s to train further.",
+                 workdir, start_step, " (stopped early)" if stopped else "",
+                 " or train.early_stopping_patience" if stopped else "")
     checkpoints.close()
     return {}
+  if jax.process_index() == 0:
+    write_config(config, workdir_path)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
-               total_steps, config.train.epochs, epoch_steps, config.train.batch_size,
+               total_steps, train_cfg.epochs, epoch_steps, train_cfg.batch_size,
                jax.device_count())
 
   p_train, p_eval = steps.jit_steps(config, mesh)
   batches = pipeline.train_batches(train_source, config, start_step)
-  window_start, window_metrics = time.perf_counter(), []
+  window_start, window, names = time.perf_counter(), [], []
   for step in range(start_step, total_steps):
     batch = next(batches)
     state, step_metrics = p_train(state, parallel.device_batch(batch, mesh))
-    window_metrics.append(step_metrics)
-    epoch = step // epoch_steps + 1
-    if (step + 1) % config.train.log_every_steps == 0 or (step + 1) % epoch_steps == 0:
-      window = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(window_metrics))
-      elapsed = time.perf_counter() - window_start
-      record = {"step": step + 1, "epoch": epoch, "split": "train", **window,
-                "img_per_s": len(window_metrics) * config.train.batch_size / elapsed}
-      logging.info("step %d/%d epoch %d: loss %.4f dice %.3f (%.1f img/s)", step + 1,
-                   total_steps, epoch, record["loss"], record["dice"], record["img_per_s"])
+    window.append(step_metrics)
+    names.append(batch["file_name"])
+    epoch, end_of_epoch = step // epoch_steps + 1, (step + 1) % epoch_steps == 0
+    if (step + 1) % train_cfg.log_every_steps == 0 or end_of_epoch:
+      host = parallel.to_host(window)
+      _check_finite(host, names, step + 2 - len(host), checkpoints)
+      record = {"step": step + 1, "epoch": epoch, "split": "train",
+                **{k: float(np.mean([m[k] for m in host])) for k in host[0]},
+                "img_per_s": len(host) * train_cfg.batch_size / (time.perf_counter() - window_start)}
+      logging.info("%s step %d/%d epoch %d: loss %.4f dice %.3f (%.1f img/s)",
+                   _progress(step + 1, total_steps), step + 1, total_steps, epoch,
+                   record["loss"], record["dice"], record["img_per_s"])
       if jax.process_index() == 0:
         reports.append_metrics(workdir, record)
-      window_start, window_metrics = time.perf_counter(), []
-    if (step + 1) % epoch_steps == 0:
-      val = steps.validation_record(steps.evaluate_split(p_eval, state, val_source, config, mesh))
-      logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f", epoch, val["loss"],
-                   val["dice"], val["iou"])
-      checkpoints.save(step + 1, state, {checkpoint_lib.BEST_METRIC: val["dice"]})
-      if jax.process_index() == 0:
-        reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val})
-        reports.plot_learning_curve(workdir)
-      window_start = time.perf_counter()
+      window_start, window, names = time.perf_counter(), [], []
+    if not end_of_epoch:
+      continue
+
+    val = steps.validation_record(steps.evaluate_split(p_eval, state, val_source, config, mesh))
+    lower_rate, stop = counters.observe(val, train_cfg)
+    val["lr_scale"] = float(state.lr_scale)
+    logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f", epoch, val["loss"],
+                 val["dice"], val["iou"])
+    if lower_rate:
+      state = state.replace(lr_scale=state.lr_scale * train_cfg.plateau_factor)
+      logging.info("validation loss plateaued: learning rate scaled to %.3g",
+                   float(state.lr_scale))
+    if epoch % train_cfg.checkpoint_every_epochs == 0 or step + 1 == total_steps or stop:
+      checkpoints.save(step + 1, state, {checkpoint_lib.BEST_METRIC: val["dice"]},
+                       dataclasses.asdict(counters))
+    if jax.process_index() == 0:
+      reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val})
+      reports.plot_learning_curve(workdir)
+    if stop:
+      logging.info("Early stopping: no better validation Dice for %d epochs (best %.4f).",
+                   counters.epochs_since_best_dice, counters.best_dice)
+      break
+    window_start = time.perf_counter()
   checkpoints.wait()
   checkpoints.close()
 

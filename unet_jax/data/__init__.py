@@ -1,21 +1,46 @@
 """Dataset sources: each split is a grain random-access source of
-{"image", "mask", "file_name"} records."""
+{"image", "mask", "file_name"} records, chosen by `data.format`.
+
+- "coco": a COCO export (`coco.py`), the default;
+- "lgg": one folder per patient of `<case>_<n>.tif` / `<case>_<n>_mask.tif` (`folders.py`);
+- "brats": BraTS2020 `volume_<v>_slice_<s>.h5` slices (`brats.py`).
+
+Importing this package does not import grain or jax (describe mode runs without them).
+"""
 
 import pathlib
 
 import ml_collections
 
+from unet_jax.data import brats
+from unet_jax.data import cache
 from unet_jax.data import coco
+from unet_jax.data import folders
+from unet_jax.data import splits
 from unet_jax.data import synthetic
 from unet_jax.errors import UserError
 
 PHANTOMS_DIR = "phantoms"
+FORMATS = ("coco", "lgg", "brats")
 
-_HOW_TO_GET_DATA = (
-    "download the Kaggle 'Brain Tumor Image Dataset: Semantic Segmentation' (a Roboflow "
-    "COCO export with train/ valid/ test/ folders) and pass --config.data.root=DIR, or try "
-    "the demo on generated phantoms: python launch.py --config=configs/brain.py:demo "
-    "--workdir=runs/demo")
+_HOW_TO_GET_DATA = {
+    "coco": ("download the Kaggle 'Brain Tumor Image Dataset: Semantic Segmentation' (a "
+             "Roboflow COCO export with train/ valid/ test/ folders) and pass "
+             "--config.data.root=DIR, or try the demo on generated phantoms: python launch.py "
+             "--config=configs/brain.py:demo --workdir=runs/demo"),
+    "lgg": ("download the Kaggle 'Brain MRI segmentation' set (mateuszbuda/lgg-mri-segmentation) "
+            "and pass --config.data.root=DIR/kaggle_3m (the folder of patient folders)"),
+    "brats": ("download the Kaggle BraTS2020 training slices as h5 "
+              "(awsaf49/brats2020-training-data) and pass --config.data.root=DIR"),
+}
+
+
+def data_format(data_config: ml_collections.ConfigDict) -> str:
+  """The configured format; runs saved before formats existed are COCO."""
+  fmt = data_config.get("format", "coco")
+  if fmt not in FORMATS:
+    raise UserError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+  return fmt
 
 
 def data_root(data_config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
@@ -24,35 +49,91 @@ def data_root(data_config: ml_collections.ConfigDict, workdir: str) -> pathlib.P
   Raises:
     UserError: no usable root, with how to get the dataset.
   """
+  fmt = data_format(data_config)
   if data_config.root:
     root = pathlib.Path(data_config.root).expanduser()
     if not root.is_dir():
-      raise UserError(f"data.root {root}: no such folder; {_HOW_TO_GET_DATA}")
+      raise UserError(f"data.root {root}: no such folder; {_HOW_TO_GET_DATA[fmt]}")
     return root
-  if data_config.synthetic.enabled:
+  if fmt == "coco" and data_config.synthetic.enabled:
     phantoms = data_config.synthetic
     return synthetic.write_phantom_coco(
         pathlib.Path(workdir) / PHANTOMS_DIR,
         split_sizes={"train": phantoms.num_train, "valid": phantoms.num_valid,
                      "test": phantoms.num_test},
         image_size=phantoms.image_size, seed=phantoms.seed)
-  raise UserError(f"data.root is not set; {_HOW_TO_GET_DATA}")
+  raise UserError(f"data.root is not set; {_HOW_TO_GET_DATA[fmt]}")
+
+
+def coco_layout(data_config: ml_collections.ConfigDict) -> coco.Layout:
+  return coco.Layout(data_config.get("annotations", ""), data_config.get("subset_key", "subset"),
+                     data_config.get("image_dir", ""))
+
+
+def group_subsets(data_config: ml_collections.ConfigDict,
+                  root: pathlib.Path) -> dict[str, str]:
+  """Patient (lgg) or volume (brats) -> subset, as the configured split assigns them."""
+  groups = ([p for p, _, _ in folders.scan(root)] if data_format(data_config) == "lgg"
+            else [v for v, _ in brats.scan(root)])
+  return splits.assign(groups, data_config.val_fraction, data_config.test_fraction,
+                       data_config.split_seed)
+
+
+def subset_names(data_config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The subsets (splits) the configured dataset has, train, valid and test first."""
+  root = data_root(data_config, workdir)
+  if data_format(data_config) == "coco":
+    return coco.subset_names(root, coco_layout(data_config))
+  present = set(group_subsets(data_config, root).values())
+  return [s for s in splits.SUBSETS if s in present]
 
 
 def has_split(data_config: ml_collections.ConfigDict, split: str, workdir: str) -> bool:
   """Whether the configured dataset has `split`."""
-  return coco.annotations_path(data_root(data_config, workdir), split).is_file()
+  if data_format(data_config) == "coco":
+    return coco.has_subset(data_root(data_config, workdir), split, coco_layout(data_config))
+  return split in subset_names(data_config, workdir)
 
 
-def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: str) -> coco.CocoSource:
+def _coco_source(data_config: ml_collections.ConfigDict, split: str,
+                 root: pathlib.Path) -> coco.CocoSource:
+  layout = coco_layout(data_config)
+  if not coco.has_subset(root, split, layout):
+    found = ", ".join(coco.subset_names(root, layout))
+    hint = f"splits found: {found}" if found else _HOW_TO_GET_DATA["coco"]
+    raise UserError(f"{coco.annotations_path(root, split, layout)}: split {split!r} not found "
+                    f"under data.root {root}; {hint}")
+  return coco.CocoSource(root, split, data_config.image_size, data_config.channels,
+                         tuple(data_config.category_ids), layout)
+
+
+def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: str):
   """The source of one split of the configured dataset.
+
+  Returns:
+    A grain random-access source with `file_names` (index order), cached on
+    disk under `data.cache_dir` when that is set.
 
   Raises:
     UserError: the split does not exist or its files are bad.
   """
+  fmt = data_format(data_config)
   root = data_root(data_config, workdir)
-  if not has_split(data_config, split, workdir):
-    raise UserError(f"{coco.annotations_path(root, split)}: split {split!r} not found under "
-                    f"data.root {root}; {_HOW_TO_GET_DATA}")
-  return coco.CocoSource(root, split, data_config.image_size, data_config.channels,
-                         tuple(data_config.category_ids))
+  if fmt == "coco":
+    source = _coco_source(data_config, split, root)
+  elif fmt == "lgg":
+    source = folders.FolderSource(root, split, data_config.image_size, data_config.channels,
+                                  data_config.val_fraction, data_config.test_fraction,
+                                  data_config.split_seed)
+  else:
+    if data_config.channels != len(data_config.modalities):
+      raise UserError(f"data.channels={data_config.channels} but data.modalities="
+                      f"{tuple(data_config.modalities)} picks {len(data_config.modalities)}; "
+                      "make them agree")
+    source = brats.BratsSource(root, split, data_config.image_size, data_config.modalities,
+                               data_config.mask_channels, data_config.clip_percentiles,
+                               data_config.val_fraction, data_config.test_fraction,
+                               data_config.split_seed)
+  if data_config.get("cache_dir", ""):
+    source = cache.CachedSource(source, data_config.cache_dir)
+  return source

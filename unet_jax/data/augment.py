@@ -1,7 +1,10 @@
-"""Training augmentation that is safe for MRI: small rigid motion and intensity jitter.
+"""Training augmentation that is safe for MRI: small rigid motion, intensity jitter, flips.
 
-The same geometric transform moves image and mask; masks are resampled with
-nearest neighbour so they stay binary.
+Each transform has its own strength and probability in `config.augment`. The
+same geometric transform moves image and mask; masks are resampled with
+nearest neighbour so they stay binary. Every random number is drawn whether
+or not its transform fires, so turning one transform off leaves the others'
+draws, and so the batches of an ablation, unchanged.
 """
 
 from typing import Any
@@ -11,9 +14,19 @@ import numpy as np
 from PIL import Image
 
 
-def _rotate_shift(plane: np.ndarray, degrees: float, shift: tuple[int, int], resample) -> np.ndarray:
+def _rotate_shift(plane: np.ndarray, degrees: float, shift: tuple[int, int],
+                  resample: Image.Resampling) -> np.ndarray:
   image = Image.fromarray(plane)
   return np.asarray(image.rotate(degrees, resample=resample, translate=shift, fillcolor=0))
+
+
+def _move(image: np.ndarray, mask: np.ndarray, degrees: float,
+          shift: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  planes = [_rotate_shift(np.ascontiguousarray(image[..., c], np.float32), degrees, shift,
+                          Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
+  moved_mask = _rotate_shift(np.ascontiguousarray(mask[..., 0]), degrees, shift,
+                             Image.Resampling.NEAREST)
+  return np.stack(planes, axis=-1), moved_mask[..., None]
 
 
 def augment(sample: dict[str, Any], rng: np.random.Generator,
@@ -22,25 +35,31 @@ def augment(sample: dict[str, Any], rng: np.random.Generator,
 
   Args:
     sample: float32 (H, W, C) image in [0, 1] and uint8 (H, W, 1) mask.
-    rng: The sample's own generator (grain derives it from seed and index).
+    rng: The sample's own generator (grain derives it from the seed and the
+      sample's position in the run).
     config: The `config.augment` block.
   """
   image, mask = sample["image"], sample["mask"]
-  if rng.random() < config.geometric_prob:
-    degrees = rng.uniform(-config.rotate_degrees, config.rotate_degrees)
-    max_shift = config.shift_fraction * image.shape[0]
-    shift = tuple(int(round(s)) for s in rng.uniform(-max_shift, max_shift, size=2))
-    image = np.stack([_rotate_shift(np.ascontiguousarray(image[..., c]), degrees, shift,
-                                    Image.Resampling.BILINEAR)
-                      for c in range(image.shape[-1])], axis=-1)
-    mask = _rotate_shift(np.ascontiguousarray(mask[..., 0]), degrees, shift,
-                         Image.Resampling.NEAREST)[..., None]
-  if rng.random() < config.hflip_prob:
-    image, mask = image[:, ::-1], mask[:, ::-1]
-  if rng.random() < config.intensity_prob:
-    contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
-    brightness = rng.uniform(-config.brightness, config.brightness)
+  fire = rng.random(6) < np.array([config.rotate_prob, config.shift_prob, config.brightness_prob,
+                                   config.contrast_prob, config.hflip_prob, config.vflip_prob])
+  degrees = rng.uniform(-config.rotate_degrees, config.rotate_degrees)
+  max_shift = config.shift_fraction * np.array(image.shape[1::-1])
+  shift = rng.uniform(-max_shift, max_shift)
+  brightness = rng.uniform(-config.brightness, config.brightness)
+  contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
+
+  degrees = degrees if fire[0] else 0.0
+  shift = (int(round(shift[0])), int(round(shift[1]))) if fire[1] else (0, 0)
+  if degrees or any(shift):
+    image, mask = _move(image, mask, degrees, shift)
+  if fire[2]:
+    image = image + brightness
+  if fire[3]:
     mean = image.mean()
-    image = np.clip((image - mean) * contrast + mean + brightness, 0.0, 1.0)
-  return {**sample, "image": np.ascontiguousarray(image, dtype=np.float32),
+    image = (image - mean) * contrast + mean
+  if fire[4]:
+    image, mask = image[:, ::-1], mask[:, ::-1]
+  if fire[5]:
+    image, mask = image[::-1], mask[::-1]
+  return {**sample, "image": np.ascontiguousarray(np.clip(image, 0.0, 1.0), dtype=np.float32),
           "mask": np.ascontiguousarray(mask, dtype=np.uint8)}

@@ -1,131 +1,246 @@
 """COCO segmentation exports as a grain random-access source.
 
-Layout: `<root>/<split>/_annotations.coco.json` beside that split's images
-(the Roboflow export). Every selected category is merged into one tumour
+Two layouts:
+
+- split folders (the Roboflow export): `<root>/<split>/_annotations.coco.json`
+  beside that split's images;
+- one annotation file (`data.annotations`, relative to the root) whose image
+  entries name their subset under `data.subset_key` (a dotted key reaches into
+  nested objects, e.g. "extra.split"); file names are relative to
+  `data.image_dir` (default: the annotation file's folder).
+
+The selected categories (default: all) are merged into one tumour
 foreground; an image with no annotation is a negative with an empty mask.
 """
 
-import json
+import dataclasses
 import os
 import pathlib
 from typing import Any, Sequence
 
-import grain
+from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from unet_jax.data import images
+from unet_jax.data import coco_json
+from unet_jax.data import images as images_lib
+from unet_jax.data import splits
 from unet_jax.errors import UserError
 
-ANNOTATIONS_FILE = "_annotations.coco.json"
+ANNOTATIONS_FILE = coco_json.ANNOTATIONS_FILE
+_MAX_WARNINGS = 10
 
 
-def annotations_path(root: str | os.PathLike, split: str) -> pathlib.Path:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a COCO dataset keeps its annotations (see the module docstring).
+
+  Attributes:
+    annotations: One annotation file for every subset, relative to the root;
+      "" for the split-folder layout.
+    subset_key: The image entry's key naming its subset (one-file layout).
+    image_dir: Folder the file names are relative to, relative to the root;
+      "" for the annotation file's own folder.
+  """
+  annotations: str = ""
+  subset_key: str = "subset"
+  image_dir: str = ""
+
+
+def annotations_path(root: str | os.PathLike, split: str,
+                     layout: Layout = Layout()) -> pathlib.Path:
+  """The annotation file holding `split`."""
+  if layout.annotations:
+    return pathlib.Path(root) / layout.annotations
   return pathlib.Path(root) / split / ANNOTATIONS_FILE
 
 
-def load_coco_json(path: pathlib.Path) -> dict[str, Any]:
-  """Reads and checks a COCO annotation file.
+def _subset_of(image: dict[str, Any], key: str, json_path: pathlib.Path) -> str:
+  value: Any = image
+  for part in key.split("."):
+    if not isinstance(value, dict) or part not in value:
+      raise UserError(f"{json_path}: image {image['file_name']!r} has no {key!r} naming its "
+                      "subset (data.subset_key)")
+    value = value[part]
+  return str(value)
+
+
+def subset_names(root: str | os.PathLike, layout: Layout = Layout()) -> list[str]:
+  """The subsets of the dataset, train, valid and test first."""
+  if layout.annotations:
+    json_path = annotations_path(root, "", layout)
+    images = coco_json.load(json_path)["images"]
+    return splits.ordered({_subset_of(image, layout.subset_key, json_path) for image in images})
+  return splits.ordered(
+      {path.parent.name for path in pathlib.Path(root).glob(f"*/{ANNOTATIONS_FILE}")})
+
+
+def has_subset(root: str | os.PathLike, split: str, layout: Layout = Layout()) -> bool:
+  """Whether the dataset has subset `split`."""
+  if layout.annotations:
+    return split in subset_names(root, layout)
+  return annotations_path(root, split, layout).is_file()
+
+
+@dataclasses.dataclass
+class Subset:
+  """One subset of a COCO dataset as its annotation file describes it.
+
+  Attributes:
+    json_path: The annotation file.
+    image_dir: The folder its file names are relative to.
+    images: The subset's image entries, sorted by file name.
+    annotations: Image id -> that image's annotations (every category).
+    categories: Category id -> name.
+  """
+  json_path: pathlib.Path
+  image_dir: pathlib.Path
+  images: list[dict[str, Any]]
+  annotations: dict[Any, list[dict[str, Any]]]
+  categories: dict[Any, str]
+
+
+def load_subset(root: str | os.PathLike, split: str, layout: Layout = Layout()) -> Subset:
+  """Reads the images and annotations of one subset.
 
   Raises:
-    UserError: missing file, malformed JSON, or not a COCO export.
+    UserError: the annotation file is bad, or the subset is not in it.
   """
-  try:
-    with open(path) as f:
-      coco = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"{path}: annotation file not found") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: malformed JSON ({e})") from None
-  if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-    raise UserError(f"{path}: not a COCO export (no 'images' list)")
-  coco.setdefault("annotations", [])
-  for image in coco["images"]:
-    if not {"id", "file_name", "width", "height"} <= set(image):
-      raise UserError(f"{path}: image entry {image!r:.80} lacks id, file_name, width or height")
-  return coco
+  json_path = annotations_path(root, split, layout)
+  coco = coco_json.load(json_path)
+  images = coco["images"]
+  if layout.annotations:
+    images = [image for image in images
+              if _subset_of(image, layout.subset_key, json_path) == split]
+    if not images:
+      raise UserError(f"{json_path}: no image has {layout.subset_key}={split!r}; it has "
+                      f"{', '.join(subset_names(root, layout)) or 'no subsets'}")
+  image_dir = (pathlib.Path(root) / layout.image_dir if layout.image_dir else json_path.parent)
+  images = sorted(images, key=lambda image: image["file_name"])
+  annotations: dict[Any, list[dict[str, Any]]] = {image["id"]: [] for image in images}
+  for annotation in coco["annotations"]:
+    if annotation["image_id"] in annotations:
+      annotations[annotation["image_id"]].append(annotation)
+  categories = {c.get("id"): str(c.get("name", c.get("id"))) for c in coco["categories"]
+                if isinstance(c, dict)}
+  return Subset(json_path, image_dir.resolve(), images, annotations, categories)
 
 
-def rasterise(annotation: dict[str, Any], height: int, width: int) -> np.ndarray:
-  """One annotation's mask at (height, width), from its polygon, RLE or bbox."""
-  segmentation = annotation.get("segmentation")
-  if isinstance(segmentation, list) and segmentation:
-    polygons = [p for p in segmentation if len(p) >= 6]
-    if not polygons:
-      return np.zeros((height, width), np.uint8)
-    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-  elif isinstance(segmentation, dict):
-    rle = segmentation
-    if isinstance(rle.get("counts"), list):
-      rle = mask_utils.frPyObjects(rle, height, width)
-  else:
-    x, y, w, h = annotation["bbox"]
-    rle = mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width)[0]
-  return mask_utils.decode(rle)
+def log_problems(problems: list[str], where: pathlib.Path) -> None:
+  """Logs fixable annotation problems: the first few in full, then a count."""
+  for problem in problems[:_MAX_WARNINGS]:
+    logging.warning("%s", problem)
+  if len(problems) > _MAX_WARNINGS:
+    logging.warning("%s: %d more annotation problems like these", where,
+                    len(problems) - _MAX_WARNINGS)
 
 
-class CocoSource(grain.sources.RandomAccessDataSource):
-  """One split of a COCO export: {"image", "mask", "file_name"} records.
+def image_path(subset: Subset, file_name: str) -> pathlib.Path:
+  """An image's path, refusing names that leave the image folder and missing files.
 
-  Images are float32 (size, size, channels) in [0, 1]; masks uint8
-  (size, size, 1) in {0, 1}. Files are read on access, never held in memory.
+  Raises:
+    UserError: the name is absolute, leaves the folder (also by a symlink),
+      or names no file.
+  """
+  path = (subset.image_dir / file_name).resolve()
+  if os.path.isabs(file_name) or not path.is_relative_to(subset.image_dir):
+    raise UserError(f"{subset.json_path}: file_name {file_name!r} leaves the dataset folder "
+                    f"{subset.image_dir}; refused")
+  if not path.is_file():
+    raise UserError(f"{path}: image file not found (listed in {subset.json_path})")
+  return path
+
+
+def shapes_of(subset: Subset, image: dict[str, Any], category_ids: Sequence[Any],
+              problems: list[str]) -> tuple[coco_json.Shape, ...]:
+  """The checked shapes of an image's annotations in `category_ids` (all when empty)."""
+  shapes = []
+  for annotation in subset.annotations[image["id"]]:
+    if category_ids and annotation.get("category_id") not in category_ids:
+      continue
+    where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
+    shape = coco_json.shape_of(annotation, image["height"], image["width"], where, problems)
+    if shape is not None:
+      shapes.append(shape)
+  return tuple(shapes)
+
+
+def merged_counts(shapes: Sequence[coco_json.Shape], height: int, width: int) -> bytes | None:
+  """The compressed RLE counts of the union of `shapes`, None when there are none."""
+  if not shapes:
+    return None
+  rle = mask_utils.merge([coco_json.to_rle(shape, height, width) for shape in shapes])
+  return rle["counts"]
+
+
+class CocoSource:
+  """One subset of a COCO dataset: {"image", "mask", "file_name"} records.
+
+  A grain `RandomAccessDataSource`. Images are float32 (size, size, channels)
+  in [0, 1]; masks uint8 (size, size, 1) in {0, 1}. The annotation file is
+  checked when the source is made (geometry, file names, that each image
+  exists) and only a compressed foreground mask per image is kept; image
+  files are read on access, never held in memory.
   """
 
   def __init__(self, root: str | os.PathLike, split: str, image_size: int, channels: int = 1,
-               category_ids: Sequence[int] = ()):
-    self.json_path = annotations_path(root, split)
-    self.split_dir = self.json_path.parent.resolve()
-    self.image_size = image_size
-    self.channels = channels
-    coco = load_coco_json(self.json_path)
-    self.images = sorted(coco["images"], key=lambda image: image["file_name"])
-    by_id = {image["id"]: image for image in self.images}
-    self.annotations: dict[Any, list[dict[str, Any]]] = {image["id"]: [] for image in self.images}
-    wanted = set(category_ids)
-    for annotation in coco["annotations"]:
-      if annotation.get("image_id") not in by_id:
-        raise UserError(f"{self.json_path}: annotation {annotation.get('id')} refers to "
-                        f"unknown image id {annotation.get('image_id')}")
-      if not wanted or annotation.get("category_id") in wanted:
-        self.annotations[annotation["image_id"]].append(annotation)
+               category_ids: Sequence[Any] = (), layout: Layout = Layout()):
+    if channels not in (1, 3):
+      raise UserError(f"data.channels must be 1 or 3 for COCO images, got {channels}")
+    subset = load_subset(root, split, layout)
+    self.json_path, self.image_dir, self.split = subset.json_path, subset.image_dir, split
+    self.image_size, self.channels = image_size, channels
+    self.category_ids = tuple(category_ids)
+    unknown = set(self.category_ids) - set(subset.categories)
+    if subset.categories and unknown:
+      known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())
+      raise UserError(f"{self.json_path}: data.category_ids {sorted(unknown)} are not among "
+                      f"its categories: {known}")
+    self._file_names = [image["file_name"] for image in subset.images]
+    for file_name in self._file_names:
+      image_path(subset, file_name)
+    self._sizes = np.array([(image["height"], image["width"]) for image in subset.images],
+                           np.int64).reshape(-1, 2)
+    problems: list[str] = []
+    self._counts = [
+        merged_counts(shapes_of(subset, image, self.category_ids, problems), image["height"],
+                      image["width"]) for image in subset.images]
+    log_problems(problems, self.json_path)
+    stat = self.json_path.stat()
+    self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "
+                        f"{self.image_dir} {split} {image_size} {channels} "
+                        f"{sorted(map(str, self.category_ids))}")
 
   def __len__(self) -> int:
-    return len(self.images)
+    return len(self._file_names)
+
+  def __repr__(self) -> str:
+    return f"CocoSource({self.json_path}, {self.split!r}, {len(self)} images)"
 
   @property
   def file_names(self) -> list[str]:
     """Image file names in index order."""
-    return [image["file_name"] for image in self.images]
-
-  def __repr__(self) -> str:
-    return f"CocoSource({self.json_path}, {len(self)} images)"
-
-  def image_path(self, file_name: str) -> pathlib.Path:
-    """The image's path, refusing names that leave the split's folder."""
-    path = (self.split_dir / file_name).resolve()
-    if os.path.isabs(file_name) or not path.is_relative_to(self.split_dir):
-      raise UserError(f"{self.json_path}: file_name {file_name!r} leaves the dataset folder; refused")
-    return path
+    return self._file_names
 
   def mask(self, index: int) -> np.ndarray:
     """The merged foreground mask of image `index` at its original size."""
-    info = self.images[index]
-    height, width = int(info["height"]), int(info["width"])
-    mask = np.zeros((height, width), np.uint8)
-    for annotation in self.annotations[info["id"]]:
-      mask |= rasterise(annotation, height, width)
-    return mask
+    height, width = (int(v) for v in self._sizes[index])
+    counts = self._counts[index]
+    if counts is None:
+      return np.zeros((height, width), np.uint8)
+    return mask_utils.decode({"size": [height, width], "counts": counts})
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    info = self.images[index]
-    path = self.image_path(info["file_name"])
-    image = images.read_image(path, self.channels)
-    if image.shape[:2] != (int(info["height"]), int(info["width"])):
-      raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
-                      f"{self.json_path.name} says {info['width']}x{info['height']}")
+    file_name = self._file_names[index]
+    path = self.image_dir / file_name
+    height, width = (int(v) for v in self._sizes[index])
+    image, (stored_width, stored_height) = images_lib.load_image(path, self.channels,
+                                                                 self.image_size)
+    if (stored_height, stored_width) != (height, width):
+      raise UserError(f"{path}: image is {stored_width}x{stored_height} but "
+                      f"{self.json_path.name} says {width}x{height}")
     return {
-        "image": images.resize_image(image, self.image_size),
-        "mask": images.resize_mask(self.mask(index), self.image_size),
-        "file_name": info["file_name"],
+        "image": image,
+        "mask": images_lib.resize_mask(self.mask(index), self.image_size),
+        "file_name": file_name,
     }
-

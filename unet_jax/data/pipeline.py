@@ -9,6 +9,7 @@ of every global batch.
 import functools
 from typing import Any, Iterator
 
+from absl import flags
 import grain
 import jax
 import ml_collections
@@ -43,6 +44,10 @@ def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
 def _to_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> Iterator[Any]:
   iter_dataset = dataset.to_iter_dataset(_read_options(config))
   if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read its absl flags; outside launch.py (tests, notebooks) nobody
+      # parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(iter_dataset)

@@ -1,0 +1,212 @@
+"""Ablation sweeps: configs, resuming, the table, and the smoke sweep end to end."""
+
+import csv
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from configs import ablation as ablation_config
+from configs import brain
+from unet_jax import ablation
+from unet_jax import reports
+from unet_jax import train
+from unet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# config_flags imports config files with a loader that Python deprecates; not our call.
+_LOAD_MODULE = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError(f"trained {args}, {kwargs}")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """`launch.py --config=configs/ablation.py:smoke`: 2 variants, 4 steps each on 16 phantoms."""
+  workdir = tmp_path_factory.mktemp("ablation")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch.py"), "--config=configs/ablation.py:smoke",
+       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _csv_rows(workdir):
+  with open(workdir / ablation.CSV_FILE) as f:
+    return list(csv.DictReader(f))
+
+
+def test_smoke_sweep_trains_every_variant_on_one_dataset(smoke):
+  config = ablation_config.get_config("smoke")
+  assert sorted(os.listdir(smoke)) == sorted(
+      ["ablation.csv", "ablation.md", "config.json", "phantoms", *config.sweep])
+  for name, fields in config.sweep.items():
+    saved = json.loads((smoke / name / "config.json").read_text())
+    assert saved["data"]["root"] == str(smoke / "phantoms")
+    assert saved["data"]["image_size"] == 32 and saved["train"]["epochs"] == 2
+    assert saved["model"] == {**saved["model"], **fields.to_dict()}
+    assert not (smoke / name / "phantoms").exists()
+    assert (smoke / name / "eval/test/summary.json").is_file()
+    assert (smoke / name / ablation.RESULT_FILE).is_file()
+
+
+def test_smoke_table_reads_the_runs(smoke):
+  rows = _csv_rows(smoke)
+  assert list(rows[0]) == ["variant", "pooling", "activation", "params", "best_epoch",
+                           "val_dice", "val_iou", "test_dice", "img_per_s", "wall_s"]
+  assert sorted(r["variant"] for r in rows) == ["avg_gelu", "max_relu"]
+  assert [float(r["val_dice"]) for r in rows] == sorted(
+      (float(r["val_dice"]) for r in rows), reverse=True)
+  for row in rows:
+    run = smoke / row["variant"]
+    records = reports.read_metrics(run)
+    best = max((r for r in records if r["split"] == "valid"), key=lambda r: r["dice"])
+    assert float(row["val_dice"]) == pytest.approx(best["dice"])
+    assert float(row["val_iou"]) == pytest.approx(best["iou"])
+    assert int(row["best_epoch"]) == best["epoch"]
+    summary = json.loads((run / "eval/test/summary.json").read_text())
+    assert float(row["test_dice"]) == pytest.approx(summary["metrics"]["dice"]["mean"])
+    speeds = [r["img_per_s"] for r in records if r["split"] == "train"]
+    assert len(speeds) == 4
+    assert float(row["img_per_s"]) == pytest.approx(statistics.median(speeds[1:]))
+    assert float(row["wall_s"]) > 0
+    # Width 4, depth 2, batch norm; pooling and activation add no parameters.
+    assert int(row["params"]) == 7_477
+  md = (smoke / ablation.MD_FILE).read_text()
+  assert "| variant | pooling | activation | params |" in md
+  assert md.count("\n| ") == 1 + len(rows)
+
+
+def test_rerun_skips_finished_variants_and_resumes_the_rest(smoke, monkeypatch):
+  config = ablation_config.get_config("smoke")
+  before = _csv_rows(smoke)
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  rows = ablation.run_sweep(config, str(smoke))
+  assert [r["variant"] for r in rows] == [r["variant"] for r in before]
+  assert _csv_rows(smoke) == before
+
+  # An interrupted variant (no result file yet) is run again; train resumes it.
+  (smoke / "max_relu" / ablation.RESULT_FILE).unlink()
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or {})
+  ablation.run_sweep(config, str(smoke))
+  assert calls == [str(smoke / "max_relu")]
+  assert (smoke / "max_relu" / ablation.RESULT_FILE).is_file()
+
+
+def test_a_changed_variant_model_is_an_error_before_training(smoke, monkeypatch):
+  config = ablation_config.get_config("smoke")
+  config.sweep.max_relu = {"pooling": "conv"}
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  with pytest.raises(UserError, match="another model than variant 'max_relu'"):
+    ablation.run_sweep(config, str(smoke))
+
+
+# ---------------------------------------------------------------------------
+# Configs, without training.
+
+
+def test_default_sweep_covers_pooling_by_activation_dilation_norm_upsampling():
+  sweep = ablation_config.get_config().sweep
+  grid = {(v.get("pooling", "max"), v.get("activation", "relu")) for v in sweep.values()
+          if set(v.keys()) <= {"pooling", "activation"}}
+  assert grid == {(p, a) for p in ("max", "avg", "conv", "dilated_conv") for a in ("relu", "gelu")}
+  assert {"dilation", "norm", "upsampling"} <= {k for v in sweep.values() for k in v.keys()}
+  assert len(sweep) <= 15  # About 3 CPU minutes each on the demo.
+  # Every variant builds, on the demo and on the full recipe (another depth).
+  for base in (brain.get_config("demo"), brain.get_config()):
+    assert len(ablation.variant_configs(ablation_config.get_config(), base)) == len(sweep)
+
+
+def _parse(monkeypatch, *overrides, spec="configs/ablation.py"):
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", lock_config=True, flag_values=flag_values)
+  argv = ["launch.py", f"--config={REPO / spec}", *overrides]
+  monkeypatch.setattr(sys, "argv", argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@_LOAD_MODULE
+def test_base_and_overrides_from_the_command_line(monkeypatch, tmp_path):
+  config = _parse(monkeypatch, "--config.base=configs/brain.py",
+                  f"--config.overrides.data.root={tmp_path}", "--config.overrides.train.epochs=3",
+                  "--config.overrides.model.dilation=(1,1,2,2,4)",
+                  "--config.overrides.train.learning_rate=1")
+  base = ablation.base_config(config)
+  assert base.data.root == str(tmp_path) and not base.data.synthetic.enabled
+  assert base.train.epochs == 3 and base.model.dilation == (1, 1, 2, 2, 4)
+  assert base.train.learning_rate == 1.0 and base.data.image_size == 256
+  assert ablation.base_config(_parse(monkeypatch)).data.synthetic.enabled  # The demo.
+  with pytest.raises(AttributeError, match="widht"):
+    _parse(monkeypatch, "--config.overrides.model.widht=3")
+
+
+def test_base_config_is_found_from_any_folder(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  assert ablation.load_config_file("configs/brain.py:demo").model.features == 16
+  assert ablation.load_config_file(str(REPO / "configs/brain.py")).model.features == 32
+  with pytest.raises(UserError, match="no config file"):
+    ablation.load_config_file("configs/missing.py")
+
+
+@pytest.mark.parametrize("sweep,message", [
+    ({"a": {"poling": "avg"}}, "config.sweep.a: the base config has no field poling"),
+    ({"a": {"pooling": "median"}}, "model.pooling='median'"),
+    ({"a": {"depth": "deep"}}, "wrong type"),
+    ({"phantoms": {}}, "cannot name a variant folder"),
+    ({}, "sweep is empty"),
+])
+def test_bad_sweeps_are_clear_errors(sweep, message):
+  config = ablation_config.get_config()
+  config.sweep = sweep
+  with pytest.raises(UserError, match=message):
+    ablation.variant_configs(config, brain.get_config("demo"))
+
+
+def test_table_from_run_files(tmp_path):
+  config = ablation_config.get_config("smoke")
+  config.sweep = {"good": {"dilation": (1, 2, 2)}, "bad": {}, "unfinished": {}}
+  base = ablation.base_config(config)
+  variants = ablation.variant_configs(config, base)
+  flags_ = ablation.swept_fields(config)
+  assert flags_ == ["dilation"]
+  for name, dice in (("good", (0.5, 0.7)), ("bad", (0.4, 0.3))):
+    run = tmp_path / name
+    run.mkdir()
+    for step, speed in enumerate((1.0, 30.0, 10.0, 20.0)):
+      reports.append_metrics(run, {"step": step + 1, "epoch": 1, "split": "train",
+                                   "loss": 1.0, "img_per_s": speed})
+    for epoch, d in enumerate(dice):
+      reports.append_metrics(run, {"step": 4 * epoch + 4, "epoch": epoch + 1, "split": "valid",
+                                   "loss": 1.0, "dice": d, "iou": d - 0.1})
+    (run / "eval/test").mkdir(parents=True)
+    (run / "eval/test/summary.json").write_text(json.dumps({"metrics": {"dice": {"mean": 0.6}}}))
+    (run / ablation.RESULT_FILE).write_text(json.dumps({"wall_s": 125.0}))
+  rows = sorted((ablation.variant_row(n, v, tmp_path / n, flags_) for n, v in variants.items()),
+                key=ablation._sort_key)  # pylint: disable=protected-access
+  assert [r["variant"] for r in rows] == ["good", "bad", "unfinished"]
+  good = rows[0]
+  assert good["dilation"] == (1, 2, 2) and good["best_epoch"] == 2
+  assert good["val_dice"] == 0.7 and good["val_iou"] == pytest.approx(0.6)
+  assert good["test_dice"] == 0.6 and good["img_per_s"] == 20.0 and good["wall_s"] == 125.0
+  assert rows[2]["val_dice"] is None and rows[2]["img_per_s"] is None
+  ablation.write_tables(rows, tmp_path, "# title")
+  md = (tmp_path / ablation.MD_FILE).read_text().splitlines()
+  assert md[0] == "# title"
+  assert md[2] == ("| variant | dilation | params | best_epoch | val_dice | val_iou | test_dice "
+                   "| train img/s | wall (m:s) |")
+  assert md[4].startswith("| good | (1,2,2) | ") and md[4].endswith(
+      "| 2 | 0.7000 | 0.6000 | 0.6000 | 20.0 | 2:05 |")
+  assert md[6].startswith("| unfinished | 1 |") and md[6].endswith("|  |  |  |  |  |  |")
+  assert _csv_rows(tmp_path)[0]["dilation"] == "(1,2,2)"

@@ -1,0 +1,117 @@
+"""BraTS2020 h5 slices: modalities, whole-tumour masks, normalisation, split by volume."""
+
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from configs import brats as brats_config
+from unet_jax import data
+from unet_jax.data import brats
+from unet_jax.errors import UserError
+
+h5py = pytest.importorskip("h5py")
+
+
+def _slice(path, volume, index):
+  """A 16x16 slice: zero background, a brain square, three nested tumour regions."""
+  image = np.zeros((16, 16, 4), np.float64)
+  image[2:14, 2:14] = np.arange(4) * 100 + volume + np.linspace(1, 2, 12)[:, None, None]
+  mask = np.zeros((16, 16, 3), np.uint8)
+  if index % 2:
+    mask[4:10, 4:10, 1] = 1  # the largest region
+    mask[5:8, 5:8, 0] = 1
+    mask[6:7, 6:7, 2] = 1
+  with h5py.File(path, "w") as f:
+    f["image"], f["mask"] = image, mask
+
+
+def _brats(root, volumes=range(1, 11), slices=(0, 1)):
+  folder = root / "BraTS2020_training_data" / "content" / "data"
+  folder.mkdir(parents=True)
+  for v in volumes:
+    for s in slices:
+      _slice(folder / f"volume_{v}_slice_{s}.h5", v, s)
+  return root
+
+
+def _config(root, **fields):
+  config = brats_config.get_config().data
+  config.root = str(root)
+  config.image_size = 16
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def test_whole_tumour_four_modalities_normalised(tmp_path):
+  source = data.build_source(_config(_brats(tmp_path)), "train", "x")
+  assert isinstance(source, grain.sources.RandomAccessDataSource)
+  record = source[1]
+  assert record["image"].shape == (16, 16, 4) and record["image"].dtype == np.float32
+  assert record["mask"].shape == (16, 16, 1) and record["mask"].sum() == 36
+  assert record["file_name"].endswith("_slice_1.h5") and record["file_name"] == source.file_names[1]
+  image = record["image"]
+  assert image.min() == 0 and image.max() == 1
+  assert (image[:2] == 0).all()  # background stays 0
+  assert source[0]["mask"].sum() == 0
+
+
+def test_modalities_and_mask_channels_are_chosen(tmp_path):
+  config = _config(_brats(tmp_path), modalities=(3, 1), channels=2, mask_channels=(0, 2))
+  record = data.build_source(config, "train", "x")[1]
+  assert record["image"].shape == (16, 16, 2) and record["mask"].sum() == 9
+  config.channels = 4
+  with pytest.raises(UserError, match=r"data.channels=4 but data.modalities=\(3, 1\) picks 2"):
+    data.build_source(config, "train", "x")
+  config.channels, config.modalities = 1, (5,)
+  with pytest.raises(UserError, match=r"slice_\d\.h5: image of shape \(16, 16, 4\) does not fit"):
+    data.build_source(config, "train", "x")[0]
+  with pytest.raises(UserError, match="distinct channel indices"):
+    brats.BratsSource(tmp_path, "train", 16, modalities=(0, 0))
+
+
+def test_split_is_by_volume(tmp_path):
+  config = _config(_brats(tmp_path), val_fraction=0.2, test_fraction=0.2)
+  sources = {s: data.build_source(config, s, "x") for s in ("train", "valid", "test")}
+  volumes = {s: set(source.volumes) for s, source in sources.items()}
+  assert [len(volumes[s]) for s in ("train", "valid", "test")] == [6, 2, 2]
+  assert set.union(*volumes.values()) == {str(v) for v in range(1, 11)}
+  for s, source in sources.items():
+    assert len(source) == 2 * len(volumes[s])
+    assert {name.split("volume_")[1].split("_")[0] for name in source.file_names} == volumes[s]
+
+
+def test_normalise_is_robust_min_max_over_brain_pixels():
+  image = np.zeros((20, 20, 1))
+  image[:10] = np.arange(200).reshape(10, 20, 1) + 100.0
+  image[0, 0] = 1e6  # an outlier is clipped, not stretched
+  out = brats.normalise(image, (1, 99))
+  assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+  assert (out[10:] == 0).all() and 0.4 < out[5, 0, 0] < 0.6
+
+
+def test_bad_files_name_the_file(tmp_path):
+  root = _brats(tmp_path, volumes=[1])
+  folder = root / "BraTS2020_training_data" / "content" / "data"
+  (folder / "volume_1_slice_0.h5").write_bytes(b"not hdf5")
+  source = brats.BratsSource(root, "train", 16, val_fraction=0, test_fraction=0)
+  with pytest.raises(UserError, match=r"volume_1_slice_0\.h5: not a readable HDF5 file"):
+    source[0]
+  with h5py.File(folder / "volume_1_slice_1.h5", "w") as f:
+    f["image"] = np.zeros((16, 16, 4))
+  with pytest.raises(UserError, match=r"volume_1_slice_1\.h5: lacks a 'image' or 'mask' dataset"):
+    source[1]
+  (tmp_path / "copy").mkdir()
+  (tmp_path / "copy" / "volume_1_slice_1.h5").write_bytes(b"")
+  with pytest.raises(UserError, match="the same slice as"):
+    brats.scan(tmp_path)
+  with pytest.raises(UserError, match="no volume_<v>_slice_<s>.h5 files"):
+    brats.scan(tmp_path / "copy" / "empty")
+
+
+def test_missing_h5py_says_how_to_install_it(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "h5py", None)
+  with pytest.raises(UserError, match=r"pip install -e '\.\[brats\]'"):
+    brats.BratsSource(tmp_path, "train", 16)

@@ -1,0 +1,137 @@
+"""Describe mode: annotations.csv, dataset_summary.json and the plot, for every format."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from pycocotools import mask as mask_utils
+import pytest
+
+from configs import brain, brats as brats_config, lgg
+from unet_jax import describe
+import test_coco
+import test_folders
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _coco_export(tmp_path):
+  root = tmp_path / "data"
+  test_coco._export(root, {0: "a.png", 1: "b.png", 2: "c.png"}, [
+      {"image_id": 0, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
+      {"image_id": 0, "category_id": 2, "bbox": [6, 6, 2, 2]},
+      {"image_id": 2, "category_id": 2, "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]},
+  ])
+  test_coco._export(root, {0: "v.png"}, [], split="valid", size=(8, 6))
+  return root
+
+
+def _rows(workdir):
+  with open(workdir / describe.CSV_FILE, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_coco_rows_per_annotation_with_negatives(tmp_path):
+  config = brain.get_config()
+  config.data.root = str(_coco_export(tmp_path))
+  summary = describe.describe(config, str(tmp_path / "out"))
+  rows = _rows(tmp_path / "out")
+  assert list(rows[0])[:6] == ["file_name", "width", "height", "category_id", "segmentation",
+                               "subset"]
+  assert [(r["file_name"], r["category_id"], r["subset"]) for r in rows] == [
+      ("a.png", "1", "train"), ("a.png", "2", "train"), ("b.png", "", "train"),
+      ("c.png", "2", "train"), ("v.png", "", "valid")]
+  assert json.loads(rows[0]["segmentation"]) == [[0, 0, 4, 0, 4, 4, 0, 4]]
+  assert [r["area"] for r in rows] == ["16", "4", "0", "4", "0"]
+  assert rows[-1]["width"] == "8" and rows[-1]["height"] == "6"
+  train = summary["subsets"]["train"]
+  assert train["images"] == 3 and train["annotations"] == 3 and train["empty_images"] == 1
+  assert train["annotations_per_category"] == {"1": 1, "2": 2}
+  assert train["mask_area_pixels"]["max"] == 20 and train["mask_area_pixels"]["min"] == 4
+  assert summary["subsets"]["valid"]["image_sizes"] == {"8x6": 1}
+  assert summary["all"]["images"] == 4 and summary["categories"]["1"] == "0"
+  assert json.loads((tmp_path / "out" / describe.SUMMARY_FILE).read_text()) == summary
+  assert (tmp_path / "out" / describe.PLOT_FILE).stat().st_size > 1000
+
+  config.data.category_ids = (2,)
+  summary = describe.describe(config, str(tmp_path / "only2"))
+  assert summary["subsets"]["train"]["mask_area_pixels"]["max"] == 4
+  assert summary["foreground_category_ids"] == [2]
+
+
+def test_one_annotation_file_layout(tmp_path):
+  config = brain.get_config()
+  config.data.root = str(test_coco._single_file(tmp_path / "data"))
+  config.data.annotations, config.data.subset_key = "all.json", "extra.split"
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert list(summary["subsets"]) == ["train", "valid", "test"]
+  assert [r["subset"] for r in _rows(tmp_path / "out")] == ["train", "train", "valid", "test"]
+
+
+def test_lgg_rows_per_slice_with_the_mask_as_rle(tmp_path):
+  config = lgg.get_config()
+  config.data.root = str(test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:5]))
+  config.data.val_fraction, config.data.test_fraction = 0.2, 0.2
+  summary = describe.describe(config, str(tmp_path / "out"))
+  rows = _rows(tmp_path / "out")
+  assert len(rows) == 15 and summary["all"]["patients"] == 5
+  assert {s: summary["subsets"][s]["patients"] for s in summary["subsets"]} == {
+      "train": 3, "valid": 1, "test": 1}
+  with_tumour = [r for r in rows if r["category_id"]]
+  assert len(with_tumour) == 10 and all(r["area"] == "32" for r in with_tumour)
+  rle = json.loads(with_tumour[0]["segmentation"])
+  assert mask_utils.decode(rle)[4:8, 4:12].all() and mask_utils.decode(rle).sum() == 32
+  by_patient = {}
+  for row in rows:
+    by_patient.setdefault(row["file_name"].split("/")[0], set()).add(row["subset"])
+  assert all(len(subsets) == 1 for subsets in by_patient.values())
+
+
+def test_brats_rows_per_slice(tmp_path):
+  pytest.importorskip("h5py")
+  import test_brats  # pylint: disable=g-import-not-at-top
+  config = brats_config.get_config()
+  config.data.root = str(test_brats._brats(tmp_path / "data", volumes=range(1, 4)))
+  summary = describe.describe(config, str(tmp_path / "out"))
+  rows = _rows(tmp_path / "out")
+  assert len(rows) == 6 and summary["all"]["volumes"] == 3
+  assert [r["area"] for r in rows if r["category_id"]] == ["36"] * 3
+
+
+def test_describe_from_the_command_line(tmp_path):
+  root = _coco_export(tmp_path)
+  (root / "train" / "c.png").unlink()
+  result = subprocess.run(
+      [sys.executable, "launch.py", "--mode=describe", "--config=configs/brain.py",
+       f"--workdir={tmp_path / 'out'}", f"--config.data.root={root}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((tmp_path / "out" / describe.SUMMARY_FILE).read_text())
+  assert summary["all"]["images"] == 4
+  assert summary["num_problems"] == 1 and "c.png: image file not found" in summary["problems"][0]
+  assert (tmp_path / "out" / describe.CSV_FILE).is_file()
+
+
+def test_describe_does_not_need_jax_or_grain(tmp_path):
+  root = _coco_export(tmp_path)
+  code = ("import sys; sys.modules['jax'] = None; sys.modules['grain'] = None\n"
+          "from configs import brain\nfrom unet_jax import describe\n"
+          f"config = brain.get_config(); config.data.root = {str(root)!r}\n"
+          f"describe.describe(config, {str(tmp_path / 'out')!r})")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (tmp_path / "out" / describe.PLOT_FILE).is_file()
+
+
+def test_no_images_is_an_error(tmp_path):
+  config = brain.get_config()
+  root = tmp_path / "data"
+  test_coco._export(root, {}, [])
+  config.data.root = str(root)
+  with pytest.raises(ValueError, match="no images found"):
+    describe.describe(config, str(tmp_path / "out"))

@@ -1,0 +1,116 @@
+"""The LGG layout: patient folders of <case>_<n>.tif slices beside <case>_<n>_mask.tif."""
+
+import grain
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import lgg
+from unet_jax import data
+from unet_jax.data import folders
+from unet_jax.errors import UserError
+
+PATIENTS = [f"TCGA_CS_{4941 + i}_19960909" for i in range(10)]
+
+
+def _lgg(root, patients=PATIENTS, slices=(1, 2, 10)):
+  """Writes 16x16 RGB slices; slice n of patient p has a square tumour when n is even."""
+  for p, patient in enumerate(patients):
+    folder = root / "kaggle_3m" / patient
+    folder.mkdir(parents=True)
+    for n in slices:
+      image = np.full((16, 16, 3), 10 * p + n, np.uint8)
+      mask = np.zeros((16, 16), np.uint8)
+      if n % 2 == 0:
+        mask[4:8, 4:12] = 255
+        image[4:8, 4:12] = 250
+      Image.fromarray(image).save(folder / f"{patient}_{n}.tif")
+      Image.fromarray(mask).save(folder / f"{patient}_{n}_mask.tif")
+  return root / "kaggle_3m"
+
+
+def _config(root, **fields):
+  config = lgg.get_config().data
+  config.root = str(root)
+  config.image_size = 8
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def test_slices_masks_and_names(tmp_path):
+  root = _lgg(tmp_path)
+  source = data.build_source(_config(root), "train", str(tmp_path))
+  assert isinstance(source, folders.FolderSource)
+  assert isinstance(source, grain.sources.RandomAccessDataSource)
+  patient = source.patients[0]
+  assert source.file_names[:3] == [f"{patient}/{patient}_{n}.tif" for n in (1, 2, 10)]
+  record = source[1]
+  assert record["image"].shape == (8, 8, 3) and record["image"].dtype == np.float32
+  assert record["mask"].shape == (8, 8, 1) and record["mask"].dtype == np.uint8
+  assert set(np.unique(record["mask"])) == {0, 1} and record["mask"].sum() == 8
+  assert source[0]["mask"].sum() == 0 and record["file_name"] == source.file_names[1]
+  assert 0 <= record["image"].min() and record["image"].max() <= 1
+
+
+def test_split_is_by_patient_seeded_and_complete(tmp_path):
+  root = _lgg(tmp_path)
+  config = _config(root, val_fraction=0.2, test_fraction=0.2)
+  sources = {s: data.build_source(config, s, "x") for s in ("train", "valid", "test")}
+  patients = {s: set(source.patients) for s, source in sources.items()}
+  assert [len(patients[s]) for s in ("train", "valid", "test")] == [6, 2, 2]
+  assert set.union(*patients.values()) == set(PATIENTS)
+  assert sum(len(source) for source in sources.values()) == 3 * len(PATIENTS)
+  for s, source in sources.items():
+    assert {name.split("/")[0] for name in source.file_names} == patients[s]
+  assert data.build_source(config, "test", "x").patients == sources["test"].patients
+  config.split_seed = 1
+  assert set(data.build_source(config, "test", "x").patients) != patients["test"]
+  assert data.subset_names(config, "x") == ["train", "valid", "test"]
+  config.test_fraction = 0.0
+  assert not data.has_split(config, "test", "x")
+  with pytest.raises(UserError, match="no patients in split 'test'"):
+    data.build_source(config, "test", "x")
+
+
+def test_fractions_that_leave_nothing_to_train_on(tmp_path):
+  root = _lgg(tmp_path, patients=PATIENTS[:2])
+  with pytest.raises(UserError, match="only 2 patients/volumes: too few"):
+    data.build_source(_config(root, val_fraction=0.4, test_fraction=0.4), "train", "x")
+  with pytest.raises(UserError, match="must be in"):
+    data.build_source(_config(root, val_fraction=1.5), "train", "x")
+
+
+def test_bad_layouts_name_the_file(tmp_path):
+  root = _lgg(tmp_path, patients=PATIENTS[:3])
+  first = root / PATIENTS[0]
+  (first / f"{PATIENTS[0]}_2.tif").rename(first / "elsewhere.tif")
+  with pytest.raises(UserError, match=rf"{PATIENTS[0]}_2_mask\.tif: mask without its image"):
+    folders.scan(root)
+  (first / f"{PATIENTS[0]}_2_mask.tif").unlink()
+  with pytest.raises(UserError, match=r"elsewhere\.tif: no mask elsewhere_mask\.tif beside it"):
+    folders.scan(root)
+  (first / "elsewhere.tif").unlink()
+  copy = root / "copy" / PATIENTS[1]
+  copy.mkdir(parents=True)
+  Image.new("L", (16, 16)).save(copy / "a.tif")
+  Image.new("L", (16, 16)).save(copy / "a_mask.tif")
+  with pytest.raises(UserError, match=f"patient '{PATIENTS[1]}' is in two folders"):
+    folders.scan(root)
+  with pytest.raises(UserError, match="no <case>_<n>_mask.tif files"):
+    folders.scan(tmp_path / "kaggle_3m" / PATIENTS[2] / "nothing-here")
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_bad_files_name_the_file(tmp_path):
+  root = _lgg(tmp_path, patients=PATIENTS[:1])
+  source = folders.FolderSource(root, "train", 8, val_fraction=0, test_fraction=0)
+  name = root / source.file_names[0]
+  name.write_bytes(b"II*\x00 broken tiff")
+  with pytest.raises(UserError, match=rf"{name.name}: not a readable image"):
+    source[0]
+  Image.new("L", (16, 8)).save(root / source.file_names[1])
+  with pytest.raises(UserError, match=r"_2_mask\.tif: mask is 16x16 but its image is 16x8"):
+    source[1]
+  with pytest.raises(UserError, match="channels must be 1 or 3"):
+    folders.FolderSource(root, "train", 8, channels=4)

@@ -1,0 +1,148 @@
+"""Scaling and surviving: device-count equivalence, multi-process runs, kill -9 resume,
+NaN stops, early stopping and reduce-on-plateau."""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from unet_jax import checkpoint, data, optim, parallel, reports, steps, train
+from unet_jax.data import pipeline
+from unet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_steps(config, workdir, devices, count):
+  mesh = parallel.make_mesh(devices)
+  source = data.build_source(config.data, "train", str(workdir))
+  tx = optim.make_optimizer(config, 100, 2)
+  state = jax.device_put(steps.create_train_state(config, (32, 32, 1), tx),
+                         parallel.replicated(mesh))
+  p_train, _ = steps.jit_steps(config, mesh)
+  batches = pipeline.train_batches(source, config)
+  losses = []
+  for _ in range(count):
+    state, metrics = p_train(state, parallel.device_batch(next(batches), mesh))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state.params), losses
+
+
+def test_one_and_four_devices_train_alike(tiny_config, tmp_path):
+  tiny_config.train.epochs = 3
+  one_params, one_losses = _run_steps(tiny_config, tmp_path, jax.devices()[:1], 5)
+  four_params, four_losses = _run_steps(tiny_config, tmp_path, jax.devices(), 5)
+  np.testing.assert_allclose(four_losses, one_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(four_params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_must_divide_over_devices(tiny_config, tmp_path):
+  tiny_config.train.batch_size = 6
+  with pytest.raises(UserError, match="does not divide evenly over 4 devices"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_nan_loss_stops_naming_step_batch_and_checkpoint(tiny_config, tmp_path):
+  tiny_config.train.learning_rate = 1e30
+  tiny_config.train.epochs = 3
+  with pytest.raises(UserError, match=r"step \d+: loss is nan on batch \[phantom_train_"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_early_stopping_and_plateau(tiny_config, tmp_path):
+  tiny_config.train.learning_rate = 0.0  # nothing improves after the first epoch
+  tiny_config.train.epochs = 6
+  tiny_config.train.early_stopping_patience = 2
+  tiny_config.train.plateau_patience = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  val = [r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]
+  assert [r["epoch"] for r in val] == [1, 2, 3]
+  assert [r["lr_scale"] for r in val] == [1.0, 1.0, 0.5]
+  # A second start says it stopped early and does nothing.
+  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == {}
+  assert len([r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]) == 3
+
+
+def _env(devices):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu"}
+
+
+def _final_params(workdir):
+  """The latest checkpoint's parameters, restored onto this process's first device."""
+  ocp = checkpoint.ocp
+  ckpt = checkpoint.Checkpoints(workdir, read_only=True)
+  step = ckpt.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        ckpt.manager.item_metadata(step)["state"])
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))
+  ckpt.close()
+  return step, restored["state"]["params"]
+
+
+SMOKE = ["--config=configs/brain.py:smoke", "--config.train.epochs=4",
+         "--config.eval.split=none"]  # no final evaluation: the parameters are compared
+
+
+def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
+  subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=_env(4), check=True,
+                 capture_output=True, timeout=300)
+
+  proc = subprocess.Popen([*command, f"--workdir={killed}"], cwd=REPO, env=_env(4),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "4").is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "eval").exists(), "the run finished before it was killed"
+  subprocess.run([*command, f"--workdir={killed}"], cwd=REPO, env=_env(4), check=True,
+                 capture_output=True, timeout=300)
+
+  step_a, params_a = _final_params(straight)
+  step_b, params_b = _final_params(killed)
+  assert step_a == step_b == 8
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  epochs = [r["epoch"] for r in reports.read_metrics(killed) if r["split"] == "valid"]
+  assert epochs == [1, 2, 3, 4]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  # One epoch of 3 steps, global batch 8: 4 images per process.
+  command = [sys.executable, str(REPO / "launch.py"), "--config=configs/brain.py:smoke",
+             "--config.train.epochs=1", "--config.data.synthetic.num_train=24",
+             "--config.eval.split=none"]
+  subprocess.run([*command, f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=_env(2),
+                 check=True, capture_output=True, timeout=300)
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([*command, f"--workdir={tmp_path / 'two'}",
+                             f"--coordinator_address={address}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  step_one, one = _final_params(tmp_path / "one")
+  step_two, two = _final_params(tmp_path / "two")
+  assert step_one == step_two == 3
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,266 @@
+"""Ablations: train one run per variant of a base config, then tabulate them.
+
+`run_sweep(config, workdir)` runs a configs/ablation.py config:
+
+    <workdir>/config.json       the ablation config
+    <workdir>/phantoms/         (demo base) the one dataset every variant trains on
+    <workdir>/<variant>/        a complete training run (see README: "What a run writes")
+    <workdir>/ablation.csv      one row per variant: flags, params, validation and test
+    <workdir>/ablation.md       Dice, img/s, wall time; best validation Dice first
+"""
+
+import copy
+import csv
+import importlib.util
+import json
+import pathlib
+import re
+import statistics
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from unet_jax import data as data_lib
+from unet_jax import evaluate
+from unet_jax import model as model_lib
+from unet_jax import reports
+from unet_jax import train
+from unet_jax.errors import UserError
+from unet_jax.saved_config import CONFIG_FILE
+
+RESULT_FILE = "ablation_result.json"  # In a variant's folder once it has finished.
+CSV_FILE = "ablation.csv"
+MD_FILE = "ablation.md"
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` as --config does: imports it, calls get_config([arg]).
+
+  A relative path is looked up in the current folder, then in the repository.
+  """
+  path, colon, arg = spec.partition(":")
+  file = pathlib.Path(path).expanduser()
+  if not file.is_file() and not file.is_absolute() and (_REPO / file).is_file():
+    file = _REPO / file
+  if not file.is_file():
+    raise UserError(f"config.base={spec!r}: no config file {path}")
+  module_spec = importlib.util.spec_from_file_location(f"ablation_base_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if colon else module.get_config()
+
+
+def _set(config: ml_collections.ConfigDict, path: str, value: Any, source: str) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for name in parents:
+    node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise UserError(f"{source}: the base config has no field {path}")
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise UserError(f"{source}: {path}={value!r} has the wrong type ({e})") from None
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted path, value) of every leaf that is not None."""
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    elif value is not None:
+      yield f"{prefix}{key}", value
+
+
+def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.base` with `config.overrides` applied."""
+  base = load_config_file(config.base)
+  for path, value in _leaves(config.overrides):
+    _set(base, path, value, "config.overrides")
+  return base
+
+
+def variant_configs(config: ml_collections.ConfigDict,
+                    base: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """The config of each variant of `config.sweep`, validated before anything trains."""
+  if not config.sweep:
+    raise UserError("config.sweep is empty; give at least one variant")
+  variants = {}
+  for name, fields in config.sweep.items():
+    if not _NAME.fullmatch(name) or name == data_lib.PHANTOMS_DIR:
+      raise UserError(f"config.sweep: {name!r} cannot name a variant folder")
+    variant = copy.deepcopy(base)
+    for field, value in fields.items():
+      _set(variant.model, field, value, f"config.sweep.{name}")
+    model_lib.from_config(variant.model)
+    variants[name] = variant
+  return variants
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+
+
+def _check_same_model(name: str, config: ml_collections.ConfigDict,
+                      workdir: pathlib.Path) -> None:
+  saved = _read_json(workdir / CONFIG_FILE)
+  if saved is not None and saved.get("model") != _as_json(config)["model"]:
+    raise UserError(f"{workdir} holds a run of another model than variant {name!r}; "
+                    "delete it or use another --workdir")
+
+
+def _run_variant(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Trains and evaluates one variant, unless it finished before with this config."""
+  result = _read_json(workdir / RESULT_FILE)
+  if result is not None and _read_json(workdir / CONFIG_FILE) == _as_json(config):
+    logging.info("Variant %s finished before; skipped.", name)
+    return
+  start = time.perf_counter()
+  train.train_and_evaluate(config, str(workdir))
+  summary = workdir / "eval" / config.eval.split / "summary.json"
+  if not summary.is_file() and data_lib.has_split(config.data, config.eval.split, str(workdir)):
+    evaluate.evaluate(config, str(workdir))  # Training had finished, its evaluation had not.
+  wall = time.perf_counter() - start + (result or {}).get("wall_s", 0.0)
+  if jax.process_index() == 0:
+    (workdir / RESULT_FILE).write_text(json.dumps({"variant": name, "wall_s": wall}) + "\n")
+
+
+def count_params(config: ml_collections.ConfigDict) -> int:
+  """Parameters of the U-Net of `config` (traced, not initialised)."""
+  model = model_lib.from_config(config.model)
+  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def swept_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The config.model fields some variant sets, in the order of configs/default.py."""
+  fields = {field for variant in config.sweep.values() for field in variant.keys()}
+  return [field for field in model_lib.UNet.__dataclass_fields__ if field in fields]
+
+
+def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                flags: list[str]) -> dict[str, Any]:
+  """One row of the table, read from the variant's metrics.jsonl, eval summary and result."""
+  records = reports.read_metrics(workdir)
+  val = [r for r in records if r["split"] == "valid"]
+  # The first train window includes compiling the step.
+  speeds = [r["img_per_s"] for r in records if r["split"] == "train"][1:]
+  best = max(val, key=lambda r: r["dice"]) if val else {}
+  summary = _read_json(workdir / "eval" / config.eval.split / "summary.json")
+  result = _read_json(workdir / RESULT_FILE) or {}
+  return {
+      "variant": name,
+      **{flag: config.model[flag] for flag in flags},
+      "params": count_params(config),
+      "best_epoch": best.get("epoch"),
+      "val_dice": best.get("dice"),
+      "val_iou": best.get("iou"),
+      f"{config.eval.split}_dice": summary["metrics"]["dice"]["mean"] if summary else None,
+      "img_per_s": statistics.median(speeds) if speeds else None,
+      "wall_s": result.get("wall_s"),
+  }
+
+
+def _sort_key(row: dict[str, Any]) -> tuple[float, str]:
+  return (-(row["val_dice"] if row["val_dice"] is not None else -1.0), row["variant"])
+
+
+def _cell(value: Any, column: str) -> str:
+  if value is None:
+    return ""
+  if column == "params":
+    return f"{value:,}"
+  if column.endswith(("_dice", "_iou")):
+    return f"{value:.4f}"
+  if column == "img_per_s":
+    return f"{value:.1f}"
+  if column == "wall_s":
+    return f"{int(value) // 60}:{int(value) % 60:02d}"
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(str(v) for v in value) + ")"
+  return str(value)
+
+
+def _raw(value: Any) -> Any:
+  if value is None:
+    return ""
+  return _cell(value, "") if isinstance(value, (tuple, list)) else value
+
+
+def write_tables(rows: list[dict[str, Any]], workdir: pathlib.Path, title: str) -> None:
+  """ablation.csv (raw values) and ablation.md (a formatted table under `title`)."""
+  if not rows:
+    return
+  columns = list(rows[0])
+  with open(workdir / CSV_FILE, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    writer.writerows([_raw(row[c]) for c in columns] for row in rows)
+  numeric = {c for c in columns for row in rows
+             if isinstance(row[c], (int, float)) and not isinstance(row[c], bool)}
+  headers = [{"wall_s": "wall (m:s)", "img_per_s": "train img/s"}.get(c, c) for c in columns]
+  lines = [title, "", "| " + " | ".join(headers) + " |",
+           "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|"]
+  lines += ["| " + " | ".join(_cell(row[c], c) for c in columns) + " |" for row in rows]
+  (workdir / MD_FILE).write_text("\n".join(lines) + "\n")
+
+
+def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> str:
+  return "\n".join([
+      f"# Ablation: {len(config.sweep)} variants of {config.base}",
+      "",
+      f"Data {base.data.root}; {base.train.epochs} epochs, global batch "
+      f"{base.train.batch_size}, {base.data.image_size} px, seed {base.train.seed}, on "
+      f"{jax.device_count()} {jax.devices()[0].platform} device(s). Best validation Dice "
+      f"first (its epoch's IoU beside it); {base.eval.split}_dice: mean per-image Dice of the "
+      f"best checkpoint on the {base.eval.split} split. Train img/s: median over the log "
+      "windows after the first (which includes compilation); wall: training and evaluation.",
+  ])
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Trains and evaluates every variant of `config.sweep`, then writes the tables.
+
+  Variants run in `workdir/<variant>/`, all on the same data, seed and budget;
+  finished ones are skipped, so running it again resumes an interrupted sweep.
+
+  Returns:
+    The rows of the table, best validation Dice first.
+  """
+  out = pathlib.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  base = base_config(config)
+  # Generates the demo phantoms once, here, instead of once per variant.
+  base.data.root = str(data_lib.data_root(base.data, str(out)))
+  variants = variant_configs(config, base)
+  for name, variant in variants.items():
+    _check_same_model(name, variant, out / name)
+  if jax.process_index() == 0:
+    train.write_config(config, out)
+  flags = swept_fields(config)
+  title = _title(config, base)
+  rows = []
+  for i, (name, variant) in enumerate(variants.items()):
+    logging.info("Variant %d/%d: %s (%s)", i + 1, len(variants), name,
+                 ", ".join(f"{k}={v}" for k, v in config.sweep[name].items()) or "base")
+    _run_variant(name, variant, out / name)
+    rows = sorted(rows + [variant_row(name, variant, out / name, flags)], key=_sort_key)
+    if jax.process_index() == 0:
+      write_tables(rows, out, title)
+  logging.info("Ablation table: %s", out / MD_FILE)
+  return rows

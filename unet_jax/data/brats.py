@@ -1,0 +1,183 @@
+"""BraTS2020 training slices stored as HDF5 files (the Kaggle "BraTS2020 training data" set).
+
+    <root>/.../volume_<v>_slice_<s>.h5    datasets "image" (240, 240, 4) float: the four
+                                          MRI modalities; "mask" (240, 240, 3): the tumour regions
+
+`data.modalities` picks image channels (their number is `data.channels`);
+the mask is the union of `data.mask_channels` (all three: the whole tumour).
+Each slice's channels are scaled to [0, 1] on their own, by robust min-max
+over the non-zero (brain) pixels; the background stays 0. Volumes, not
+slices, are split into train, valid and test (seeded). Needs h5py, the
+optional extra: pip install -e '.[brats]'.
+"""
+
+import hashlib
+import os
+import pathlib
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from unet_jax.data import images as images_lib
+from unet_jax.data import splits
+from unet_jax.errors import UserError
+
+_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5")
+
+
+def h5py_module():
+  """The h5py module, imported on first use since it is an optional extra.
+
+  Raises:
+    UserError: h5py is not installed.
+  """
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError("BraTS .h5 slices need h5py, the optional extra: "
+                    "pip install -e '.[brats]'") from None
+  return h5py
+
+
+def scan(root: str | os.PathLike) -> list[tuple[str, str]]:
+  """Finds every (volume, slice path relative to root) under `root`, sorted by volume and slice.
+
+  Raises:
+    UserError: no volume_<v>_slice_<s>.h5 file, or the same slice twice.
+  """
+  root = pathlib.Path(root)
+  found: dict[tuple[int, int], pathlib.Path] = {}
+  for path in root.rglob("volume_*_slice_*.h5"):
+    match = _NAME.fullmatch(path.name)
+    if not match:
+      continue
+    key = (int(match[1]), int(match[2]))
+    if key in found:
+      raise UserError(f"{path}: the same slice as {found[key]}; point data.root at one copy "
+                      "of the dataset")
+    found[key] = path
+  if not found:
+    raise UserError(f"data.root {root}: no volume_<v>_slice_<s>.h5 files; expected the "
+                    "BraTS2020 training slices as HDF5")
+  return [(str(v), found[v, s].relative_to(root).as_posix()) for v, s in sorted(found)]
+
+
+def normalise(image: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
+  """Robust min-max of each channel to [0, 1] over its non-zero pixels; zeros stay 0."""
+  out = np.zeros(image.shape, np.float32)
+  for c in range(image.shape[-1]):
+    plane = image[..., c]
+    brain = plane != 0
+    if brain.sum() < 2:
+      continue
+    low, high = np.percentile(plane[brain], percentiles)
+    if high > low:
+      out[..., c] = np.where(brain, np.clip((plane - low) / (high - low), 0, 1), 0)
+  return out
+
+
+def _read(path: pathlib.Path, names: Sequence[str]) -> list[np.ndarray]:
+  h5py = h5py_module()
+  try:
+    with h5py.File(path, "r") as f:
+      datasets = [f.get(name) for name in names]
+      if not all(isinstance(d, h5py.Dataset) for d in datasets):
+        raise UserError(f"{path}: lacks a {' or '.join(map(repr, names))} dataset")
+      return [np.asarray(d[()]) for d in datasets]
+  except FileNotFoundError:
+    raise UserError(f"{path}: slice file not found") from None
+  except OSError as e:
+    raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def _merged(mask: np.ndarray, mask_channels: Sequence[int], path: pathlib.Path) -> np.ndarray:
+  if mask.ndim == 2:
+    mask = mask[..., None]
+  if mask.ndim != 3 or max(mask_channels) >= mask.shape[-1]:
+    raise UserError(f"{path}: mask of shape {mask.shape} has no channels "
+                    f"data.mask_channels={tuple(mask_channels)}")
+  return (mask[..., list(mask_channels)] > 0).any(-1).astype(np.uint8)
+
+
+def read_mask(path: pathlib.Path, mask_channels: Sequence[int]) -> np.ndarray:
+  """The uint8 (H, W) union of a slice's `mask_channels`, without reading its image.
+
+  Raises:
+    UserError: unreadable file, no mask dataset, or too few channels.
+  """
+  return _merged(_read(path, ("mask",))[0], mask_channels, path)
+
+
+def read_slice(path: pathlib.Path, modalities: Sequence[int],
+               mask_channels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one slice: the chosen modalities (H, W, M) as stored and the uint8 (H, W) mask.
+
+  Raises:
+    UserError: unreadable file, missing datasets, or shapes that do not fit.
+  """
+  image, mask = _read(path, ("image", "mask"))
+  mask = _merged(mask, mask_channels, path)
+  if image.ndim != 3 or image.shape[:2] != mask.shape or max(modalities) >= image.shape[-1]:
+    raise UserError(f"{path}: image of shape {image.shape} does not fit a {mask.shape} mask "
+                    f"and data.modalities={tuple(modalities)}")
+  return image[..., list(modalities)], mask
+
+
+def _check_indices(name: str, values: Sequence[int]) -> tuple[int, ...]:
+  values = tuple(values)
+  if not values or len(set(values)) != len(values) or not all(
+      isinstance(v, int) and v >= 0 for v in values):
+    raise UserError(f"data.{name} must be distinct channel indices, got {values}")
+  return values
+
+
+class BratsSource:
+  """One subset of the BraTS2020 h5 slices: {"image", "mask", "file_name"} records.
+
+  A grain `RandomAccessDataSource`; `file_name` is the slice's path relative
+  to the root. Files are opened on access, never held in memory.
+  """
+
+  def __init__(self, root: str | os.PathLike, split: str, image_size: int,
+               modalities: Sequence[int] = (0, 1, 2, 3), mask_channels: Sequence[int] = (0, 1, 2),
+               percentiles: Sequence[float] = (0.5, 99.5), val_fraction: float = 0.1,
+               test_fraction: float = 0.1, split_seed: int = 0):
+    h5py_module()
+    self.modalities = _check_indices("modalities", modalities)
+    self.mask_channels = _check_indices("mask_channels", mask_channels)
+    self.percentiles = tuple(float(p) for p in percentiles)
+    if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+      raise UserError(f"data.clip_percentiles must be (low, high) in [0, 100], got {percentiles}")
+    self.root = pathlib.Path(root).resolve()
+    self.split, self.image_size = split, image_size
+    slices = scan(self.root)
+    assignment = splits.assign((v for v, _ in slices), val_fraction, test_fraction, split_seed)
+    self._file_names = [name for volume, name in slices if assignment[volume] == split]
+    if not self._file_names:
+      raise UserError(f"data.root {self.root}: no volumes in split {split!r}; the BraTS splits "
+                      f"are {', '.join(splits.SUBSETS)} (data.val_fraction, data.test_fraction)")
+    self.volumes = sorted({v for v, s in assignment.items() if s == split}, key=int)
+    listing = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
+    self.fingerprint = (f"brats {self.root} {split} {image_size} {self.modalities} "
+                        f"{self.mask_channels} {self.percentiles} {listing}")
+
+  def __len__(self) -> int:
+    return len(self._file_names)
+
+  def __repr__(self) -> str:
+    return f"BratsSource({self.root}, {self.split!r}, {len(self)} slices)"
+
+  @property
+  def file_names(self) -> list[str]:
+    """Slice paths relative to the root, in index order."""
+    return self._file_names
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    name = self._file_names[index]
+    image, mask = read_slice(self.root / name, self.modalities, self.mask_channels)
+    return {
+        "image": images_lib.resize_image(normalise(image, self.percentiles), self.image_size),
+        "mask": images_lib.resize_mask(mask, self.image_size),
+        "file_name": name,
+    }
