@@ -7,8 +7,11 @@ generated phantoms by default: the phantoms are generated once, in
 runs/ablation/phantoms, and every variant trains on them with the same seed
 and budget) into runs/ablation/<variant>/, then writes
 runs/ablation/ablation.md and ablation.csv, best validation Dice first. The
-13 default variants take about 40 minutes on a 2-core CPU. Running the
-command again skips finished variants, so an interrupted sweep resumes.
+13 default variants take about 3 minutes each on an idle 2-core CPU (66
+minutes in all on a busy one). Running the command again skips finished
+variants, so an interrupted sweep resumes. On the demo (one seed, so gaps
+under about 0.03 are noise) the batch-norm variants reach a validation Dice
+of 0.81-0.85; group norm 0.73, layer norm 0.71, no norm 0.52.
 
 On real data, with the full recipe:
 

@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.pooling = "max"
   model.activation = "relu"  # relu, leaky_relu, gelu, silu or elu.
   model.leaky_slope = 0.01  # Negative slope of leaky_relu.
-  # 3x3 conv dilation: one rate (2) or depth + 1 rates, one per level, bottleneck last
-  # (--config.model.dilation='(1,1,2,2,4)').
+  # 3x3 conv dilation: one rate, or depth + 1 rates (one per level, the bottleneck last),
+  # --config.model.dilation='(1,1,2,2,4)'; typed object so that both are accepted.
   model.dilation = ml_collections.FieldReference(1, field_type=object)
   model.norm = "batch"  # Normalisation after each conv: batch, group, layer, none.
   model.upsampling = "transpose"  # transpose (2x2 conv) or bilinear (+ 3x3 conv).

@@ -267,6 +267,25 @@ def test_norm_after_each_conv(norm, module):
   assert np.isfinite(np.asarray(out)).all()
 
 
+class _Norm(flax.linen.Module):
+  norm: str
+
+  @flax.linen.compact
+  def __call__(self, x):
+    # pylint: disable-next=protected-access
+    return model_lib._normalise(x, self.norm, False, jnp.float32)
+
+
+@pytest.mark.parametrize("norm,groups", [("layer", 1), ("group", 8)])
+def test_layer_and_group_norm_normalise_each_image(norm, groups):
+  x = _image((2, 4, 4, 16)) * np.arange(1, 17)
+  norm_module = _Norm(norm)
+  y = norm_module.apply(norm_module.init(jax.random.key(0), x), x)
+  y = np.asarray(y).reshape(2, 16, groups, 16 // groups)
+  np.testing.assert_allclose(y.mean(axis=(1, 3)), 0, atol=1e-5)
+  np.testing.assert_allclose(y.var(axis=(1, 3)), 1, atol=1e-2)
+
+
 def test_batch_norm_statistics_update_in_training():
   unet = model_lib.UNet(features=4, depth=1)
   variables = _variables(unet, (2, 8, 8, 1))
@@ -473,6 +492,8 @@ def test_bad_config_fields_are_clear_errors(fields, message):
     model_lib.from_config({**default.get_config().model.to_dict(), **fields})
 
 
+# config_flags imports config files with a loader Python deprecates; not our call.
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 @pytest.mark.parametrize("argument,expected", [("2", 2), ("(1,1,2,2,4)", (1, 1, 2, 2, 4))])
 def test_dilation_takes_a_rate_or_a_tuple_on_the_command_line(monkeypatch, argument, expected):
   flag_values = flags.FlagValues()

@@ -47,8 +47,12 @@ def _normalise(x: jax.Array, norm: str, train: bool, dtype: Any,
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)(x)
   if norm == "group":
     return nn.GroupNorm(num_groups=math.gcd(GROUPS, x.shape[-1]), dtype=dtype, name=name)(x)
-  if norm == "layer":  # Over the channels of each pixel.
-    return nn.LayerNorm(dtype=dtype, name=name)(x)
+  if norm == "layer":
+    # Over each image's whole feature map (GroupNorm with one group), scale and
+    # shift per channel. Over the channels of each pixel alone, it would erase
+    # the intensity of a grey image after the first conv.
+    return nn.LayerNorm(reduction_axes=(-3, -2, -1), feature_axes=-1, dtype=dtype,
+                        name=name)(x)
   return x
 
 
@@ -187,7 +191,8 @@ class UNet(nn.Module):
     dilation: Dilation of the 3x3 convolutions: one rate for all, or depth + 1
       rates, one per level (the encoder and decoder blocks of level i use
       rate i) with the last for the bottleneck.
-    norm: batch, group, layer or none, between each convolution and activation.
+    norm: batch, group (GROUPS groups), layer (over each image's feature map)
+      or none, between each convolution and its activation.
     upsampling: transpose or bilinear.
     dropout: Dropout rate after the bottleneck and each decoder block.
     residual: Whether the double convolutions are residual blocks.
