@@ -78,8 +78,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   ema = state.ema_params
   if ema is not None:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+  # Without batch norm flax returns an empty plain dict; keeping the state's own
+  # (empty) container keeps the state's pytree, so the step does not recompile.
+  batch_stats = model_updates.get("batch_stats") or state.batch_stats
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                        batch_stats=model_updates.get("batch_stats", state.batch_stats))
+                        batch_stats=batch_stats)
   counts = metrics_lib.confusion_counts(logits > 0, masks > 0.5)
   tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
   dice = jnp.where(tp + fp + fn > 0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1), 1.0)

@@ -1,0 +1,301 @@
+"""Shared pieces of the benchmarks: configs, the JAX steps, a PyTorch twin, timing.
+
+Each benchmark is one command printing one JSON line. Timings that compare
+two implementations alternate between them in one process, so load from
+other processes on the machine hits both alike; the medians are reported.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+# PyTorch's OpenMP threads spin while they wait by default; on a machine shared
+# with other processes that halves its speed (measured: 2.4 s vs 5.7 s a step),
+# so the reference gets the setting that is best for it here. Set
+# OMP_WAIT_POLICY=ACTIVE in the environment to time the default instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/x.py` from anywhere: configs/ is beside unet_jax/.
+  sys.path.insert(0, ROOT)
+
+from unet_jax import xla_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def model_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that pick the U-Net variant."""
+  parser.add_argument("--image_size", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--features", type=int, default=16)
+  parser.add_argument("--depth", type=int, default=4)
+  parser.add_argument("--channels", type=int, default=1)
+  parser.add_argument("--pooling", default="max")
+  parser.add_argument("--activation", default="relu")
+  parser.add_argument("--norm", default="batch")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--reference", default="none", choices=("none", "torch"),
+                      help="torch: time the same U-Net in PyTorch in the same run.")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="Rounds of alternation between the implementations.")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cache_dir", default="off",
+                      help="Persistent compilation cache folder ('off': every run compiles).")
+  parser.add_argument("--xla_defaults", type=int, default=1,
+                      help="0: without unet_jax.xla_config's XLA flags (the 'before' numbers).")
+  parser.add_argument("--patch", default="none",
+                      help="Prototype model lowering from benchmarks/patches.py (none, convt_matmul).")
+
+
+def setup(args) -> None:
+  """Applies the XLA settings of the flags; call before any JAX computation."""
+  if not args.xla_defaults:
+    os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
+  xla_config.configure(cache_dir=args.cache_dir)
+
+
+def xla_flags() -> str:
+  return os.environ.get("XLA_FLAGS", "")
+
+
+def make_config(args):
+  """The default config with the flags' model and batch; applies `--patch`."""
+  import patches  # pylint: disable=g-import-not-at-top
+  patches.apply(args.patch)
+  config = default.get_config()
+  config.data.image_size = args.image_size
+  config.data.channels = args.channels
+  config.model.features = args.features
+  config.model.depth = args.depth
+  config.model.pooling = args.pooling
+  config.model.activation = args.activation
+  config.model.norm = args.norm
+  config.model.dtype = args.dtype
+  config.train.batch_size = args.batch_size
+  config.train.seed = args.seed
+  if "optimizer" in config.train:
+    config.train.optimizer = "adam"
+  if "schedule" in config.train:
+    config.train.schedule = "constant"
+  return config
+
+
+def make_tx(config, total_steps: int = 1000):
+  """The project's optimiser for `config` (Adam, constant rate)."""
+  try:
+    from unet_jax import optim  # pylint: disable=g-import-not-at-top
+    return optim.make_optimizer(config, total_steps, total_steps)
+  except ImportError:
+    from unet_jax import steps  # pylint: disable=g-import-not-at-top
+    return steps.make_optimizer(config, total_steps, total_steps)
+
+
+def fake_batch(config, seed: int = 0) -> dict:
+  """Images in [0, 1] and masks with a blob of foreground, like the real data."""
+  rng = np.random.default_rng(seed)
+  n, s, c = config.train.batch_size, config.data.image_size, config.data.channels
+  images = rng.random((n, s, s, c), dtype=np.float32)
+  yy, xx = np.mgrid[:s, :s]
+  masks = ((yy - s / 2) ** 2 + (xx - s / 3) ** 2 < (s / 6) ** 2).astype(np.float32)
+  masks = np.broadcast_to(masks[None, :, :, None], (n, s, s, 1)).copy()
+  return {"image": images, "mask": masks}
+
+
+def param_count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of a compiled computation from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name() -> str:
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  return f"{device.platform}:{kind} x{jax.device_count()}"
+
+
+def count_cache_hits():
+  """Starts counting persistent-compilation-cache hits; returns a function reading the count."""
+  hits = [0]
+
+  def listener(event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      hits[0] += 1
+
+  jax.monitoring.register_event_listener(listener)
+  return lambda: hits[0]
+
+
+def matmul_runner(n: int = 2048):
+  """A jitted float32 n x n matmul: (call that blocks, its FLOPs)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+  b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  return (lambda: compiled(a, b).block_until_ready()), 2.0 * n**3
+
+
+def block(tree):
+  jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+  return tree
+
+
+def time_calls(fn, n: int) -> list[float]:
+  """Seconds of each of `n` calls of `fn` (which must block until done)."""
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def alternate(runners: dict, n: int, repeats: int) -> dict[str, list[float]]:
+  """Per-call seconds of each runner, alternating blocks of `n` calls `repeats` times."""
+  times = {name: [] for name in runners}
+  for r in range(repeats):
+    order = list(runners) if r % 2 == 0 else list(reversed(runners))
+    for name in order:
+      times[name] += time_calls(runners[name], n)
+  return times
+
+
+def median(values) -> float:
+  return float(statistics.median(values))
+
+
+def emit(record: dict) -> None:
+  print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
+  sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch twin of unet_jax.model.UNet (the subset the benchmarks use).
+
+
+def torch_num_threads() -> int:
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.get_num_threads()
+
+
+def torch_unet(config):
+  """The same U-Net as `unet_jax.model.from_config(config.model)`, in PyTorch.
+
+  Same layers, widths and parameter count: 3x3 convolutions without bias
+  before a normalisation, BatchNorm (momentum 0.1 = flax's 0.9, eps 1e-5),
+  2x2 stride-2 transposed convolutions with bias, skip concatenated before
+  the up-sampled features, 1x1 head with bias.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  m = config.model
+  acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(m.leaky_slope),
+          "gelu": lambda: nn.GELU(), "silu": nn.SiLU, "elu": nn.ELU}
+  if m.upsampling != "transpose" or m.residual or m.attention or m.dropout:
+    raise SystemExit("the torch reference mirrors transpose up-sampling, plain blocks, no dropout")
+
+  def norm(c):
+    if m.norm == "batch":
+      return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+    if m.norm == "group":
+      import math  # pylint: disable=g-import-not-at-top
+      return nn.GroupNorm(math.gcd(8, c), c, eps=1e-6)
+    if m.norm == "layer":
+      raise SystemExit("layer norm has no channels_last twin here")
+    return nn.Identity()
+
+  def conv_block(cin, cout):
+    bias = m.norm == "none"
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=bias), norm(cout), acts[m.activation](),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=bias), norm(cout), acts[m.activation]())
+
+  class Pool(nn.Module):
+
+    def __init__(self, c):
+      super().__init__()
+      if m.pooling == "max":
+        self.op = nn.MaxPool2d(2)
+      elif m.pooling == "avg":
+        self.op = nn.AvgPool2d(2)
+      elif m.pooling == "conv":
+        # flax "SAME" with stride 2 on an even size pads (0, 1): top/left 0, bottom/right 1.
+        self.op = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2))
+      else:
+        raise SystemExit(f"pooling={m.pooling} has no torch twin here")
+
+    def forward(self, x):
+      return self.op(x)
+
+  class UNet(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      f, d = m.features, m.depth
+      cin = config.data.channels
+      self.down = nn.ModuleList()
+      self.pool = nn.ModuleList()
+      for level in range(d):
+        self.down.append(conv_block(cin, f * 2**level))
+        self.pool.append(Pool(f * 2**level))
+        cin = f * 2**level
+      self.bottleneck = conv_block(cin, f * 2**d)
+      self.up = nn.ModuleList()
+      self.decode = nn.ModuleList()
+      for level in reversed(range(d)):
+        self.up.append(nn.ConvTranspose2d(f * 2**(level + 1), f * 2**level, 2, stride=2))
+        self.decode.append(conv_block(2 * f * 2**level, f * 2**level))
+      self.head = nn.Conv2d(f, 1, 1)
+
+    def forward(self, x):
+      skips = []
+      for block, pool in zip(self.down, self.pool):
+        x = block(x)
+        skips.append(x)
+        x = pool(x)
+      x = self.bottleneck(x)
+      for up, block, skip in zip(self.up, self.decode, reversed(skips)):
+        x = block(torch.cat([skip, up(x)], dim=1))
+      return self.head(x)
+
+  return UNet()
+
+
+def torch_loss(logits, masks, smooth: float = 1.0):
+  """Per-image soft Dice + mean BCE, averaged over the batch (losses.dice_bce_loss)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  probs = torch.sigmoid(logits)
+  inter = (probs * masks).sum(dim=(1, 2, 3))
+  total = probs.sum(dim=(1, 2, 3)) + masks.sum(dim=(1, 2, 3))
+  dice = 1 - (2 * inter + smooth) / (total + smooth)
+  bce = torch.nn.functional.binary_cross_entropy_with_logits(
+      logits, masks, reduction="none").mean(dim=(1, 2, 3))
+  return (dice + bce).mean()
+
+
+def torch_inputs(batch: dict, dtype_name: str = "float32"):
+  """NCHW tensors in channels_last memory format (NHWC storage, as the JAX side)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous(
+      memory_format=torch.channels_last)
+  return to(batch["image"]), to(batch["mask"])

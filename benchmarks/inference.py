@@ -1,0 +1,98 @@
+"""Prediction throughput (images/s of steps.predict_step) at several sizes and batches.
+
+    python benchmarks/inference.py [--sizes=256,640] [--batches=1,16] [--features=16] \
+        [--reference=torch]
+
+Prints one JSON line: per case (size, batch) img_per_s, call_s (median),
+compile_s and, with --reference=torch, the same U-Net in PyTorch eval mode
+(channels_last, inference_mode) timed alternately in the same run, with
+ratio = ours / torch; min_ratio over the cases.
+"""
+
+import argparse
+import time
+
+import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
+
+import jax
+import numpy as np
+
+from unet_jax import parallel
+from unet_jax import steps
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  common.model_flags(parser)
+  parser.add_argument("--sizes", default="256,640")
+  parser.add_argument("--batches", default="1,16")
+  args = parser.parse_args()
+  common.setup(args)
+  sizes = [int(s) for s in args.sizes.split(",")]
+  batches = [int(b) for b in args.batches.split(",")]
+
+  config = common.make_config(args)
+  mesh = parallel.make_mesh()
+  tx = common.make_tx(config)
+  state = jax.device_put(
+      steps.create_train_state(config, (sizes[0], sizes[0], args.channels), tx),
+      parallel.replicated(mesh))
+  predict = steps.jit_predict(mesh)
+  torch_model = None
+  if args.reference == "torch":
+    torch_model = _torch_model(config)
+
+  cases = []
+  for size in sizes:
+    for batch_size in batches:
+      rng = np.random.default_rng(args.seed)
+      images = rng.random((batch_size, size, size, args.channels), dtype=np.float32)
+      device_images = jax.device_put(images, parallel.batch_sharded(mesh))
+      start = time.perf_counter()
+      compiled = predict.lower(state, device_images).compile()
+      compile_s = time.perf_counter() - start
+      runners = {"jax": lambda c=compiled, x=device_images: c(state, x).block_until_ready()}
+      if torch_model is not None:
+        runners["torch"] = _torch_predict(torch_model, images)
+      warm = {name: common.time_calls(run, 1)[0] for name, run in runners.items()}
+      # Blocks of about a second each, so that small calls are timed many times.
+      per_block = max(1, min(20, round(0.5 / max(warm.values()))))
+      times = common.alternate(runners, per_block, args.repeats)
+      call_s = common.median(times["jax"])
+      case = {"size": size, "batch": batch_size, "img_per_s": batch_size / call_s,
+              "call_s": call_s, "compile_s": compile_s,
+              "gflop": common.cost_flops(compiled) / 1e9}
+      if "torch" in times:
+        torch_s = common.median(times["torch"])
+        case.update(torch_img_per_s=batch_size / torch_s, ratio=torch_s / call_s)
+      cases.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in case.items()})
+
+  out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
+         "norm": args.norm, "dtype": args.dtype, "patch": args.patch, "cases": cases,
+         "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
+         "xla_flags": common.xla_flags()}
+  if torch_model is not None:
+    out["min_ratio"] = min(c["ratio"] for c in cases)
+  common.emit(out)
+
+
+def _torch_model(config):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = common.torch_unet(config).to(memory_format=torch.channels_last)
+  return model.eval()
+
+
+def _torch_predict(model, images):
+  import torch  # pylint: disable=g-import-not-at-top
+  x, _ = common.torch_inputs({"image": images, "mask": images[..., :1]})
+
+  def run():
+    with torch.inference_mode():
+      torch.sigmoid(model(x))[:, 0].contiguous()
+
+  return run
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,137 @@
+"""Train-step throughput of the project's U-Net, optionally against the same U-Net in PyTorch.
+
+    python benchmarks/train_step.py --image_size=256 --batch_size=8 --features=16 --depth=4 \
+        --steps=10 [--reference=torch]
+
+Prints one JSON line: img_per_s, step_s (median), compile_s, gflop_per_step
+(XLA's cost analysis of the compiled step), gflops_per_s, peak_rss_mb (the
+process after the JAX steps, before any PyTorch work), device; matmul_gflops_per_s
+(a 2048^3 float32 matmul timed between the steps) and peak_fraction
+(gflops_per_s over it); with --reference=torch also torch_img_per_s,
+torch_step_s and ratio (ours / torch), timed alternately with ours.
+"""
+
+import argparse
+import time
+
+import common  # pylint: disable=g-bad-import-order
+
+import jax
+
+from unet_jax import parallel
+from unet_jax import steps
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  common.model_flags(parser)
+  parser.add_argument("--steps", type=int, default=10, help="Timed steps per implementation.")
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--peak", type=int, default=1,
+                      help="1: also time a 2048^3 float32 matmul between the steps.")
+  args = parser.parse_args()
+  common.setup(args)
+  hits = common.count_cache_hits()
+
+  config = common.make_config(args)
+  mesh = parallel.make_mesh()
+  tx = common.make_tx(config)
+  image_shape = (args.image_size, args.image_size, args.channels)
+  state = jax.device_put(steps.create_train_state(config, image_shape, tx),
+                         parallel.replicated(mesh))
+  host_batch = common.fake_batch(config, args.seed)
+  batch = parallel.device_batch(host_batch, mesh)
+  p_train, _ = steps.jit_steps(config, mesh)
+
+  start = time.perf_counter()
+  compiled = p_train.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = common.cost_flops(compiled)
+  params = common.param_count(state.params)
+  holder = {"state": state}
+
+  def jax_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    common.block((holder["state"], metrics))
+
+  for _ in range(args.warmup):
+    jax_step()
+  rss = common.peak_rss_mb()
+  runners = {"jax": jax_step}
+  if args.reference == "torch":
+    torch_step, torch_params = _torch_step(config, host_batch, args.dtype)
+    for _ in range(args.warmup):
+      torch_step()
+    runners["torch"] = torch_step
+  if args.peak:
+    matmul, matmul_flops = common.matmul_runner()
+    matmul()
+    runners["matmul"] = matmul
+
+  repeats = args.repeats if len(runners) > 1 else 1
+  per_block = max(1, -(-args.steps // repeats))  # At least --steps timed steps.
+  blocks = {name: (per_block if name != "matmul" else 2) for name in runners}
+  times = {name: [] for name in runners}
+  for r in range(repeats):  # Alternate, reversing the order every other round.
+    for name in (list(runners) if r % 2 == 0 else list(reversed(runners))):
+      times[name] += common.time_calls(runners[name], blocks[name])
+  step_s = common.median(times["jax"])
+  out = {
+      "benchmark": "train_step", "image_size": args.image_size, "batch_size": args.batch_size,
+      "features": args.features, "depth": args.depth, "pooling": args.pooling,
+      "activation": args.activation, "norm": args.norm, "dtype": args.dtype, "patch": args.patch,
+      "img_per_s": args.batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
+      "compile_cache_hits": hits(), "gflop_per_step": flops / 1e9,
+      "gflops_per_s": flops / 1e9 / step_s, "peak_rss_mb": rss, "params": params,
+      "steps_timed": len(times["jax"]), "device": common.device_name(),
+      "xla_flags": common.xla_flags()}
+  if "matmul" in times:
+    matmul_gflops = matmul_flops / common.median(times["matmul"]) / 1e9
+    out.update(matmul_gflops_per_s=matmul_gflops,
+               peak_fraction=out["gflops_per_s"] / matmul_gflops)
+  if "torch" in times:
+    torch_s = common.median(times["torch"])
+    out.update(torch_params=torch_params, torch_img_per_s=args.batch_size / torch_s,
+               torch_step_s=torch_s, ratio=torch_s / step_s,
+               torch_threads=common.torch_num_threads())
+  common.emit(out)
+
+
+def _torch_step(config, host_batch, dtype_name):
+  """A PyTorch step doing what steps.train_step does: forward, Dice + BCE, backward, Adam,
+  the batch Dice metric and the gradient norm. Returns (step, parameter count)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  model = common.torch_unet(config).to(memory_format=torch.channels_last)
+  model.train()
+  opt = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
+  images, masks = common.torch_inputs(host_batch)
+  if dtype_name == "bfloat16":
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+  else:
+    autocast = contextlib.nullcontext
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with autocast():
+      logits = model(images)
+    loss = common.torch_loss(logits.float(), masks)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      grad_norm = torch.linalg.vector_norm(
+          torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+      pred, truth = logits > 0, masks > 0.5
+      tp = (pred & truth).sum(dim=(1, 2, 3))
+      fp = (pred & ~truth).sum(dim=(1, 2, 3))
+      fn = (~pred & truth).sum(dim=(1, 2, 3))
+      dice = torch.where(tp + fp + fn > 0, 2 * tp / torch.clamp(2 * tp + fp + fn, min=1), 1.0)
+      loss.detach().item(), dice.mean().item(), grad_norm.item()
+
+  return step, int(sum(p.numel() for p in model.parameters()))
+
+
+if __name__ == "__main__":
+  main()
