@@ -53,7 +53,8 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--xla_defaults", type=int, default=1,
                       help="0: without unet_jax.xla_config's XLA flags (the 'before' numbers).")
   parser.add_argument("--patch", default="none",
-                      help="Prototype model lowering from benchmarks/patches.py (none, convt_matmul).")
+                      help="Prototype model lowerings from benchmarks/patches.py: none, convt_matmul, "
+                           "maxpool_reshape or all (comma-separated).")
 
 
 def setup(args) -> None:
@@ -293,7 +294,7 @@ def torch_loss(logits, masks, smooth: float = 1.0):
   return (dice + bce).mean()
 
 
-def torch_inputs(batch: dict, dtype_name: str = "float32"):
+def torch_inputs(batch: dict):
   """NCHW tensors in channels_last memory format (NHWC storage, as the JAX side)."""
   import torch  # pylint: disable=g-import-not-at-top
   to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous(
