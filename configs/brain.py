@@ -18,22 +18,14 @@ from configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the brain recipe; `arg="demo"` gives the CPU-minutes variant."""
+  # The real-data recipe is configs/default.py as it stands.
   config = default.get_config()
-  config.data.image_size = 256
-  config.data.channels = 1
-  config.model.features = 32
-  config.model.depth = 4
-  config.train.epochs = 30
-  config.train.batch_size = 16
-  config.eval.split = "test"
-
   if arg == "demo":
     config.data.synthetic.enabled = True
     config.data.image_size = 64
     config.model.features = 16
     config.model.depth = 3
     config.train.epochs = 12
-    config.train.batch_size = 16
     config.train.learning_rate = 3e-3
   elif arg == "smoke":  # Seconds: a tiny U-Net on 32x32 phantoms, for tests and CI.
     config.data.synthetic.enabled = True

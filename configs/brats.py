@@ -29,16 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.data.format = "brats"
   config.data.image_size = 240
-  config.data.modalities = (0, 1, 2, 3)
   config.data.channels = 4
-  config.data.mask_channels = (0, 1, 2)
-  config.data.val_fraction = 0.1
-  config.data.test_fraction = 0.1
-  config.model.features = 32
-  config.model.depth = 4
   config.train.epochs = 20
   config.train.batch_size = 32
-  config.eval.split = "test"
 
   if arg == "smoke":
     config.data.image_size = 64

@@ -27,13 +27,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.format = "lgg"
   config.data.image_size = 256
   config.data.channels = 3
-  config.data.val_fraction = 0.1
-  config.data.test_fraction = 0.1
-  config.model.features = 32
-  config.model.depth = 4
-  config.train.epochs = 30
-  config.train.batch_size = 16
-  config.eval.split = "test"
 
   if arg == "smoke":
     config.data.image_size = 64
