@@ -105,6 +105,8 @@ def main(argv):
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
+    from unet_jax import xla_config  # pylint: disable=g-import-not-at-top
+    xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value))
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
   try:

@@ -52,9 +52,9 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
                       help="Persistent compilation cache folder ('off': every run compiles).")
   parser.add_argument("--xla_defaults", type=int, default=1,
                       help="0: without unet_jax.xla_config's XLA flags (the 'before' numbers).")
-  parser.add_argument("--patch", default="none",
-                      help="Prototype model lowerings from benchmarks/patches.py: none, convt_matmul, "
-                           "maxpool_reshape or all (comma-separated).")
+  parser.add_argument("--lowering", default="ours", choices=("ours", "flax"),
+                      help="flax: flax's own max_pool and ConvTranspose instead of "
+                           "unet_jax.layers' (the 'before' numbers).")
 
 
 def setup(args) -> None:
@@ -69,9 +69,11 @@ def xla_flags() -> str:
 
 
 def make_config(args):
-  """The default config with the flags' model and batch; applies `--patch`."""
-  import patches  # pylint: disable=g-import-not-at-top
-  patches.apply(args.patch)
+  """The default config with the flags' model and batch; applies `--lowering`."""
+  if args.lowering == "flax":
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    from unet_jax import layers  # pylint: disable=g-import-not-at-top
+    layers.max_pool, layers.ConvTranspose = nn.max_pool, nn.ConvTranspose
   config = default.get_config()
   config.data.image_size = args.image_size
   config.data.channels = args.channels
@@ -146,11 +148,11 @@ def count_cache_hits():
   return lambda: hits[0]
 
 
-def matmul_runner(n: int = 2048):
-  """A jitted float32 n x n matmul: (call that blocks, its FLOPs)."""
+def matmul_runner(n: int = 2048, dtype: str = "float32"):
+  """A jitted n x n matmul in `dtype`: (call that blocks, its FLOPs)."""
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-  b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+  a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype)
+  b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
   return (lambda: compiled(a, b).block_until_ready()), 2.0 * n**3
 

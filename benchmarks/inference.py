@@ -68,7 +68,7 @@ def main():
       cases.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in case.items()})
 
   out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
-         "norm": args.norm, "dtype": args.dtype, "patch": args.patch, "cases": cases,
+         "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering, "cases": cases,
          "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
          "xla_flags": common.xla_flags()}
   if torch_model is not None:

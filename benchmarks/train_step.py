@@ -6,8 +6,8 @@
 Prints one JSON line: img_per_s, step_s (median), compile_s, gflop_per_step
 (XLA's cost analysis of the compiled step), gflops_per_s, peak_rss_mb (the
 process after the JAX steps, before any PyTorch work), device; matmul_gflops_per_s
-(a 2048^3 float32 matmul timed between the steps) and peak_fraction
-(gflops_per_s over it); with --reference=torch also torch_img_per_s,
+(a --peak_size^3 matmul in --dtype timed between the steps) and peak_fraction
+(gflops_per_s over it); mfu (over --chip_peak_tflops, when given); with --reference=torch also torch_img_per_s,
 torch_step_s and ratio (ours / torch), timed alternately with ours.
 """
 
@@ -28,7 +28,11 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="Timed steps per implementation.")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--peak", type=int, default=1,
-                      help="1: also time a 2048^3 float32 matmul between the steps.")
+                      help="1: also time a --peak_size^3 matmul (in --dtype) between the steps.")
+  parser.add_argument("--peak_size", type=int, default=2048,
+                      help="Matmul size for --peak; 8192 fills an accelerator.")
+  parser.add_argument("--chip_peak_tflops", type=float, default=0.0,
+                      help="The chip's datasheet dense peak in --dtype, for `mfu` (0: not given).")
   args = parser.parse_args()
   common.setup(args)
   hits = common.count_cache_hits()
@@ -64,7 +68,7 @@ def main():
       torch_step()
     runners["torch"] = torch_step
   if args.peak:
-    matmul, matmul_flops = common.matmul_runner()
+    matmul, matmul_flops = common.matmul_runner(args.peak_size, args.dtype)
     matmul()
     runners["matmul"] = matmul
 
@@ -79,12 +83,15 @@ def main():
   out = {
       "benchmark": "train_step", "image_size": args.image_size, "batch_size": args.batch_size,
       "features": args.features, "depth": args.depth, "pooling": args.pooling,
-      "activation": args.activation, "norm": args.norm, "dtype": args.dtype, "patch": args.patch,
+      "activation": args.activation, "norm": args.norm, "dtype": args.dtype,
+      "lowering": args.lowering,
       "img_per_s": args.batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
       "compile_cache_hits": hits(), "gflop_per_step": flops / 1e9,
       "gflops_per_s": flops / 1e9 / step_s, "peak_rss_mb": rss, "params": params,
       "steps_timed": len(times["jax"]), "device": common.device_name(),
       "xla_flags": common.xla_flags()}
+  if args.chip_peak_tflops:
+    out["mfu"] = out["gflops_per_s"] / (args.chip_peak_tflops * 1e3)
   if "matmul" in times:
     matmul_gflops = matmul_flops / common.median(times["matmul"]) / 1e9
     out.update(matmul_gflops_per_s=matmul_gflops,

@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   eval_config.tune_threshold = False  # Pick the threshold with the best Dice on data.val_split.
   eval_config.tta = False  # Average the probabilities of the image and its flips.
   eval_config.largest_component = False  # Keep only the largest predicted tumour blob.
+  eval_config.fill_box = False  # Fill each blob's bounding box (for box annotations).
+  # When nothing passes the threshold, take the region above half the highest
+  # probability: for data where every image holds a tumour.
+  eval_config.never_empty = False
   eval_config.batch_size = 16  # Global evaluation batch.
   eval_config.num_pictures = 6  # Rows in predictions.png.
   return config

@@ -1,8 +1,10 @@
 """Per-image metrics against hand-computed cases."""
 
+import ml_collections
 import numpy as np
 import pytest
 
+from unet_jax import evaluate
 from unet_jax import metrics
 
 
@@ -89,6 +91,31 @@ def test_largest_component_keeps_the_biggest_blob():
   kept = metrics.largest_component(mask)
   assert kept.sum() == 16 and kept[5:9, 5:9].all()
   assert not metrics.largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_fill_boxes_fills_each_blobs_bounding_box():
+  mask = np.zeros((10, 10), bool)
+  mask[1, 1:4] = mask[2:4, 2] = True  # A T: its box is rows 1-3, columns 1-3.
+  mask[7, 7] = True
+  filled = metrics.fill_boxes(mask)
+  expected = np.zeros((10, 10), bool)
+  expected[1:4, 1:4] = expected[7, 7] = True
+  np.testing.assert_array_equal(filled, expected)
+
+
+@pytest.mark.parametrize("never_empty,largest,fill,expected_pixels", [
+    (False, False, False, 0),  # Nothing above 0.9.
+    (True, False, False, 3),  # The region above half the peak: both blobs.
+    (True, True, False, 2),
+    (True, True, True, 4),  # The larger blob's 2x2 box.
+])
+def test_binarise_post_processing(never_empty, largest, fill, expected_pixels):
+  probs = np.zeros((6, 6), np.float32)
+  probs[1, 1], probs[2, 2] = 0.8, 0.5  # Diagonal neighbours: one 8-connected blob.
+  probs[4, 5] = 0.45
+  post = ml_collections.ConfigDict(
+      {"never_empty": never_empty, "largest_component": largest, "fill_box": fill})
+  assert evaluate.binarise(probs, 0.9, post).sum() == expected_pixels
 
 
 def test_bootstrap_interval_brackets_the_mean():

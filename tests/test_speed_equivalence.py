@@ -1,12 +1,12 @@
-"""The faster lowerings compute what the model computes today.
+"""unet_jax.layers' faster lowerings compute what flax's layers compute.
 
-benchmarks/patches.py holds two: the 2x2 stride-2 transposed convolution as
-a matmul and a pixel shuffle, and 2x2 max pooling as a reshape and a max
-with select-and-scatter's gradient. These tests pin that each gives the same
+Two: the 2x2 stride-2 transposed convolution as a matmul and a pixel
+shuffle, and 2x2 max pooling as a reshape and a max with
+select-and-scatter's gradient. These tests pin that each gives the same
 parameters (names, shapes, initial values), the same outputs and the same
 gradients as flax's ConvTranspose / max_pool, alone and inside the U-Net,
-so that model.py can adopt them. Also: unet_jax.xla_config's flag merging and
-cache folder.
+so checkpoints and results do not depend on the lowering. Also:
+unet_jax.xla_config's flag merging and compilation cache.
 """
 
 import os
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import patches
+from unet_jax import layers
 from unet_jax import model as model_lib
 from unet_jax import xla_config
 
@@ -33,7 +33,7 @@ def _allclose(a, b, rtol=1e-5, atol=1e-5):
 def test_conv_transpose_2x2_matches_flax(shape, features):
   x = jax.random.normal(jax.random.key(0), shape)
   ref = nn.ConvTranspose(features, (2, 2), strides=(2, 2))
-  new = patches.ConvTranspose(features, (2, 2), strides=(2, 2))
+  new = layers.ConvTranspose(features, (2, 2), strides=(2, 2))
   v_ref = ref.init(jax.random.key(1), x)
   v_new = new.init(jax.random.key(1), x)
   # Same parameter names, shapes and initial values.
@@ -51,7 +51,7 @@ def test_conv_transpose_2x2_matches_flax(shape, features):
 def test_conv_transpose_falls_back_outside_2x2():
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2))
   ref = nn.ConvTranspose(3, (3, 3), strides=(2, 2))
-  new = patches.ConvTranspose(3, (3, 3), strides=(2, 2))
+  new = layers.ConvTranspose(3, (3, 3), strides=(2, 2))
   v = ref.init(jax.random.key(1), x)
   _allclose(ref.apply(v, x), new.apply(v, x), rtol=0, atol=0)
 
@@ -66,7 +66,7 @@ def test_max_pool_2x2_is_bitwise_flax_with_ties():
 
   for fn in (lambda f: f, jax.jit):
     y_ref, vjp_ref = jax.vjp(fn(reference), x)
-    y_new, vjp_new = jax.vjp(fn(patches.max_pool_2x2), x)
+    y_new, vjp_new = jax.vjp(fn(layers.max_pool_2x2), x)
     np.testing.assert_array_equal(y_ref, y_new)
     np.testing.assert_array_equal(vjp_ref(g)[0], vjp_new(g)[0])
 
@@ -74,7 +74,7 @@ def test_max_pool_2x2_is_bitwise_flax_with_ties():
 def test_max_pool_falls_back_on_odd_sizes():
   x = jax.random.normal(jax.random.key(0), (1, 5, 4, 2))
   np.testing.assert_array_equal(nn.max_pool(x, (2, 2), strides=(2, 2)),
-                                patches.max_pool(x, (2, 2), strides=(2, 2)))
+                                layers.max_pool(x, (2, 2), strides=(2, 2)))
 
 
 def test_unet_train_step_math_unchanged(monkeypatch):
@@ -99,13 +99,13 @@ def test_unet_train_step_math_unchanged(monkeypatch):
 
     return (variables, *step(variables))
 
-  before = run()
-  monkeypatch.setattr(nn, "ConvTranspose", patches.ConvTranspose)
-  monkeypatch.setattr(nn, "max_pool", patches.max_pool)
-  after = run()
-  assert jax.tree.structure(before[0]) == jax.tree.structure(after[0])
-  _allclose(before[0], after[0], rtol=0, atol=0)  # Same parameters, same initial values.
-  _allclose(before[1:], after[1:], rtol=1e-4, atol=1e-5)
+  ours = run()
+  monkeypatch.setattr(layers, "ConvTranspose", nn.ConvTranspose)
+  monkeypatch.setattr(layers, "max_pool", nn.max_pool)
+  flax_lowering = run()
+  assert jax.tree.structure(flax_lowering[0]) == jax.tree.structure(ours[0])
+  _allclose(flax_lowering[0], ours[0], rtol=0, atol=0)  # Same parameters, same initial values.
+  _allclose(flax_lowering[1:], ours[1:], rtol=1e-4, atol=1e-5)
 
 
 def optax_bce(logits, labels):
@@ -123,18 +123,21 @@ def test_cpu_flags_can_be_switched_off(monkeypatch):
   assert xla_config.cpu_flags() == ()
 
 
-def test_cache_dir_default(monkeypatch, tmp_path):
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  assert xla_config.default_cache_dir() == os.path.join(str(tmp_path), "unet_jax", "jax")
+def test_cache_dir_is_the_workdirs_unless_set(monkeypatch):
+  monkeypatch.delenv("UNET_JAX_CACHE_DIR", raising=False)
+  assert xla_config.cache_dir_for("runs/a") == os.path.join("runs/a", "compile_cache")
+  monkeypatch.setenv("UNET_JAX_CACHE_DIR", "/shared/cache")
+  assert xla_config.cache_dir_for("runs/a") == "/shared/cache"
 
 
 _CACHED_RUN = """
+import os
 import jax, jax.numpy as jnp
 from unet_jax import xla_config
 hits = []
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
-xla_config.configure()
+xla_config.configure(os.environ["UNET_JAX_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 print(float(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).sum()), len(hits))
 """

@@ -44,10 +44,17 @@ def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, 
       yield int(host["index"][i]), host["probs"][i], host["mask"][i, ..., 0] > 0
 
 
-def binarise(probs: np.ndarray, threshold: float, largest_component: bool) -> np.ndarray:
-  """The predicted mask: probabilities above `threshold`, optionally only the largest blob."""
+def binarise(probs: np.ndarray, threshold: float, post: ml_collections.ConfigDict) -> np.ndarray:
+  """Probabilities above `threshold`, post-processed as `post` (config.eval) says."""
   mask = probs > threshold
-  return metrics_lib.largest_component(mask) if largest_component else mask
+  if post.never_empty and not mask.any():
+    # The data promise a tumour in every image: take the likeliest region.
+    mask = probs >= probs.max() / 2
+  if post.largest_component:
+    mask = metrics_lib.largest_component(mask)
+  if post.fill_box:
+    mask = metrics_lib.fill_boxes(mask)
+  return mask
 
 
 def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: str, mesh) -> float:
@@ -55,7 +62,7 @@ def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: s
   source = data_lib.build_source(config.data, config.data.val_split, workdir)
   dice = np.zeros((len(source), len(THRESHOLDS)))
   for index, probs, truth in _probabilities(predict, state, source, config, mesh):
-    masks = np.stack([binarise(probs, t, config.eval.largest_component) for t in THRESHOLDS])
+    masks = np.stack([binarise(probs, t, config.eval) for t in THRESHOLDS])
     counts = metrics_lib.confusion_counts(masks, np.broadcast_to(truth, masks.shape))
     dice[index] = metrics_lib.per_image_metrics(counts)["dice"]
   mean = dice.mean(axis=0)
@@ -71,7 +78,7 @@ def score_split(predict, state, source, config, mesh, threshold: float) -> dict[
   counts = np.zeros((len(source), 4), np.int64)
   hd95 = np.zeros(len(source))
   for index, probs, truth in _probabilities(predict, state, source, config, mesh):
-    mask = binarise(probs, threshold, config.eval.largest_component)
+    mask = binarise(probs, threshold, config.eval)
     counts[index] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
     hd95[index] = metrics_lib.hd95(mask, truth)
   scores = metrics_lib.per_image_metrics(counts)
@@ -122,6 +129,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "threshold_tuned_on": config.data.val_split if config.eval.tune_threshold else None,
       "tta": config.eval.tta,
       "largest_component": config.eval.largest_component,
+      "fill_box": config.eval.fill_box,
+      "never_empty": config.eval.never_empty,
       "metrics": {name: metrics_lib.summarise(values) for name, values in scores.items()},
       "pooled": metrics_lib.pooled_metrics(counts),
   }

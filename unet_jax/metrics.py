@@ -100,6 +100,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
   return labels == sizes.argmax()
 
 
+def fill_boxes(mask: np.ndarray) -> np.ndarray:
+  """Each 8-connected component of a binary (H, W) mask replaced by its bounding box."""
+  labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+  filled = np.zeros(mask.shape, bool)
+  for box in ndimage.find_objects(labels):
+    filled[box] = True
+  return filled
+
+
 def summarise(values: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict[str, float]:
   """Mean, median, standard deviation and a 95% bootstrap interval of the mean over images."""
   values = np.asarray(values, dtype=np.float64)

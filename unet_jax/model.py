@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_jax import layers
 from unet_jax.errors import UserError
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu")
@@ -116,7 +117,7 @@ class Down(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.pooling == "max":
-      return nn.max_pool(x, (2, 2), strides=(2, 2))
+      return layers.max_pool(x, (2, 2), strides=(2, 2))
     if self.pooling == "avg":
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
     dilation = POOL_DILATION if self.pooling == "dilated_conv" else 1
@@ -165,7 +166,7 @@ class Up(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
     if self.upsampling == "transpose":
-      x = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+      x = layers.ConvTranspose(self.features, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
     else:
       n, h, w, c = x.shape
       x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")

@@ -88,7 +88,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     for (path, image, _), prob in zip(loaded, probs):
       height, width = image.shape[:2]
       prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
-      mask = evaluate.binarise(prob, threshold, config.eval.largest_component)
+      mask = evaluate.binarise(prob, threshold, config.eval)
       stem = _output_stem(path, taken)
       Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
       Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")

@@ -1,14 +1,14 @@
 """Process-wide JAX/XLA settings: XLA:CPU options and the persistent compilation cache.
 
 Call `configure()` once at start-up, before the first JAX computation (XLA
-reads XLA_FLAGS when its backend starts):
+reads XLA_FLAGS when its backend starts); launch.py does:
 
     from unet_jax import xla_config
-    xla_config.configure()
+    xla_config.configure(xla_config.cache_dir_for(workdir))
 
 Environment overrides:
-  UNET_JAX_CACHE_DIR: persistent compilation cache folder (default
-    $XDG_CACHE_HOME/unet_jax/jax, i.e. ~/.cache/unet_jax/jax); "off" or ""
+  UNET_JAX_CACHE_DIR: persistent compilation cache folder instead of
+    <workdir>/compile_cache, e.g. one folder shared by all runs; "off" or ""
     turns the cache off.
   UNET_JAX_XLA_DEFAULTS=0: leave XLA_FLAGS as the user set them.
   XLA_FLAGS: a flag the user set there wins over ours.
@@ -31,9 +31,9 @@ _FLAGS_JAXLIB = ((0, 10), (0, 13))
 MIN_COMPILE_SECS = 1.0
 
 
-def default_cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "unet_jax", "jax")
+def cache_dir_for(workdir: str) -> str:
+  """UNET_JAX_CACHE_DIR if set, else the run's own `<workdir>/compile_cache`."""
+  return os.environ.get("UNET_JAX_CACHE_DIR", os.path.join(workdir, "compile_cache"))
 
 
 def merge_flags(current: str, flags) -> str:
@@ -60,15 +60,14 @@ def cpu_flags() -> tuple[str, ...]:
   return CPU_FLAGS
 
 
-def configure(cache_dir: str | None = None) -> str | None:
+def configure(cache_dir: str) -> str | None:
   """Sets our XLA:CPU flags and turns on the persistent compilation cache.
 
   A second run of the same program with the same shapes and config then
   loads its compiled steps from the cache instead of compiling them.
 
   Args:
-    cache_dir: Cache folder; default UNET_JAX_CACHE_DIR or ~/.cache/unet_jax/jax.
-      "off" or "" turns the cache off.
+    cache_dir: Persistent compilation cache folder; "off" or "" turns it off.
 
   Returns:
     The cache folder in use, or None when the cache is off.
@@ -84,8 +83,6 @@ def configure(cache_dir: str | None = None) -> str | None:
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  if cache_dir is None:
-    cache_dir = os.environ.get("UNET_JAX_CACHE_DIR", default_cache_dir())
   if cache_dir in ("", "off"):
     return None
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))

@@ -1,17 +1,15 @@
-"""Prototypes of model-level speed-ups, applied by `--patch=NAME` in the benchmarks.
+"""2x2 stride-2 max pooling and transposed convolution, lowered for speed.
 
-Each patch computes the same function with the same parameters (same names,
-shapes and initial values) as unet_jax/model.py does today, only lowered
-differently; tests/test_speed_equivalence.py checks that. They live here so
-that their effect can be measured before model.py adopts them
-(benchmarks/README.md). A patch is applied before the model is built.
+Each computes the same function, with the same parameters (names, shapes,
+initial values), as flax's `nn.max_pool` / `nn.ConvTranspose` does for these
+shapes; only the XLA program differs (tests/test_speed_equivalence.py checks
+outputs and gradients). On XLA:CPU the flax forms' gradients were most of the
+U-Net's train step (benchmarks/README.md).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-_ORIGINAL_CONV_TRANSPOSE = nn.ConvTranspose
 
 
 def conv_transpose_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
@@ -35,8 +33,12 @@ def conv_transpose_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
   return y
 
 
-class ConvTranspose(_ORIGINAL_CONV_TRANSPOSE):  # Same class name: same auto-named param paths.
-  """nn.ConvTranspose that computes the 2x2, stride-2 case with `conv_transpose_2x2`."""
+class ConvTranspose(nn.ConvTranspose):
+  """nn.ConvTranspose that computes the 2x2, stride-2 case with `conv_transpose_2x2`.
+
+  Same class name, so the same auto-named parameter paths (ConvTranspose_0),
+  and the same parameters: checkpoints of either load in the other.
+  """
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -93,26 +95,9 @@ def _max_pool_bwd(res, g):
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
-_ORIGINAL_MAX_POOL = nn.max_pool
-
-
 def max_pool(inputs, window_shape, strides=None, padding="VALID"):
   """nn.max_pool that takes `max_pool_2x2` for 2x2, stride-2, VALID pooling of even sizes."""
   if (tuple(window_shape) == (2, 2) and tuple(strides or ()) == (2, 2) and padding == "VALID"
       and inputs.ndim == 4 and inputs.shape[1] % 2 == 0 and inputs.shape[2] % 2 == 0):
     return max_pool_2x2(inputs)
-  return _ORIGINAL_MAX_POOL(inputs, window_shape, strides=strides, padding=padding)
-
-
-PATCHES = ("none", "convt_matmul", "maxpool_reshape", "all")
-
-
-def apply(name: str) -> None:
-  """Applies the named patch (process-wide) before any model is built."""
-  names = set(name.split(","))
-  if names & {"convt_matmul", "all"}:
-    nn.ConvTranspose = ConvTranspose
-  if names & {"maxpool_reshape", "all"}:
-    nn.max_pool = max_pool
-  if not names <= set(PATCHES):
-    raise SystemExit(f"unknown patch {name!r}; one of {PATCHES}")
+  return nn.max_pool(inputs, window_shape, strides=strides, padding=padding)
