@@ -117,9 +117,9 @@ def param_count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def cost_flops(compiled) -> float:
-  """FLOPs of a compiled computation from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
+def cost_flops(stage) -> float:
+  """FLOPs of a lowered or compiled computation from XLA's cost analysis."""
+  cost = stage.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")

@@ -107,7 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   eval_config.checkpoint = "best"  # best, latest or a step number.
   eval_config.threshold = 0.5  # Probability above which a pixel is tumour.
   eval_config.tune_threshold = False  # Pick the threshold with the best Dice on data.val_split.
-  eval_config.tta = False  # Average the probabilities of the image and its flips.
+  eval_config.tta = False  # Average the probabilities of the image and its flips...
+  eval_config.tta_up_down = True  # ...up-down ones too (False: left-right only).
   eval_config.largest_component = False  # Keep only the largest predicted tumour blob.
   eval_config.fill_box = False  # Fill each blob's bounding box (for box annotations).
   # When nothing passes the threshold, take the region above half the highest

@@ -45,6 +45,8 @@ def test_tta_averages_the_flipped_predictions(run):
            for a in ((2,), (1,), (1, 2))]
   np.testing.assert_allclose(steps.predict_step(state, images, tta=True),
                              (plain + sum(flips)) / 4, atol=1e-6)
+  np.testing.assert_allclose(steps.predict_step(state, images, tta=True, up_down=False),
+                             (plain + flips[0]) / 2, atol=1e-6)
 
 
 def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path):

@@ -115,7 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   split = config.eval.split
   source = data_lib.build_source(config.data, split, workdir)
   state, step = restore_state(config, workdir, mesh)
-  predict = steps.jit_predict(mesh, tta=config.eval.tta)
+  predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
   threshold = config.eval.threshold
   if config.eval.tune_threshold:
     threshold = tune_threshold(predict, state, config, workdir, mesh)
@@ -128,6 +128,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "threshold": threshold,
       "threshold_tuned_on": config.data.val_split if config.eval.tune_threshold else None,
       "tta": config.eval.tta,
+      "tta_up_down": config.eval.tta_up_down,
       "largest_component": config.eval.largest_component,
       "fill_box": config.eval.fill_box,
       "never_empty": config.eval.never_empty,

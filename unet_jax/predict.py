@@ -65,7 +65,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   out.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh()
   state, step = evaluate.restore_state(config, workdir, mesh)
-  predict_fn = steps.jit_predict(mesh, tta=config.eval.tta)
+  predict_fn = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
   size, threshold = config.data.image_size, config.eval.threshold
   logging.info("Predicting %d images with checkpoint %d of %s", len(files), step, workdir)
 

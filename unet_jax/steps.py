@@ -103,26 +103,29 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, threshold: floa
   }
 
 
-def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False) -> jax.Array:
+def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False,
+                 up_down: bool = True) -> jax.Array:
   """(N, H, W) tumour probabilities.
 
   With `tta`, the probabilities of the image and of its left-right,
-  up-down and double flips (each flipped back) are averaged.
+  up-down and double flips (each flipped back) are averaged; without
+  `up_down`, of the image and its left-right flip only.
   """
   def probs(x):
     return jax.nn.sigmoid(state.apply_fn(_variables(state), x, train=False))[..., 0]
 
   if not tta:
     return probs(images)
+  flips = ((2,), (1,), (1, 2)) if up_down else ((2,),)
   total = probs(images)
-  for axes in ((2,), (1,), (1, 2)):
+  for axes in flips:
     total += jnp.flip(probs(jnp.flip(images, axes)), axes)
-  return total / 4
+  return total / (1 + len(flips))
 
 
-def jit_predict(mesh, tta: bool = False):
+def jit_predict(mesh, tta: bool = False, up_down: bool = True):
   """`predict_step` jitted with the batch sharded over the mesh."""
-  return jax.jit(functools.partial(predict_step, tta=tta),
+  return jax.jit(functools.partial(predict_step, tta=tta, up_down=up_down),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
 
