@@ -6,9 +6,12 @@ _annotations.coco.json):
     python launch.py --config=configs/brain.py --workdir=runs/brain \
         --config.data.root=/path/to/brain-tumor-coco --config.eval.split=valid
 
-RESULT_PLACEHOLDER
+On a 2-core CPU: 43 min 54 s for training and evaluation; valid (429 slices)
+mean per-image Dice 0.769, IoU 0.666, pooled Dice 0.780, HD95 6.8 px at
+128x128 (README, Results, has the ablation behind each choice).
 
-`:full` is the accelerator recipe: 512x512, width 64, bfloat16, 100 epochs.
+`:full` is the accelerator recipe: 512x512, width 64, bfloat16, 100 epochs
+(24 epochs on one H200: valid Dice 0.703, under-trained; README, Results).
 
 Demo on generated phantoms, minutes on a 2-core CPU; reaches a mean test
 Dice of about 0.9 on the phantoms:
@@ -24,7 +27,8 @@ from configs import default
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the brain recipe; `arg` picks a variant: full, demo or smoke."""
   config = default.get_config()
-  _brain_recipe(config)
+  if arg in (None, "", "full"):
+    _brain_recipe(config)
   if arg == "full":
     config.data.image_size = 512
     config.data.num_workers = 8
@@ -33,7 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.epochs = 100
     config.train.batch_size = config.eval.batch_size = 32
   elif arg == "demo":
-    config = default.get_config()
     config.data.synthetic.enabled = True
     config.data.image_size = 64
     config.model.features = 16
@@ -41,7 +44,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.epochs = 12
     config.train.learning_rate = 3e-3
   elif arg == "smoke":  # Seconds: a tiny U-Net on 32x32 phantoms, for tests and CI.
-    config = default.get_config()
     config.data.synthetic.enabled = True
     config.data.image_size = config.data.synthetic.image_size = 32
     config.data.synthetic.num_train = 16
@@ -52,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.batch_size, config.eval.num_pictures = 8, 2
     config.data.prefetch = 1
   elif arg:
-    raise ValueError(f"configs/brain.py: unknown variant {arg!r}; use full, demo, smoke or nothing.")
+    raise ValueError(f"configs/brain.py: unknown variant {arg!r}; use full, demo, smoke or "
+                     "nothing.")
   return config
 
 

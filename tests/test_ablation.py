@@ -49,7 +49,7 @@ def _csv_rows(workdir):
 def test_smoke_sweep_trains_every_variant_on_one_dataset(smoke):
   config = ablation_config.get_config("smoke")
   assert sorted(os.listdir(smoke)) == sorted(
-      ["ablation.csv", "ablation.md", "config.json", "phantoms", *config.sweep])
+      ["ablation.csv", "ablation.md", "compile_cache", "config.json", "phantoms", *config.sweep])
   for name, fields in config.sweep.items():
     saved = json.loads((smoke / name / "config.json").read_text())
     assert saved["data"]["root"] == str(smoke / "phantoms")
@@ -146,7 +146,7 @@ def test_base_and_overrides_from_the_command_line(monkeypatch, tmp_path):
   base = ablation.base_config(config)
   assert base.data.root == str(tmp_path) and not base.data.synthetic.enabled
   assert base.train.epochs == 3 and base.model.dilation == (1, 1, 2, 2, 4)
-  assert base.train.learning_rate == 1.0 and base.data.image_size == 256
+  assert base.train.learning_rate == 1.0 and base.data.image_size == 128  # The CPU recipe.
   assert ablation.base_config(_parse(monkeypatch)).data.synthetic.enabled  # The demo.
   with pytest.raises(AttributeError, match="widht"):
     _parse(monkeypatch, "--config.overrides.model.widht=3")
@@ -155,7 +155,7 @@ def test_base_and_overrides_from_the_command_line(monkeypatch, tmp_path):
 def test_base_config_is_found_from_any_folder(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   assert ablation.load_config_file("configs/brain.py:demo").model.features == 16
-  assert ablation.load_config_file(str(REPO / "configs/brain.py")).model.features == 32
+  assert ablation.load_config_file(str(REPO / "configs/brain.py")).model.features == 16
   with pytest.raises(UserError, match="no config file"):
     ablation.load_config_file("configs/missing.py")
 

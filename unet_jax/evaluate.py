@@ -101,8 +101,11 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   probs = parallel.to_host(predict(state, batch))[:count]
   titles = [f"{s['file_name'][:28]}\nDice {scores['dice'][i]:.3f}" for s, i in zip(samples, rows)]
   masks = np.stack([s["mask"][..., 0] for s in samples])
+  predicted = np.stack([binarise(p, threshold, config.eval) for p in probs])
+  post = [name for name in ("never_empty", "largest_component", "fill_box") if config.eval[name]]
+  heading = f"prediction (p > {threshold:g})" + ("\n" + ", ".join(post) if post else "")
   if jax.process_index() == 0:
-    reports.plot_predictions(path, images, masks, probs, threshold, titles)
+    reports.plot_predictions(path, images, masks, probs, predicted, heading, titles)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -95,6 +95,7 @@ def _max_pool_bwd(res, g):
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
+
 def max_pool(inputs, window_shape, strides=None, padding="VALID"):
   """nn.max_pool that takes `max_pool_2x2` for 2x2, stride-2, VALID pooling of even sizes."""
   if (tuple(window_shape) == (2, 2) and tuple(strides or ()) == (2, 2) and padding == "VALID"

@@ -70,23 +70,25 @@ def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def plot_predictions(path: str | pathlib.Path, images: np.ndarray, masks: np.ndarray,
-                     probs: np.ndarray, threshold: float, titles: Sequence[str]) -> None:
-  """One row per image: image | ground truth | probability | binary | overlay.
+                     probs: np.ndarray, predicted: np.ndarray, predicted_title: str,
+                     titles: Sequence[str]) -> None:
+  """One row per image: image | ground truth | probability | predicted mask | overlay.
 
   Args:
     path: PNG to write.
     images: (N, H, W, C) in [0, 1].
     masks: (N, H, W) ground truth.
     probs: (N, H, W) tumour probabilities.
-    threshold: Probability cut for the binary column.
+    predicted: (N, H, W) predicted masks, as scored.
+    predicted_title: Heading of their column (how they were made).
     titles: One row title per image (file name and score).
   """
-  columns = ("image", "ground truth", "probability", f"binary (p > {threshold:g})",
+  columns = ("image", "ground truth", "probability", predicted_title,
              "overlay (green: truth, red: prediction)")
   fig, axes = plt.subplots(len(images), 5, figsize=(15, 3.1 * len(images)), squeeze=False)
-  for row, (image, mask, prob, title) in enumerate(zip(images, masks, probs, titles)):
+  for row, (image, mask, prob, binary, title) in enumerate(
+      zip(images, masks, probs, predicted, titles)):
     grey = image.mean(-1)
-    binary = prob > threshold
     overlay = np.stack([grey] * 3, axis=-1) * 0.7
     overlay[..., 1] += 0.3 * mask
     overlay[..., 0] += 0.3 * binary
