@@ -34,6 +34,13 @@ def confusion_counts(pred, target):
   return xp.stack([tp, fp, fn, tn], axis=1)
 
 
+def dice_from_counts(counts):
+  """Per-image Dice from (N, 4) counts; 1 where both masks are empty. numpy or jax."""
+  xp = np if isinstance(counts, np.ndarray) else jnp
+  tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+  return xp.where(tp + fp + fn > 0, 2 * tp / xp.maximum(2 * tp + fp + fn, 1), 1.0)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray, empty: float | np.ndarray = 1.0) -> np.ndarray:
   """num / den, and `empty` where den is 0."""
   num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
@@ -47,10 +54,11 @@ def per_image_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
     dice, iou, precision, recall (sensitivity), specificity, accuracy, and
     miou (mean of background and tumour IoU), each (N,) float64.
   """
-  tp, fp, fn, tn = np.asarray(counts, dtype=np.float64).T
+  counts = np.asarray(counts, dtype=np.float64)
+  tp, fp, fn, tn = counts.T
   iou = _ratio(tp, tp + fp + fn)
   return {
-      "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+      "dice": dice_from_counts(counts),
       "iou": iou,
       # An empty prediction is precise only if there was nothing to find, and
       # recall on an empty truth is perfect only without false alarms.

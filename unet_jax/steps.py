@@ -83,9 +83,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   batch_stats = model_updates.get("batch_stats") or state.batch_stats
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         batch_stats=batch_stats)
-  counts = metrics_lib.confusion_counts(logits > 0, masks > 0.5)
-  tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-  dice = jnp.where(tp + fp + fn > 0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1), 1.0)
+  dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(logits > 0, masks > 0.5))
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
