@@ -30,6 +30,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def model_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,21 +86,14 @@ def make_config(args):
   config.model.dtype = args.dtype
   config.train.batch_size = args.batch_size
   config.train.seed = args.seed
-  if "optimizer" in config.train:
-    config.train.optimizer = "adam"
-  if "schedule" in config.train:
-    config.train.schedule = "constant"
+  config.train.optimizer = "adam"
+  config.train.schedule = "constant"
   return config
 
 
 def make_tx(config, total_steps: int = 1000):
   """The project's optimiser for `config` (Adam, constant rate)."""
-  try:
-    from unet_jax import optim  # pylint: disable=g-import-not-at-top
-    return optim.make_optimizer(config, total_steps, total_steps)
-  except ImportError:
-    from unet_jax import steps  # pylint: disable=g-import-not-at-top
-    return steps.make_optimizer(config, total_steps, total_steps)
+  return optim.make_optimizer(config, total_steps, total_steps)
 
 
 def fake_batch(config, seed: int = 0) -> dict:
