@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from unet_jax import evaluate, reports, train
+from unet_jax import data, evaluate, optim, parallel, reports, steps, train
+from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,6 +60,22 @@ def test_finished_run_is_not_trained_again(trained):
   before = (workdir / "metrics.jsonl").read_text()
   assert train.train_and_evaluate(config, str(workdir)) == {}
   assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
+  tiny_config.train.ema_decay = 0.75
+  mesh = parallel.make_mesh()
+  tx = optim.make_optimizer(tiny_config, 10, 2)
+  initial = steps.create_train_state(tiny_config, (32, 32, 1), tx)
+  start = jax.device_get(initial.params)
+  state = jax.device_put(initial, parallel.replicated(mesh))
+  p_train, _ = steps.jit_steps(tiny_config, mesh)
+  batch = next(pipeline.train_batches(data.build_source(tiny_config.data, "train", str(tmp_path)),
+                                      tiny_config))
+  state, _ = p_train(state, parallel.device_batch(batch, mesh))
+  trained = jax.device_get(state.params)
+  for e, p0, p1 in zip(*map(jax.tree.leaves, (jax.device_get(state.ema_params), start, trained))):
+    np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-5, atol=1e-7)
 
 
 def _launch(*args):

@@ -39,10 +39,13 @@ def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int
   variables = model.init(jax.random.key(config.train.seed), jnp.zeros((1, *image_shape)),
                          train=False)
   params = variables["params"]
+  # The EMA starts as a copy: the train step donates the state, and a buffer held twice in it
+  # cannot be donated.
+  ema_params = jax.tree.map(jnp.copy, params) if config.train.ema_decay > 0 else None
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=tx,
       batch_stats=variables.get("batch_stats", flax.core.FrozenDict()),
-      ema_params=params if config.train.ema_decay > 0 else None,
+      ema_params=ema_params,
       lr_scale=jnp.ones((), jnp.float32))
 
 
