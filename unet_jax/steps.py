@@ -80,7 +80,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    # Warm-up as in tf.train.ExponentialMovingAverage: early on, an average reaching far back
+    # holds the initial weights, which the batch-norm statistics of the live model do not fit.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
   # Without batch norm flax returns an empty plain dict; keeping the state's own
   # (empty) container keeps the state's pytree, so the step does not recompile.
   batch_stats = model_updates.get("batch_stats") or state.batch_stats
