@@ -247,8 +247,9 @@ def test_upsampling(upsampling):
   params = _abstract(unet)["params"]
   assert not [c for c in _convs(unet, (1, 16, 16, 1)) if c[3] == (2, 2)]
   if upsampling == "transpose":
-    # (pixels, in channels) x (in channels, 2 * 2 * out channels) at 4x4 and 8x8.
-    assert matmuls == [((16, 16), (16, 32)), ((64, 8), (8, 16))]
+    # (pixels, in channels) x (in channels, 2 * 2 * out channels) at 4x4 and 8x8,
+    # then the 1x1 head (also a matmul).
+    assert matmuls == [((16, 16), (16, 32)), ((64, 8), (8, 16)), ((1, 16, 16, 4), (4, 1))]
     assert params["up_0"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 8, 4)
   else:
     assert params["up_0"]["Conv_0"]["kernel"].shape == (3, 3, 8, 4)

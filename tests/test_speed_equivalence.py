@@ -1,12 +1,13 @@
 """unet_jax.layers' faster lowerings compute what flax's layers compute.
 
-Two: the 2x2 stride-2 transposed convolution as a matmul and a pixel
-shuffle, and 2x2 max pooling as a reshape and a max with
-select-and-scatter's gradient. These tests pin that each gives the same
-parameters (names, shapes, initial values), the same outputs and the same
-gradients as flax's ConvTranspose / max_pool, alone and inside the U-Net,
-so checkpoints and results do not depend on the lowering. Also:
-unet_jax.xla_config's flag merging and compilation cache.
+The 2x2 stride-2 transposed convolution as a matmul and a pixel shuffle,
+2x2 max pooling as a reshape and a max with select-and-scatter's gradient,
+1x1 convolutions as a matmul and one-channel convolutions as a sum of taps.
+These tests pin that each gives the same parameters (names, shapes, initial
+values), the same outputs and the same gradients as flax's ConvTranspose /
+max_pool / Conv, alone and inside the U-Net, so checkpoints and results do
+not depend on the lowering. Also: unet_jax.xla_config's flag merging and
+compilation cache.
 """
 
 import os
@@ -52,6 +53,46 @@ def test_conv_transpose_falls_back_outside_2x2():
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2))
   ref = nn.ConvTranspose(3, (3, 3), strides=(2, 2))
   new = layers.ConvTranspose(3, (3, 3), strides=(2, 2))
+  v = ref.init(jax.random.key(1), x)
+  _allclose(ref.apply(v, x), new.apply(v, x), rtol=0, atol=0)
+
+
+def _same_as_flax_conv(x, *args, **kwargs):
+  ref, new = nn.Conv(*args, **kwargs), layers.Conv(*args, **kwargs)
+  v_ref = ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(v_ref) == jax.tree.structure(new.init(jax.random.key(1), x))
+  _allclose(v_ref, new.init(jax.random.key(1), x), rtol=0, atol=0)
+
+  def loss(module):
+    return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+  for fn in (lambda f: f, jax.jit):
+    _allclose(fn(ref.apply)(v_ref, x), fn(new.apply)(v_ref, x))
+    _allclose(fn(jax.grad(loss(ref), argnums=(0, 1)))(v_ref, x),
+              fn(jax.grad(loss(new), argnums=(0, 1)))(v_ref, x), rtol=1e-4)
+
+
+@pytest.mark.parametrize("features,kwargs", [
+    (1, {}), (5, {"use_bias": False}), (3, {"padding": "VALID"})])
+def test_pointwise_conv_matches_flax(features, kwargs):
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4))
+  _same_as_flax_conv(x, features, (1, 1), **kwargs)
+
+
+@pytest.mark.parametrize("size,dilation,use_bias", [((3, 3), 1, False), ((3, 3), 2, True),
+                                                    ((5, 3), 1, True)])
+def test_single_channel_conv_matches_flax(size, dilation, use_bias):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 1))
+  _same_as_flax_conv(x, 4, size, padding="SAME", kernel_dilation=dilation, use_bias=use_bias)
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((1, 6, 6, 2), {}),  # Two input channels.
+    ((1, 6, 6, 1), {"strides": (2, 2)}),
+    ((1, 6, 6, 1), {"padding": "VALID"})])
+def test_conv_falls_back_to_flax_elsewhere(shape, kwargs):
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref, new = nn.Conv(3, (3, 3), **kwargs), layers.Conv(3, (3, 3), **kwargs)
   v = ref.init(jax.random.key(1), x)
   _allclose(ref.apply(v, x), new.apply(v, x), rtol=0, atol=0)
 
@@ -102,6 +143,7 @@ def test_unet_train_step_math_unchanged(monkeypatch):
   ours = run()
   monkeypatch.setattr(layers, "ConvTranspose", nn.ConvTranspose)
   monkeypatch.setattr(layers, "max_pool", nn.max_pool)
+  monkeypatch.setattr(layers, "Conv", nn.Conv)
   flax_lowering = run()
   assert jax.tree.structure(flax_lowering[0]) == jax.tree.structure(ours[0])
   _allclose(flax_lowering[0], ours[0], rtol=0, atol=0)  # Same parameters, same initial values.

@@ -1,15 +1,94 @@
-"""2x2 stride-2 max pooling and transposed convolution, lowered for speed.
+"""Convolutions and 2x2 stride-2 max pooling, lowered for speed.
 
 Each computes the same function, with the same parameters (names, shapes,
-initial values), as flax's `nn.max_pool` / `nn.ConvTranspose` does for these
-shapes; only the XLA program differs (tests/test_speed_equivalence.py checks
-outputs and gradients). On XLA:CPU the flax forms' gradients were most of the
-U-Net's train step (benchmarks/README.md).
+initial values), as flax's `nn.Conv` / `nn.max_pool` / `nn.ConvTranspose`
+does for the shapes it handles; only the XLA program differs
+(tests/test_speed_equivalence.py checks outputs and gradients). On XLA:CPU
+the flax forms' gradients were most of the U-Net's train step
+(benchmarks/README.md).
 """
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def single_channel_conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
+  """A stride-1 "SAME" convolution of a one-channel (N, H, W, 1) image, as a sum of taps.
+
+  Each output channel is a weighted sum of the kernel_size shifted copies of
+  the image: one fused element-wise loop. XLA:CPU's convolution kernels run
+  a one-channel input far below their speed at wider inputs (the U-Net's
+  first layer took half the time of its 16-channel second one); the gradient
+  is the convolution's own, which is fast for these shapes.
+  """
+  kh, kw = kernel.shape[:2]
+  top, left = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+  padded = jnp.pad(x, ((0, 0), (top, dilation * (kh - 1) - top),
+                       (left, dilation * (kw - 1) - left), (0, 0)))
+  h, w = x.shape[1:3]
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
+  out = jnp.zeros(x.shape[:3] + kernel.shape[-1:], accumulate)
+  for i in range(kh):
+    for j in range(kw):
+      window = padded[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :]
+      out = out + window.astype(accumulate) * kernel[i, j, 0].astype(accumulate)
+  return out.astype(x.dtype)
+
+
+def _single_channel_conv_fwd(x, kernel, dilation):
+  return single_channel_conv(x, kernel, dilation), (x, kernel)
+
+
+def _single_channel_conv_bwd(dilation, res, g):
+  x, kernel = res
+  return jax.vjp(functools.partial(_lax_conv, dilation=dilation), x, kernel)[1](g)
+
+
+single_channel_conv.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
+
+
+class Conv(nn.Conv):
+  """nn.Conv that computes 1x1 convolutions as a matmul and one-channel inputs as taps.
+
+  Same class name, so the same auto-named parameter paths (Conv_0), and the
+  same parameters. The 1x1 form's kernel gradient is a matmul too, where
+  XLA:CPU's convolution took 3x as long for the U-Net's one-logit head.
+  Every other shape goes to nn.Conv.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    size = tuple(self.kernel_size)
+    ones = (None, 1, (1, 1))
+    plain = (inputs.ndim == 4 and len(size) == 2 and self.strides in ones
+             and self.input_dilation in ones and self.feature_group_count == 1
+             and self.mask is None and self.shared_weights)
+    pointwise = plain and size == (1, 1) and self.padding in ("SAME", "VALID")
+    rates = self.kernel_dilation or 1
+    rates = (rates, rates) if isinstance(rates, int) else tuple(rates)
+    one_channel = (plain and inputs.shape[-1] == 1 and self.padding == "SAME"
+                   and rates[0] == rates[1] and all(k % 2 == 1 for k in size))
+    if not (pointwise or one_channel):
+      return super().__call__(inputs)
+    kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    if pointwise:
+      y = jnp.dot(inputs, kernel[0, 0], precision=self.precision)
+    else:
+      y = single_channel_conv(inputs, kernel, rates[0])
+    return y if bias is None else y + bias
 
 
 def conv_transpose_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,

@@ -88,14 +88,14 @@ class ConvBlock(nn.Module):
     use_bias = self.norm == "none"
     inputs = x
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_dilation=self.dilation,
+      x = layers.Conv(self.features, (3, 3), padding="SAME", kernel_dilation=self.dilation,
                   use_bias=use_bias, dtype=self.dtype)(x)
       x = _normalise(x, self.norm, train, self.dtype)
       if i == 0 or not self.residual:
         x = act(x)
     if self.residual:
       if inputs.shape[-1] != self.features:
-        inputs = nn.Conv(self.features, (1, 1), use_bias=use_bias, dtype=self.dtype,
+        inputs = layers.Conv(self.features, (1, 1), use_bias=use_bias, dtype=self.dtype,
                          name="shortcut")(inputs)
         inputs = _normalise(inputs, self.norm, train, self.dtype, name="shortcut_norm")
       x = act(x + inputs.astype(x.dtype))
@@ -121,7 +121,7 @@ class Down(nn.Module):
     if self.pooling == "avg":
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
     dilation = POOL_DILATION if self.pooling == "dilated_conv" else 1
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_dilation=dilation,
+    return layers.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_dilation=dilation,
                    padding="SAME", dtype=self.dtype)(x)
 
 
@@ -142,9 +142,9 @@ class AttentionGate(nn.Module):
 
   @nn.compact
   def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="skip")(skip)
-    g = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="gate")(gate)
-    alpha = nn.sigmoid(nn.Conv(1, (1, 1), dtype=self.dtype, name="psi")(nn.relu(x + g)))
+    x = layers.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="skip")(skip)
+    g = layers.Conv(self.features, (1, 1), dtype=self.dtype, name="gate")(gate)
+    alpha = nn.sigmoid(layers.Conv(1, (1, 1), dtype=self.dtype, name="psi")(nn.relu(x + g)))
     return skip * alpha
 
 
@@ -170,7 +170,7 @@ class Up(nn.Module):
     else:
       n, h, w, c = x.shape
       x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
-      x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+      x = layers.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
     skip = skip.astype(x.dtype)
     if self.attention:
       skip = AttentionGate(max(self.features // 2, 1), self.dtype, name="attention")(skip, x)
@@ -270,7 +270,7 @@ class UNet(nn.Module):
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
-    logits = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
+    logits = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
     return logits[:, :height, :width].astype(jnp.float32)
 
 
