@@ -67,7 +67,7 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    size = tuple(self.kernel_size)
+    size = () if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     ones = (None, 1, (1, 1))
     plain = (inputs.ndim == 4 and len(size) == 2 and self.strides in ones
              and self.input_dilation in ones and self.feature_group_count == 1
