@@ -89,14 +89,14 @@ class ConvBlock(nn.Module):
     inputs = x
     for i in range(2):
       x = layers.Conv(self.features, (3, 3), padding="SAME", kernel_dilation=self.dilation,
-                  use_bias=use_bias, dtype=self.dtype)(x)
+                      use_bias=use_bias, dtype=self.dtype)(x)
       x = _normalise(x, self.norm, train, self.dtype)
       if i == 0 or not self.residual:
         x = act(x)
     if self.residual:
       if inputs.shape[-1] != self.features:
         inputs = layers.Conv(self.features, (1, 1), use_bias=use_bias, dtype=self.dtype,
-                         name="shortcut")(inputs)
+                             name="shortcut")(inputs)
         inputs = _normalise(inputs, self.norm, train, self.dtype, name="shortcut_norm")
       x = act(x + inputs.astype(x.dtype))
     return x
@@ -122,7 +122,7 @@ class Down(nn.Module):
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
     dilation = POOL_DILATION if self.pooling == "dilated_conv" else 1
     return layers.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_dilation=dilation,
-                   padding="SAME", dtype=self.dtype)(x)
+                       padding="SAME", dtype=self.dtype)(x)
 
 
 class AttentionGate(nn.Module):
