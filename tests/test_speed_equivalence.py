@@ -59,9 +59,9 @@ def test_conv_transpose_falls_back_outside_2x2():
 
 def _same_as_flax_conv(x, *args, **kwargs):
   ref, new = nn.Conv(*args, **kwargs), layers.Conv(*args, **kwargs)
-  v_ref = ref.init(jax.random.key(1), x)
-  assert jax.tree.structure(v_ref) == jax.tree.structure(new.init(jax.random.key(1), x))
-  _allclose(v_ref, new.init(jax.random.key(1), x), rtol=0, atol=0)
+  v_ref, v_new = ref.init(jax.random.key(1), x), new.init(jax.random.key(1), x)
+  assert jax.tree.structure(v_ref) == jax.tree.structure(v_new)
+  _allclose(v_ref, v_new, rtol=0, atol=0)
 
   def loss(module):
     return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
