@@ -72,8 +72,8 @@ def test_eval_batches_cover_every_image_once(tiny_config):
 
 def _only(config, **probs):
   """Turns every transform off except those given, with their probabilities."""
-  for name in ("rotate_prob", "shift_prob", "brightness_prob", "contrast_prob", "hflip_prob",
-               "vflip_prob"):
+  for name in ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
+               "hflip_prob", "vflip_prob"):
     config[name] = probs.get(name, 0.0)
   return config
 
@@ -84,10 +84,10 @@ def _square_sample(size=32):
   return {"image": mask.astype(np.float32), "mask": mask, "file_name": "x"}
 
 
-@pytest.mark.parametrize("transform", ["rotate_prob", "shift_prob"])
+@pytest.mark.parametrize("transform", ["rotate_prob", "shift_prob", "zoom_prob"])
 def test_geometric_transforms_move_image_and_mask_together(tiny_config, transform):
   config = _only(tiny_config.augment, **{transform: 1.0})
-  config.rotate_degrees, config.shift_fraction = 20.0, 0.1
+  config.rotate_degrees, config.shift_fraction, config.zoom = 20.0, 0.1, 0.2
   sample = _square_sample()
   moved = [augment.augment(sample, np.random.default_rng(s), config) for s in range(5)]
   for out in moved:
@@ -98,6 +98,25 @@ def test_geometric_transforms_move_image_and_mask_together(tiny_config, transfor
   assert any(not np.array_equal(out["mask"], sample["mask"]) for out in moved)
   again = augment.augment(sample, np.random.default_rng(0), config)
   np.testing.assert_array_equal(again["image"], moved[0]["image"])
+
+
+def test_zoom_scales_about_the_centre_and_is_off_by_default(tiny_config):
+  assert tiny_config.augment.zoom_prob == 0
+  config = _only(tiny_config.augment, zoom_prob=1.0)
+  config.zoom = 0.3
+  mask = np.zeros((64, 64, 1), np.uint8)
+  mask[24:40, 20:44] = 1  # 16 x 24, centred
+  sample = {"image": mask.astype(np.float32), "mask": mask, "file_name": "x"}
+  factors = []
+  for seed in range(6):
+    out = augment.augment(sample, np.random.default_rng(seed), config)["mask"][..., 0]
+    rows, cols = np.nonzero(out)
+    height, width = rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()
+    assert abs(height / 16 - width / 24) < 0.1  # one factor for both axes
+    assert abs((rows.max() + 1 + rows.min()) / 2 - 32) <= 1  # about the centre
+    assert abs((cols.max() + 1 + cols.min()) / 2 - 32) <= 1
+    factors.append(width / 24)
+  assert 0.7 - 0.05 <= min(factors) < 0.95 and 1.3 + 0.05 >= max(factors) > 1.05
 
 
 def test_flips_are_exact_and_off_by_default(tiny_config):

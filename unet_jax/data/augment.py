@@ -1,4 +1,4 @@
-"""Training augmentation that is safe for MRI: small rigid motion, intensity jitter, flips.
+"""Training augmentation that is safe for MRI: small rigid motion and zoom, intensity jitter, flips.
 
 Each transform has its own strength and probability in `config.augment`. The
 same geometric transform moves image and mask; masks are resampled with
@@ -7,6 +7,7 @@ or not its transform fires, so turning one transform off leaves the others'
 draws, and so the batches of an ablation, unchanged.
 """
 
+import math
 from typing import Any
 
 import ml_collections
@@ -14,18 +15,31 @@ import numpy as np
 from PIL import Image
 
 
-def _rotate_shift(plane: np.ndarray, degrees: float, shift: tuple[int, int],
-                  resample: Image.Resampling) -> np.ndarray:
+def _affine(plane: np.ndarray, degrees: float, shift: tuple[int, int], zoom: float,
+            resample: Image.Resampling) -> np.ndarray:
+  """`plane` rotated `degrees` anticlockwise and zoomed about its centre, then shifted.
+
+  The matrix is PIL's `Image.rotate(degrees, translate=shift)` with the zoom
+  folded in, so the image is resampled once whichever transforms fire.
+  """
+  height, width = plane.shape
+  angle = -math.radians(degrees)
+  a, b = math.cos(angle) / zoom, math.sin(angle) / zoom
+  d, e = -b, a
+  centre_x, centre_y = width / 2, height / 2
+  x, y = -centre_x - shift[0], -centre_y - shift[1]
+  matrix = (a, b, a * x + b * y + centre_x, d, e, d * x + e * y + centre_y)
   image = Image.fromarray(plane)
-  return np.asarray(image.rotate(degrees, resample=resample, translate=shift, fillcolor=0))
+  return np.asarray(image.transform((width, height), Image.Transform.AFFINE, matrix, resample,
+                                    fillcolor=0))
 
 
-def _move(image: np.ndarray, mask: np.ndarray, degrees: float,
-          shift: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  planes = [_rotate_shift(np.ascontiguousarray(image[..., c], np.float32), degrees, shift,
-                          Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
-  moved_mask = _rotate_shift(np.ascontiguousarray(mask[..., 0]), degrees, shift,
-                             Image.Resampling.NEAREST)
+def _move(image: np.ndarray, mask: np.ndarray, degrees: float, shift: tuple[int, int],
+          zoom: float) -> tuple[np.ndarray, np.ndarray]:
+  planes = [_affine(np.ascontiguousarray(image[..., c], np.float32), degrees, shift, zoom,
+                    Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
+  moved_mask = _affine(np.ascontiguousarray(mask[..., 0]), degrees, shift, zoom,
+                       Image.Resampling.NEAREST)
   return np.stack(planes, axis=-1), moved_mask[..., None]
 
 
@@ -47,11 +61,15 @@ def augment(sample: dict[str, Any], rng: np.random.Generator,
   shift = rng.uniform(-max_shift, max_shift)
   brightness = rng.uniform(-config.brightness, config.brightness)
   contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
+  # Drawn after the others, so that runs from before it existed keep their draws.
+  zoom_fires = rng.random() < config.zoom_prob
+  zoom = rng.uniform(1 - config.zoom, 1 + config.zoom)
 
   degrees = degrees if fire[0] else 0.0
   shift = (int(round(shift[0])), int(round(shift[1]))) if fire[1] else (0, 0)
-  if degrees or any(shift):
-    image, mask = _move(image, mask, degrees, shift)
+  zoom = zoom if zoom_fires else 1.0
+  if degrees or any(shift) or zoom != 1.0:
+    image, mask = _move(image, mask, degrees, shift, zoom)
   if fire[2]:
     image = image + brightness
   if fire[3]:
