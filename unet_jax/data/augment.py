@@ -15,31 +15,34 @@ import numpy as np
 from PIL import Image
 
 
-def _affine(plane: np.ndarray, degrees: float, shift: tuple[int, int], zoom: float,
-            resample: Image.Resampling) -> np.ndarray:
-  """`plane` rotated `degrees` anticlockwise and zoomed about its centre, then shifted.
+def _affine_matrix(height: int, width: int, degrees: float, shift: tuple[int, int],
+                   zoom: float) -> tuple[float, ...]:
+  """PIL's inverse affine for `Image.rotate(degrees, translate=shift)` with a zoom folded in.
 
-  The matrix is PIL's `Image.rotate(degrees, translate=shift)` with the zoom
-  folded in, so the image is resampled once whichever transforms fire.
+  Rotation (anticlockwise) and zoom are about the centre, then the shift, so
+  the image is resampled once whichever transforms fire.
   """
-  height, width = plane.shape
   angle = -math.radians(degrees)
   a, b = math.cos(angle) / zoom, math.sin(angle) / zoom
   d, e = -b, a
   centre_x, centre_y = width / 2, height / 2
   x, y = -centre_x - shift[0], -centre_y - shift[1]
-  matrix = (a, b, a * x + b * y + centre_x, d, e, d * x + e * y + centre_y)
+  return (a, b, a * x + b * y + centre_x, d, e, d * x + e * y + centre_y)
+
+
+def _resample(plane: np.ndarray, matrix: tuple[float, ...],
+              resample: Image.Resampling) -> np.ndarray:
   image = Image.fromarray(plane)
-  return np.asarray(image.transform((width, height), Image.Transform.AFFINE, matrix, resample,
+  return np.asarray(image.transform(image.size, Image.Transform.AFFINE, matrix, resample,
                                     fillcolor=0))
 
 
 def _move(image: np.ndarray, mask: np.ndarray, degrees: float, shift: tuple[int, int],
           zoom: float) -> tuple[np.ndarray, np.ndarray]:
-  planes = [_affine(np.ascontiguousarray(image[..., c], np.float32), degrees, shift, zoom,
-                    Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
-  moved_mask = _affine(np.ascontiguousarray(mask[..., 0]), degrees, shift, zoom,
-                       Image.Resampling.NEAREST)
+  matrix = _affine_matrix(*image.shape[:2], degrees, shift, zoom)
+  planes = [_resample(np.ascontiguousarray(image[..., c], np.float32), matrix,
+                      Image.Resampling.BILINEAR) for c in range(image.shape[-1])]
+  moved_mask = _resample(np.ascontiguousarray(mask[..., 0]), matrix, Image.Resampling.NEAREST)
   return np.stack(planes, axis=-1), moved_mask[..., None]
 
 
