@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.split = "test"  # Split evaluated by --mode=eval and after training.
   eval_config.checkpoint = "best"  # best, latest or a step number.
+  # How a probability map becomes a mask: "threshold" (eval.threshold, or the
+  # tuned one) or "expected_dice" (per image, the mask of highest expected
+  # Dice; no threshold).
+  eval_config.decode = "threshold"
   eval_config.threshold = 0.5  # Probability above which a pixel is tumour.
   eval_config.tune_threshold = False  # Pick the threshold with the best Dice on data.val_split.
   eval_config.tta = False  # Average the probabilities of the image and its flips...

@@ -103,18 +103,20 @@ def test_fill_boxes_fills_each_blobs_bounding_box():
   np.testing.assert_array_equal(filled, expected)
 
 
-@pytest.mark.parametrize("never_empty,largest,fill,expected_pixels", [
-    (False, False, False, 0),  # Nothing above 0.9.
-    (True, False, False, 3),  # The region above half the peak: both blobs.
-    (True, True, False, 2),
-    (True, True, True, 4),  # The larger blob's 2x2 box.
+@pytest.mark.parametrize("decode,never_empty,largest,fill,expected_pixels", [
+    ("threshold", False, False, False, 0),  # Nothing above 0.9.
+    ("threshold", True, False, False, 3),  # The region above half the peak: both blobs.
+    ("threshold", True, True, False, 2),
+    ("threshold", True, True, True, 4),  # The larger blob's 2x2 box.
+    ("expected_dice", False, False, False, 3),  # The three likely pixels; no threshold.
+    ("expected_dice", False, True, True, 4),
 ])
-def test_binarise_post_processing(never_empty, largest, fill, expected_pixels):
+def test_binarise_post_processing(decode, never_empty, largest, fill, expected_pixels):
   probs = np.zeros((6, 6), np.float32)
   probs[1, 1], probs[2, 2] = 0.8, 0.5  # Diagonal neighbours: one 8-connected blob.
   probs[4, 5] = 0.45
-  post = ml_collections.ConfigDict(
-      {"never_empty": never_empty, "largest_component": largest, "fill_box": fill})
+  post = ml_collections.ConfigDict({"decode": decode, "never_empty": never_empty,
+                                    "largest_component": largest, "fill_box": fill})
   assert evaluate.binarise(probs, 0.9, post).sum() == expected_pixels
 
 

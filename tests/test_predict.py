@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from unet_jax import evaluate, export, parallel, predict, serving, steps
+from unet_jax.errors import UserError
 
 
 @pytest.fixture
@@ -87,3 +88,25 @@ def test_exported_model_matches_the_in_process_model(run, tmp_path):
   np.testing.assert_allclose(model(images), steps.predict_step(state, images), atol=1e-6)
   mask = model.predict_file(_phantom(workdir))
   assert mask.shape == (32, 32) and mask.dtype == bool
+
+
+def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(run, tmp_path):
+  config, workdir = run
+  config.eval.decode = "expected_dice"
+  config.eval.tune_threshold = True  # Ignored: nothing to tune.
+  summary = evaluate.evaluate(config, str(workdir))
+  assert summary["decode"] == "expected_dice"
+  assert summary["threshold"] is None and summary["threshold_tuned_on"] is None
+  predict.predict(config, str(workdir), str(_phantom(workdir)), str(tmp_path / "out"))
+  predicted = np.asarray(Image.open(tmp_path / "out" / f"{_phantom(workdir).stem}_mask.png")) > 0
+  exported = serving.load(export.export(config, str(workdir), str(tmp_path / "export"),
+                                        platforms=("cpu",)))
+  np.testing.assert_array_equal(exported.predict_file(_phantom(workdir)), predicted)
+  assert predicted.any()
+
+
+def test_unknown_decode_stops_evaluation_with_one_line(run):
+  config, workdir = run
+  config.eval.decode = "otsu"
+  with pytest.raises(UserError, match="eval.decode='otsu' is not one of"):
+    evaluate.evaluate(config, str(workdir))

@@ -12,6 +12,7 @@ import numpy as np
 
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
+from unet_jax import decoding
 from unet_jax import metrics as metrics_lib
 from unet_jax import optim
 from unet_jax import parallel
@@ -45,11 +46,17 @@ def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, 
 
 
 def binarise(probs: np.ndarray, threshold: float, post: ml_collections.ConfigDict) -> np.ndarray:
-  """Probabilities above `threshold`, post-processed as `post` (config.eval) says."""
-  mask = probs > threshold
-  if post.never_empty and not mask.any():
-    # The data promise a tumour in every image: take the likeliest region.
-    mask = probs >= probs.max() / 2
+  """The mask `post.decode` reads from the probabilities, post-processed as `post` says.
+
+  `post` is config.eval; `threshold` serves decode="threshold" only.
+  """
+  if post.decode == "expected_dice":
+    mask = decoding.expected_dice_mask(probs, allow_empty=not post.never_empty)
+  else:
+    mask = probs > threshold
+    if post.never_empty and not mask.any():
+      # The data promise a tumour in every image: take the likeliest region.
+      mask = probs >= probs.max() / 2
   if post.largest_component:
     mask = metrics_lib.largest_component(mask)
   if post.fill_box:
@@ -73,7 +80,8 @@ def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: s
   return float(THRESHOLDS[best])
 
 
-def score_split(predict, state, source, config, mesh, threshold: float) -> dict[str, np.ndarray]:
+def score_split(predict, state, source, config, mesh,
+                threshold: float | None) -> dict[str, np.ndarray]:
   """Per-image metrics (source order) of the thresholded, post-processed predictions."""
   counts = np.zeros((len(source), 4), np.int64)
   hd95 = np.zeros(len(source))
@@ -103,7 +111,8 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   masks = np.stack([s["mask"][..., 0] for s in samples])
   predicted = np.stack([binarise(p, threshold, config.eval) for p in probs])
   post = [name for name in ("never_empty", "largest_component", "fill_box") if config.eval[name]]
-  heading = f"prediction (p > {threshold:g})" + ("\n" + ", ".join(post) if post else "")
+  rule = "expected-Dice mask" if threshold is None else f"p > {threshold:g}"
+  heading = f"prediction ({rule})" + ("\n" + ", ".join(post) if post else "")
   if jax.process_index() == 0:
     reports.plot_predictions(path, images, masks, probs, predicted, heading, titles)
 
@@ -114,13 +123,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The summary written to eval/<split>/summary.json.
   """
+  decoding.check_decoder(config.eval.decode)
   mesh = parallel.make_mesh()
   split = config.eval.split
   source = data_lib.build_source(config.data, split, workdir)
   state, step = restore_state(config, workdir, mesh)
   predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
-  threshold = config.eval.threshold
-  if config.eval.tune_threshold:
+  # The expected-Dice mask needs no threshold, so none is tuned for it.
+  by_threshold = config.eval.decode == "threshold"
+  threshold = config.eval.threshold if by_threshold else None
+  tuned = by_threshold and config.eval.tune_threshold
+  if tuned:
     threshold = tune_threshold(predict, state, config, workdir, mesh)
   scores = score_split(predict, state, source, config, mesh, threshold)
   counts = scores.pop("counts")
@@ -128,8 +141,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "split": split,
       "n_images": len(source),
       "checkpoint_step": step,
+      "decode": config.eval.decode,
       "threshold": threshold,
-      "threshold_tuned_on": config.data.val_split if config.eval.tune_threshold else None,
+      "threshold_tuned_on": config.data.val_split if tuned else None,
       "tta": config.eval.tta,
       "tta_up_down": config.eval.tta_up_down,
       "largest_component": config.eval.largest_component,

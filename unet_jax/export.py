@@ -50,6 +50,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
                 "scale": "pixel values divided by the type's maximum (255 or 65535), in [0, 1]",
                 "resize": "bilinear to height x width"},
       "output": "tumour probability per pixel, (N, height, width)",
+      "decode": config.eval.decode,
       "threshold": config.eval.threshold,
       "checkpoint_step": step,
       "platforms": list(platforms),

@@ -5,8 +5,9 @@
     probs = model(images)            # (N, H, W, C) float32 in [0, 1] -> (N, H, W)
     mask = model.predict_file("scan.png")   # bool mask at the file's own size
 
-This module deliberately imports nothing of the model code, so the folder can
-be copied next to any jax installation.
+This module deliberately imports nothing of the model code (only the numpy
+`decoding`), so the folder can be copied next to any jax installation. It
+applies model.json's decode rule, not evaluation's post-processing.
 """
 
 import json
@@ -15,6 +16,8 @@ import pathlib
 import jax
 import numpy as np
 from PIL import Image
+
+from unet_jax import decoding
 
 
 class ExportedModel:
@@ -29,7 +32,7 @@ class ExportedModel:
     return np.asarray(self._exported.call(np.asarray(images, np.float32)))
 
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
-    """The thresholded mask of one image file, at the file's own size."""
+    """The mask (model.json's decode rule) of one image file, at the file's own size."""
     spec = self.meta["input"]
     with Image.open(path) as img:
       if img.mode.startswith("I;16"):
@@ -42,6 +45,8 @@ class ExportedModel:
     if resized.shape[-1] != spec["channels"]:
       resized = np.repeat(resized, spec["channels"], axis=-1)
     prob = _resize(self(resized[None])[0], (array.shape[1], array.shape[0]))
+    if self.meta.get("decode") == "expected_dice":
+      return decoding.expected_dice_mask(prob)
     return prob > self.meta["threshold"]
 
 
