@@ -53,16 +53,24 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
                       help="Persistent compilation cache folder ('off': every run compiles).")
   parser.add_argument("--xla_defaults", type=int, default=1,
                       help="0: without unet_jax.xla_config's XLA flags (the 'before' numbers).")
+  parser.add_argument("--keep_freed_memory", type=int, default=1,
+                      help="0: glibc's default allocator (xla_config.keep_freed_memory off), "
+                           "for both implementations.")
   parser.add_argument("--lowering", default="ours", choices=("ours", "flax"),
                       help="flax: flax's own max_pool and ConvTranspose instead of "
                            "unet_jax.layers' (the 'before' numbers).")
 
 
-def setup(args) -> None:
-  """Applies the XLA settings of the flags; call before any JAX computation."""
+def setup(args) -> bool:
+  """Applies the process settings of the flags; call before any JAX computation.
+
+  Returns:
+    Whether freed memory is kept (`xla_config.keep_freed_memory`).
+  """
   if not args.xla_defaults:
     os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
-  xla_config.configure(cache_dir=args.cache_dir)
+  xla_config.configure(cache_dir=args.cache_dir, keep_memory=False)
+  return bool(args.xla_defaults and args.keep_freed_memory) and xla_config.keep_freed_memory()
 
 
 def xla_flags() -> str:

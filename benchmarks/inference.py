@@ -27,7 +27,7 @@ def main():
   parser.add_argument("--sizes", default="256,640")
   parser.add_argument("--batches", default="1,16")
   args = parser.parse_args()
-  common.setup(args)
+  kept_memory = common.setup(args)
   sizes = [int(s) for s in args.sizes.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
 
@@ -71,7 +71,8 @@ def main():
   out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
          "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering, "cases": cases,
          "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
-         "xla_flags": common.xla_flags()}
+         "xla_flags": common.xla_flags(),
+         "keep_freed_memory": kept_memory}
   if torch_model is not None:
     out["min_ratio"] = min(c["ratio"] for c in cases)
   common.emit(out)

@@ -35,7 +35,7 @@ def main():
   parser.add_argument("--chip_peak_tflops", type=float, default=0.0,
                       help="The chip's datasheet dense peak in --dtype, for `mfu` (0: not given).")
   args = parser.parse_args()
-  common.setup(args)
+  kept_memory = common.setup(args)
   hits = common.count_cache_hits()
 
   config = common.make_config(args)
@@ -93,7 +93,8 @@ def main():
       "compile_cache_hits": hits(), "gflop_per_step": flops / 1e9,
       "gflops_per_s": flops / 1e9 / step_s, "peak_rss_mb": rss, "params": params,
       "steps_timed": len(times["jax"]), "device": common.device_name(),
-      "xla_flags": common.xla_flags()}
+      "xla_flags": common.xla_flags(),
+      "keep_freed_memory": kept_memory}
   if args.chip_peak_tflops:
     out["mfu"] = out["gflops_per_s"] / (args.chip_peak_tflops * 1e3)
   if "matmul" in times:

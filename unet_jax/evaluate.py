@@ -45,7 +45,8 @@ def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, 
       yield int(host["index"][i]), host["probs"][i], host["mask"][i, ..., 0] > 0
 
 
-def binarise(probs: np.ndarray, threshold: float, post: ml_collections.ConfigDict) -> np.ndarray:
+def binarise(probs: np.ndarray, threshold: float | None,
+             post: ml_collections.ConfigDict) -> np.ndarray:
   """The mask `post.decode` reads from the probabilities, post-processed as `post` says.
 
   `post` is config.eval; `threshold` serves decode="threshold" only.
