@@ -1,4 +1,4 @@
-"""Process-wide JAX/XLA settings: XLA:CPU options, the allocator and the compilation cache.
+"""Process-wide JAX/XLA settings: XLA:CPU options and the persistent compilation cache.
 
 Call `configure()` once at start-up, before the first JAX computation (XLA
 reads XLA_FLAGS when its backend starts); launch.py does:
@@ -10,15 +10,12 @@ Environment overrides:
   UNET_JAX_CACHE_DIR: persistent compilation cache folder instead of
     <workdir>/compile_cache, e.g. one folder shared by all runs; "off" or ""
     turns the cache off.
-  UNET_JAX_XLA_DEFAULTS=0: leave XLA_FLAGS as the user set them, and the
-    allocator as it is.
+  UNET_JAX_XLA_DEFAULTS=0: leave XLA_FLAGS as the user set them.
   XLA_FLAGS: a flag the user set there wins over ours.
 """
 
-import ctypes
 import logging
 import os
-import platform
 
 # XLA:CPU options measured to speed up the U-Net train step (benchmarks/README.md):
 # convolutions go to XLA's Eigen kernels instead of YNNPACK, whose
@@ -32,8 +29,6 @@ _FLAGS_JAXLIB = ((0, 10), (0, 13))
 
 # Compilations faster than this are not worth a cache entry (seconds).
 MIN_COMPILE_SECS = 1.0
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def cache_dir_for(workdir: str) -> str:
@@ -65,38 +60,20 @@ def cpu_flags() -> tuple[str, ...]:
   return CPU_FLAGS
 
 
-def keep_freed_memory() -> bool:
-  """Makes glibc's malloc keep freed memory for reuse; returns whether it could.
-
-  By default glibc maps each block over 32 MiB afresh and unmaps it when it
-  is freed, so every step page-faults its large buffers in again and the
-  kernel zeroes them (benchmarks/README.md: PyTorch's train step ran 1.35x
-  faster without that, ours 1.02-1.04x). Freed memory then stays with the
-  process, so its resident size is its high-water mark.
-  """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  mallopt = ctypes.CDLL(None).mallopt
-  return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def configure(cache_dir: str, keep_memory: bool = True) -> str | None:
-  """Sets our XLA:CPU flags and allocator option, and turns on the compilation cache.
+def configure(cache_dir: str) -> str | None:
+  """Sets our XLA:CPU flags and turns on the persistent compilation cache.
 
   A second run of the same program with the same shapes and config then
   loads its compiled steps from the cache instead of compiling them.
 
   Args:
     cache_dir: Persistent compilation cache folder; "off" or "" turns it off.
-    keep_memory: Apply keep_freed_memory() (unless UNET_JAX_XLA_DEFAULTS=0).
 
   Returns:
     The cache folder in use, or None when the cache is off.
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
 
-  if keep_memory and os.environ.get("UNET_JAX_XLA_DEFAULTS", "1") != "0":
-    keep_freed_memory()
   flags = cpu_flags()
   if flags:
     if xla_bridge.backends_are_initialized():
