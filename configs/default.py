@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Dice; no threshold).
   eval_config.decode = "threshold"
   eval_config.threshold = 0.5  # Probability above which a pixel is tumour.
-  eval_config.tune_threshold = False  # Pick the threshold with the best Dice on data.val_split.
+  eval_config.tune_threshold = False  # decode=threshold: pick it by Dice on data.val_split.
   eval_config.tta = False  # Average the probabilities of the image and its flips...
   eval_config.tta_up_down = True  # ...up-down ones too (False: left-right only).
   eval_config.largest_component = False  # Keep only the largest predicted tumour blob.
