@@ -1,4 +1,4 @@
-"""Probability map -> binary mask without a threshold: the mask of highest expected Dice.
+"""Probability map -> binary mask: by a threshold, or the mask of highest expected Dice.
 
 numpy only, so `serving` can use it without the model code.
 """
@@ -14,6 +14,27 @@ def check_decoder(name: str) -> None:
   """Raises UserError unless `name` is one of DECODERS."""
   if name not in DECODERS:
     raise UserError(f"eval.decode={name!r} is not one of {list(DECODERS)}")
+
+
+def decode(probs: np.ndarray, rule: str, threshold: float | None,
+           never_empty: bool = False) -> np.ndarray:
+  """The mask `rule` (one of DECODERS) reads from a probability map.
+
+  Args:
+    probs: Probabilities, any shape.
+    rule: "threshold" (probs above `threshold`) or "expected_dice".
+    threshold: Used by "threshold" only.
+    never_empty: Never return an empty mask: for data where every image
+      holds a tumour.
+  """
+  check_decoder(rule)
+  if rule == "expected_dice":
+    return expected_dice_mask(probs, allow_empty=not never_empty)
+  mask = probs > threshold
+  if never_empty and not mask.any():
+    # The data promise a tumour in every image: take the likeliest region.
+    mask = probs >= probs.max() / 2
+  return mask
 
 
 def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarray:

@@ -51,13 +51,7 @@ def binarise(probs: np.ndarray, threshold: float | None,
 
   `post` is config.eval; `threshold` serves decode="threshold" only.
   """
-  if post.decode == "expected_dice":
-    mask = decoding.expected_dice_mask(probs, allow_empty=not post.never_empty)
-  else:
-    mask = probs > threshold
-    if post.never_empty and not mask.any():
-      # The data promise a tumour in every image: take the likeliest region.
-      mask = probs >= probs.max() / 2
+  mask = decoding.decode(probs, post.decode, threshold, post.never_empty)
   if post.largest_component:
     mask = metrics_lib.largest_component(mask)
   if post.fill_box:
@@ -124,7 +118,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The summary written to eval/<split>/summary.json.
   """
-  decoding.check_decoder(config.eval.decode)
   mesh = parallel.make_mesh()
   split = config.eval.split
   source = data_lib.build_source(config.data, split, workdir)

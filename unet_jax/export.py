@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_jax import decoding
 from unet_jax import evaluate
 from unet_jax import model as model_lib
 from unet_jax import parallel
@@ -29,6 +30,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   Returns:
     The folder holding model.jax_exported and model.json.
   """
+  decoding.check_decoder(config.eval.decode)  # model.json names it for serving.
   out = pathlib.Path(output_dir) if output_dir else pathlib.Path(workdir) / "export"
   state, step = evaluate.restore_state(config, workdir, parallel.make_mesh())
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})

@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from unet_jax import decoding
 from unet_jax import evaluate
 from unet_jax import parallel
 from unet_jax import steps
@@ -61,7 +60,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   Returns:
     The CSV rows.
   """
-  decoding.check_decoder(config.eval.decode)
   if config.eval.decode == "threshold" and config.eval.tune_threshold:
     logging.warning("predict uses eval.threshold=%g, not a tuned one (eval/<split>/summary.json "
                     "has those; pass --config.eval.threshold)", config.eval.threshold)

@@ -45,9 +45,7 @@ class ExportedModel:
     if resized.shape[-1] != spec["channels"]:
       resized = np.repeat(resized, spec["channels"], axis=-1)
     prob = _resize(self(resized[None])[0], (array.shape[1], array.shape[0]))
-    if self.meta.get("decode") == "expected_dice":
-      return decoding.expected_dice_mask(prob)
-    return prob > self.meta["threshold"]
+    return decoding.decode(prob, self.meta.get("decode", "threshold"), self.meta["threshold"])
 
 
 def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
