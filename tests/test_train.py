@@ -55,6 +55,15 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained):
     evaluate.evaluate(config, str(workdir))
 
 
+def test_checkpoint_with_parameters_the_config_lacks_is_a_clear_error(tmp_path, tiny_config):
+  tiny_config.train.ema_decay = 0.9
+  tiny_config.train.epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.train.ema_decay = 0.0
+  with pytest.raises(UserError, match="ema_params/.* is in the checkpoint but not in the model"):
+    evaluate.evaluate(tiny_config, str(tmp_path))
+
+
 def test_finished_run_is_not_trained_again(trained):
   config, workdir, _ = trained
   before = (workdir / "metrics.jsonl").read_text()

@@ -89,13 +89,18 @@ class Checkpoints:
   def _check_matches(self, step: int, saved: Any, target: Any) -> None:
     saved_shapes = {_path_name(path): tuple(leaf.shape)
                     for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
-      key = _path_name(path)
-      if saved_shapes.get(key) != tuple(leaf.shape):
+    target_shapes = {_path_name(path): tuple(leaf.shape)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for key, shape in target_shapes.items():
+      if saved_shapes.get(key) != shape:
         found = "missing" if key not in saved_shapes else f"shape {saved_shapes[key]}"
-        raise UserError(f"{self.directory}/{step}: checkpoint does not match the config: "
-                        f"{key} is {found} in the checkpoint but {tuple(leaf.shape)} in the "
-                        "model (was model.* changed?)")
+        self._mismatch(step, f"{key} is {found} in the checkpoint but {shape} in the model")
+    for key in saved_shapes.keys() - target_shapes.keys():
+      self._mismatch(step, f"{key} is in the checkpoint but not in the model")
+
+  def _mismatch(self, step: int, what: str) -> None:
+    raise UserError(f"{self.directory}/{step}: checkpoint does not match the config: {what} "
+                    "(was model.* or train.ema_decay changed?)")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
