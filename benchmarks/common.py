@@ -14,6 +14,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 # PyTorch's OpenMP threads spin while they wait by default; on a machine shared
 # with other processes that halves its speed (measured: 2.4 s vs 5.7 s a step),
@@ -35,6 +36,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -61,6 +63,8 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--keep_freed_memory", type=int, default=1,
                       help="0: glibc's default allocator for both implementations "
                            "(1: keep_freed_memory, freed blocks reused).")
+  parser.add_argument("--conv", default="auto", choices=("auto", "xla", "onednn"),
+                      help="UNET_JAX_CONV: where the 3x3 convolutions run (unet_jax.onednn).")
   parser.add_argument("--lowering", default="ours", choices=("ours", "flax"),
                       help="flax: flax's own max_pool and ConvTranspose instead of "
                            "unet_jax.layers' (the 'before' numbers).")
@@ -74,6 +78,7 @@ def setup(args) -> bool:
   """
   if not args.xla_defaults:
     os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
+  os.environ["UNET_JAX_CONV"] = args.conv
   xla_config.configure(cache_dir=args.cache_dir)
   return bool(args.keep_freed_memory) and keep_freed_memory()
 
@@ -91,6 +96,11 @@ def keep_freed_memory() -> bool:
     return False
   mallopt = ctypes.CDLL(None).mallopt
   return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def conv_backend() -> str:
+  """Where the model's 3x3 convolutions ran: onednn or xla."""
+  return "onednn" if onednn.wanted() else "xla"
 
 
 def xla_flags() -> str:
@@ -145,6 +155,16 @@ def cost_flops(stage) -> float:
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def model_flops(lower: Callable[[], Any]) -> float:
+  """FLOPs of the computation `lower()` jits afresh and lowers, with XLA's convolutions.
+
+  XLA's cost analysis counts oneDNN's custom calls as zero; the mathematics,
+  and so the model's FLOPs, are the same with XLA's convolutions.
+  """
+  with onednn.xla_convolutions():
+    return cost_flops(lower())
 
 
 def peak_rss_mb() -> float:

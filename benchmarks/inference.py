@@ -10,6 +10,7 @@ ratio = ours / torch; min_ratio over the cases.
 """
 
 import argparse
+import functools
 import time
 
 import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
@@ -37,7 +38,8 @@ def main():
   state = jax.device_put(
       steps.create_train_state(config, (sizes[0], sizes[0], args.channels), tx),
       parallel.replicated(mesh))
-  predict = steps.jit_predict(mesh)
+  jit_predict = functools.partial(steps.jit_predict, mesh)
+  predict = jit_predict()
   torch_model = None
   if args.reference == "torch":
     torch_model = _torch_model(config)
@@ -62,14 +64,14 @@ def main():
       call_s = common.median(times["jax"])
       case = {"size": size, "batch": batch_size, "img_per_s": batch_size / call_s,
               "call_s": call_s, "compile_s": compile_s,
-              "gflop": common.cost_flops(lowered) / 1e9}
+              "gflop": common.model_flops(lambda: jit_predict().lower(state, device_images)) / 1e9}
       if "torch" in times:
         torch_s = common.median(times["torch"])
         case.update(torch_img_per_s=batch_size / torch_s, ratio=torch_s / call_s)
       cases.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in case.items()})
 
   out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
-         "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering, "cases": cases,
+         "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering, "conv": common.conv_backend(), "cases": cases,
          "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
          "xla_flags": common.xla_flags(),
          "keep_freed_memory": kept_memory}

@@ -54,7 +54,7 @@ def main():
   compile_s = time.perf_counter() - start
   # The step as lowered, before XLA's rewrites: the model's FLOPs on any backend (a compiled
   # GPU step calls cuDNN convolutions, which its cost analysis counts as zero).
-  flops = common.cost_flops(lowered)
+  flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(state, batch))
   params = common.param_count(state.params)
   holder = {"state": state}
 
@@ -88,7 +88,7 @@ def main():
       "benchmark": "train_step", "image_size": args.image_size, "batch_size": args.batch_size,
       "features": args.features, "depth": args.depth, "pooling": args.pooling,
       "activation": args.activation, "norm": args.norm, "dtype": args.dtype,
-      "lowering": args.lowering,
+      "lowering": args.lowering, "conv": common.conv_backend(),
       "img_per_s": args.batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
       "compile_cache_hits": hits(), "gflop_per_step": flops / 1e9,
       "gflops_per_s": flops / 1e9 / step_s, "peak_rss_mb": rss, "params": params,

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unet_jax import onednn
+
 
 def _lax_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
@@ -57,12 +59,14 @@ single_channel_conv.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
 
 
 class Conv(nn.Conv):
-  """nn.Conv that computes 1x1 convolutions as a matmul and one-channel inputs as taps.
+  """nn.Conv with faster lowerings for the shapes the U-Net uses.
 
-  Same class name, so the same auto-named parameter paths (Conv_0), and the
-  same parameters. The 1x1 form's kernel gradient is a matmul too, where
-  XLA:CPU's convolution took 3x as long for the U-Net's one-logit head.
-  Every other shape goes to nn.Conv.
+  1x1 convolutions are a matmul (XLA:CPU's convolution took 3x as long for
+  the one-logit head, kernel gradient included), one-channel inputs a sum of
+  taps, and other stride-1 "SAME" float32 convolutions go to oneDNN where
+  `onednn.wanted()` says so. Same class name, so the same auto-named
+  parameter paths (Conv_0), and the same parameters. Every other shape goes
+  to nn.Conv.
   """
 
   @nn.compact
@@ -75,9 +79,12 @@ class Conv(nn.Conv):
     pointwise = plain and size == (1, 1) and self.padding in ("SAME", "VALID")
     rates = self.kernel_dilation or 1
     rates = (rates, rates) if isinstance(rates, int) else tuple(rates)
-    one_channel = (plain and inputs.shape[-1] == 1 and self.padding == "SAME"
-                   and rates[0] == rates[1] and all(k % 2 == 1 for k in size))
-    if not (pointwise or one_channel):
+    same = plain and self.padding == "SAME" and rates[0] == rates[1]
+    one_channel = same and inputs.shape[-1] == 1 and all(k % 2 == 1 for k in size)
+    float32 = all(jnp.dtype(t) == jnp.float32
+                  for t in (self.dtype or inputs.dtype, inputs.dtype, self.param_dtype))
+    on_onednn = same and not (pointwise or one_channel) and float32 and onednn.wanted()
+    if not (pointwise or one_channel or on_onednn):
       return super().__call__(inputs)
     kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
                         self.param_dtype)
@@ -86,8 +93,10 @@ class Conv(nn.Conv):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     if pointwise:
       y = jnp.dot(inputs, kernel[0, 0], precision=self.precision)
-    else:
+    elif one_channel:
       y = single_channel_conv(inputs, kernel, rates[0])
+    else:
+      y = onednn.conv(inputs, kernel, rates[0])
     return y if bias is None else y + bias
 
 

@@ -1,0 +1,129 @@
+"""oneDNN convolutions: the same mathematics as XLA's, and used only where they are right."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import export
+from unet_jax import model as model_lib
+from unet_jax import onednn
+from unet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _xla_conv(x, kernel, dilation):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _assert_close(got, want, rtol=1e-4):
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [
+    # N, H, W, Cin, Cout, KH, KW, dilation
+    (1, 8, 8, 4, 4, 3, 3, 1),
+    (2, 9, 7, 3, 5, 3, 3, 2),  # odd sizes: XLA puts the odd padding pixel at the end
+    (8, 17, 15, 16, 32, 3, 3, 2),
+    (2, 16, 16, 64, 8, 3, 3, 4),
+    (2, 11, 9, 8, 12, 5, 3, 1),
+])
+def test_conv_and_its_gradients_match_xla(shape):
+  n, h, w, cin, cout, kh, kw, dilation = shape
+  keys = jax.random.split(jax.random.key(sum(shape)), 3)
+  x = jax.random.normal(keys[0], (n, h, w, cin))
+  kernel = jax.random.normal(keys[1], (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)
+  dy = jax.random.normal(keys[2], (n, h, w, cout))
+
+  def value_and_vjp(conv):
+    y, vjp = jax.vjp(lambda x, k: conv(x, k, dilation), x, kernel)
+    return (y, *vjp(dy))
+
+  got = jax.jit(lambda: value_and_vjp(onednn.conv))()
+  want = jax.jit(lambda: value_and_vjp(_xla_conv))()
+  for name, a, b in zip(("y", "dx", "dkernel"), got, want):
+    assert a.shape == b.shape, name
+    _assert_close(a, b)
+
+
+def test_conv_is_deterministic():
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 16))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.tanh(onednn.conv(x, k, 1))), argnums=(0, 1)))
+  first, second = grad(x, kernel), grad(x, kernel)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unet_loss_and_gradients_match_xla(monkeypatch):
+  unet = model_lib.UNet(features=8, depth=3, dilation=(1, 1, 2, 2))
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
+  variables = unet.init(jax.random.key(1), images, train=False)
+
+  def loss_and_grads():
+    def loss(params):
+      logits, _ = unet.apply({**variables, "params": params}, images, train=True,
+                             mutable=["batch_stats"])
+      return jnp.mean(jax.nn.sigmoid(logits) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  monkeypatch.setattr(onednn, "wanted", lambda: False)
+  want = loss_and_grads()
+  calls = []
+  monkeypatch.setattr(onednn, "wanted", lambda: calls.append(1) or True)
+  got = loss_and_grads()
+  assert calls, "no convolution went to oneDNN"
+  _assert_close(got[0], want[0])
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    _assert_close(a, b, rtol=1e-3)
+
+
+def test_several_devices_keep_xla(monkeypatch):
+  assert jax.device_count() == 4
+  monkeypatch.setenv("UNET_JAX_CONV", "auto")
+  assert not onednn.wanted()
+  monkeypatch.setenv("UNET_JAX_CONV", "onednn")
+  with pytest.raises(UserError, match="needs one CPU device"):
+    onednn.wanted()
+  monkeypatch.setenv("UNET_JAX_CONV", "fast")
+  with pytest.raises(UserError, match="UNET_JAX_CONV='fast'"):
+    onednn.wanted()
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv("UNET_JAX_BUILD_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises(UserError, match=r"no C\+\+ compiler"):
+    onednn.library_path()
+
+
+def test_a_run_on_one_cpu_device_trains_on_onednn_and_exports_without_it(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "UNET_JAX_CONV": "onednn"}
+  workdir = tmp_path / "run"
+  launch = [sys.executable, str(REPO / "launch.py"), f"--workdir={workdir}"]
+  for mode in ("--config=configs/brain.py:smoke", "--mode=export"):
+    subprocess.run([*launch, mode], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=300)
+  summary = json.loads((workdir / "eval/test/summary.json").read_text())
+  assert summary["n_images"] == 8 and 0 <= summary["metrics"]["dice"]["mean"] <= 1
+  # The artifact runs on machines without our library: XLA's convolutions only.
+  exported = jax.export.deserialize((workdir / "export" / export.MODEL_FILE).read_bytes())
+  module = exported.mlir_module()
+  assert "stablehlo.convolution" in module and "unet_onednn" not in module
+
+
+def test_exports_trace_xla_convolutions(monkeypatch):
+  monkeypatch.setenv("UNET_JAX_CONV", "onednn")
+  with onednn.xla_convolutions():
+    assert not onednn.wanted()
+  with pytest.raises(UserError):  # four devices here
+    onednn.wanted()

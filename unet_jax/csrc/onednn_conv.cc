@@ -1,0 +1,207 @@
+// oneDNN 2-D convolutions as XLA FFI handlers (CPU, float32); see unet_jax/onednn.py.
+//
+// Stride 1, "SAME" padding (XLA's split: an odd pixel goes to the end), dilation
+// >= 1, no bias. Activations NHWC, kernel HWIO:
+//   unet_onednn_conv_fwd:         (x, w)  -> y
+//   unet_onednn_conv_bwd_data:    (dy, w) -> dx
+//   unet_onednn_conv_bwd_weights: (x, dy) -> dw
+// Activations stay NHWC, so they are never reordered (blocked layouts were
+// slower once their reorders were counted); the kernel takes the layout the
+// primitive prefers and is reordered from or to HWIO on each call (small).
+// Primitives are cached by shape: creating one costs more than running it.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Desc = dnnl::memory::desc;
+using Tag = dnnl::memory::format_tag;
+constexpr auto kF32 = dnnl::memory::data_type::f32;
+
+enum Kind : int64_t { kFwd, kBwdData, kBwdWeights };
+
+struct Geometry {
+  int64_t n, h, w, cin, cout, kh, kw, dilation;
+};
+
+// One tensor of a primitive: its layout in XLA's buffer (`user`), the layout
+// the primitive wants (`prim`) and the reorder between them when they differ.
+struct Operand {
+  int arg;
+  Desc user, prim;
+  bool output;
+  dnnl::reorder reorder;  // user -> prim for inputs, prim -> user for outputs.
+};
+
+struct Plan {
+  dnnl::primitive primitive;
+  std::vector<Operand> operands;  // In the order of the handler's buffers.
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
+  Operand op{arg, user, prim, output, dnnl::reorder()};
+  if (user != prim) {
+    op.reorder = output ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prim, Engine(), user))
+                        : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), prim));
+  }
+  return op;
+}
+
+std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g) {
+  const auto& engine = Engine();
+  const Desc src({g.n, g.cin, g.h, g.w}, kF32, Tag::nhwc);
+  const Desc dst({g.n, g.cout, g.h, g.w}, kF32, Tag::nhwc);
+  const Desc hwio({g.cout, g.cin, g.kh, g.kw}, kF32, Tag::hwio);
+  const Desc any_weights({g.cout, g.cin, g.kh, g.kw}, kF32, Tag::any);
+  // oneDNN counts dilation from 0: 0 is a dense kernel.
+  const dnnl::memory::dims strides{1, 1}, dilates{g.dilation - 1, g.dilation - 1};
+  const int64_t pad_h = (g.kh - 1) * g.dilation, pad_w = (g.kw - 1) * g.dilation;
+  const dnnl::memory::dims pad_l{pad_h / 2, pad_w / 2};
+  const dnnl::memory::dims pad_r{pad_h - pad_h / 2, pad_w - pad_w / 2};
+  const auto algo = dnnl::algorithm::convolution_direct;
+
+  dnnl::convolution_forward::primitive_desc fwd(engine, dnnl::prop_kind::forward_training, algo,
+                                                src, any_weights, dst, strides, dilates, pad_l,
+                                                pad_r);
+  auto plan = std::make_shared<Plan>();
+  if (kind == kFwd) {
+    plan->primitive = dnnl::convolution_forward(fwd);
+    plan->operands = {MakeOperand(DNNL_ARG_SRC, src, fwd.src_desc(), false),
+                      MakeOperand(DNNL_ARG_WEIGHTS, hwio, fwd.weights_desc(), false),
+                      MakeOperand(DNNL_ARG_DST, dst, fwd.dst_desc(), true)};
+  } else if (kind == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc bwd(engine, algo, src, any_weights, dst,
+                                                        strides, dilates, pad_l, pad_r, fwd);
+    plan->primitive = dnnl::convolution_backward_data(bwd);
+    plan->operands = {MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
+                      MakeOperand(DNNL_ARG_WEIGHTS, hwio, bwd.weights_desc(), false),
+                      MakeOperand(DNNL_ARG_DIFF_SRC, src, bwd.diff_src_desc(), true)};
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(engine, algo, src, any_weights, dst,
+                                                           strides, dilates, pad_l, pad_r, fwd);
+    plan->primitive = dnnl::convolution_backward_weights(bwd);
+    plan->operands = {MakeOperand(DNNL_ARG_SRC, src, bwd.src_desc(), false),
+                      MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
+                      MakeOperand(DNNL_ARG_DIFF_WEIGHTS, hwio, bwd.diff_weights_desc(), true)};
+  }
+  return plan;
+}
+
+std::shared_ptr<const Plan> GetPlan(Kind kind, const Geometry& g) {
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 9>, std::shared_ptr<const Plan>> cache;
+  const std::array<int64_t, 9> key{kind, g.n, g.h, g.w, g.cin, g.cout, g.kh, g.kw, g.dilation};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& plan = cache[key];
+  if (!plan) plan = CreatePlan(kind, g);
+  return plan;
+}
+
+void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
+  const auto& engine = Engine();
+  // XLA may call a handler from several of its threads at once; a stream is
+  // not thread-safe, so each thread has its own.
+  thread_local dnnl::stream stream(Engine());
+  std::unordered_map<int, dnnl::memory> args;
+  std::vector<std::pair<const Operand*, dnnl::memory>> write_back;
+  for (size_t i = 0; i < plan.operands.size(); ++i) {
+    const Operand& op = plan.operands[i];
+    dnnl::memory user(op.user, engine, buffers[i]);
+    if (op.user == op.prim) {
+      args.emplace(op.arg, user);
+      continue;
+    }
+    dnnl::memory reordered(op.prim, engine);
+    if (op.output) {
+      write_back.emplace_back(&op, user);
+    } else {
+      op.reorder.execute(stream, user, reordered);
+    }
+    args.emplace(op.arg, reordered);
+  }
+  plan.primitive.execute(stream, args);
+  for (auto& [op, user] : write_back) op->reorder.execute(stream, args.at(op->arg), user);
+  stream.wait();
+}
+
+ffi::Error Run(Kind kind, const Geometry& g, const std::array<void*, 3>& buffers) {
+  if (g.dilation < 1) return ffi::Error::InvalidArgument("onednn_conv: dilation must be >= 1");
+  if (g.n * g.h * g.w * g.cin * g.cout * g.kh * g.kw == 0) {
+    return ffi::Error::InvalidArgument("onednn_conv: zero-sized dimension");
+  }
+  try {
+    Execute(*GetPlan(kind, g), buffers);
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: oneDNN error: ") + e.what() +
+                                " (status " + std::to_string(e.status) + ")");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using Input = ffi::Buffer<ffi::F32, 4>;
+using Output = ffi::ResultBuffer<ffi::F32, 4>;
+
+bool SameNhw(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a[0] == b[0] && a[1] == b[1] && a[2] == b[2];
+}
+
+ffi::Error ConvFwd(Input x, Input w, Output y, int64_t dilation) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd[3] != wd[2] || !SameNhw(xd, yd) || yd[3] != wd[3]) {
+    return ffi::Error::InvalidArgument("onednn_conv_fwd: shapes of x (NHWC), w (HWIO), y disagree");
+  }
+  Geometry g{xd[0], xd[1], xd[2], wd[2], wd[3], wd[0], wd[1], dilation};
+  return Run(kFwd, g, {x.untyped_data(), w.untyped_data(), y->untyped_data()});
+}
+
+ffi::Error ConvBwdData(Input dy, Input w, Output dx, int64_t dilation) {
+  auto dyd = dy.dimensions(), wd = w.dimensions(), dxd = dx->dimensions();
+  if (dyd[3] != wd[3] || !SameNhw(dyd, dxd) || dxd[3] != wd[2]) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv_bwd_data: shapes of dy (NHWC), w (HWIO), dx disagree");
+  }
+  Geometry g{dxd[0], dxd[1], dxd[2], wd[2], wd[3], wd[0], wd[1], dilation};
+  return Run(kBwdData, g, {dy.untyped_data(), w.untyped_data(), dx->untyped_data()});
+}
+
+ffi::Error ConvBwdWeights(Input x, Input dy, Output dw, int64_t dilation) {
+  auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
+  if (!SameNhw(xd, dyd) || dwd[2] != xd[3] || dwd[3] != dyd[3]) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv_bwd_weights: shapes of x (NHWC), dy (NHWC), dw (HWIO) disagree");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[3], dwd[0], dwd[1], dilation};
+  return Run(kBwdWeights, g, {x.untyped_data(), dy.untyped_data(), dw->untyped_data()});
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, ConvFwd,
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                                  .Attr<int64_t>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, ConvBwdData,
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                                  .Attr<int64_t>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, ConvBwdWeights,
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                                  .Attr<int64_t>("dilation"));

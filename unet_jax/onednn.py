@@ -1,0 +1,198 @@
+"""Stride-1 "SAME" float32 convolutions on oneDNN, for XLA:CPU.
+
+XLA:CPU's own convolution kernels took 1.5x the time of oneDNN's on the
+U-Net's 3x3 layers (benchmarks/README.md). `conv` runs the forward pass and
+both gradients as oneDNN primitives, called through the XLA FFI from
+`csrc/onednn_conv.cc`. That file is compiled against the oneDNN of the
+`onednn-cpu-gomp` wheel the first time it is needed (a few seconds, with the
+C++ compiler `$CXX`, else `c++`) and kept in `$UNET_JAX_BUILD_DIR` (default
+`~/.cache/unet_jax`), one library per source, jaxlib and oneDNN version.
+
+`UNET_JAX_CONV` picks where layers.Conv sends these convolutions: `auto` (the
+default: oneDNN when JAX computes on one CPU device and the library builds,
+else XLA), `xla`, or `onednn` (an error when it cannot be used). Either way
+the mathematics is the same (tests/test_onednn.py). Several devices always
+use XLA's: a custom call is not partitioned over a sharded batch.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import numpy as np
+
+from unet_jax.errors import UserError
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
+_LIBRARY_WHEEL, _HEADERS_WHEEL = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+_TARGETS = {"unet_onednn_conv_fwd": "UnetOnednnConvFwd",
+            "unet_onednn_conv_bwd_data": "UnetOnednnConvBwdData",
+            "unet_onednn_conv_bwd_weights": "UnetOnednnConvBwdWeights"}
+CHOICES = ("auto", "xla", "onednn")
+_xla_only = False
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """Within it, models trace XLA's convolutions whatever UNET_JAX_CONV says.
+
+  For what must not hold our custom call: a jax.export artifact, which other
+  machines and platforms run without this library, and cost analyses, which
+  count a custom call as zero FLOPs. Trace afresh inside it (a new jax.jit),
+  so that no trace made outside is reused.
+  """
+  global _xla_only
+  saved, _xla_only = _xla_only, True
+  try:
+    yield
+  finally:
+    _xla_only = saved
+
+
+def choice() -> str:
+  """UNET_JAX_CONV: auto, xla or onednn."""
+  value = os.environ.get("UNET_JAX_CONV", "auto")
+  if value not in CHOICES:
+    raise UserError(f"UNET_JAX_CONV={value!r}: use one of {', '.join(CHOICES)}")
+  return value
+
+
+def wanted() -> bool:
+  """Whether layers.Conv should use `conv` for the convolutions it can take.
+
+  Only on one CPU device: XLA does not partition a custom call, and under a
+  sharded batch the kernel gradient came out wrong, so several devices
+  (fake CPU devices, several hosts) keep XLA's convolutions.
+  """
+  setting = choice()
+  if setting == "xla" or _xla_only:
+    return False
+  one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  if setting == "onednn":
+    if not one_cpu:
+      raise UserError(f"UNET_JAX_CONV=onednn needs one CPU device; JAX has "
+                      f"{jax.device_count()} {jax.default_backend()} device(s)")
+    ensure_registered()
+    return True
+  if not one_cpu:
+    return False
+  reason = unavailable_reason()
+  if reason:
+    _warn_once(reason)
+  return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+  logging.warning("oneDNN convolutions unavailable (%s); using XLA's", reason)
+
+
+def _wheel_file(wheel: str, suffix: str) -> pathlib.Path:
+  try:
+    dist = importlib.metadata.distribution(wheel)
+  except importlib.metadata.PackageNotFoundError:
+    raise UserError(f"the {wheel} package is not installed (pip install {wheel})") from None
+  for f in dist.files or ():
+    if str(f).endswith(suffix):
+      return pathlib.Path(dist.locate_file(f)).resolve()
+  raise UserError(f"the {wheel} package holds no {suffix}; reinstall it")
+
+
+def _build_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "unet_jax"
+  return pathlib.Path(os.environ.get("UNET_JAX_BUILD_DIR", default))
+
+
+def library_path() -> pathlib.Path:
+  """The compiled library, built first if this source, jaxlib and oneDNN have none."""
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    raise UserError(f"oneDNN convolutions are built for Linux x86-64 only, not "
+                    f"{platform.system()} {platform.machine()}")
+  dnnl = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
+  header = _wheel_file(_HEADERS_WHEEL, "oneapi/dnnl/dnnl.hpp")
+  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(),
+                                   str(dnnl).encode()])).hexdigest()[:16]
+  target = _build_dir() / f"onednn_conv-{key}.so"
+  if target.exists():
+    return target
+  compiler = os.environ.get("CXX", "c++")
+  if not shutil.which(compiler):
+    raise UserError(f"no C++ compiler {compiler!r} to build {SOURCE.name} (set CXX)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Built under a temporary name and renamed, so concurrent processes never
+  # load a half-written library.
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    built = pathlib.Path(tmp) / target.name
+    command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++17",
+               "-isystem", jax.ffi.include_dir(), "-isystem", str(header.parents[2]),
+               str(SOURCE), str(dnnl), f"-Wl,-rpath,{dnnl.parent}", "-o", str(built)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      first = next((l for l in result.stderr.splitlines() if "error" in l), result.stderr.strip())
+      raise UserError(f"{SOURCE}: could not be compiled ({first[:300]})")
+    os.replace(built, target)
+  return target
+
+
+@functools.cache
+def ensure_registered() -> None:
+  """Builds and loads the library and registers its FFI targets (once per process)."""
+  library = ctypes.CDLL(str(library_path()))
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform="cpu")
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """Why oneDNN convolutions cannot be used here, or None when they can."""
+  try:
+    ensure_registered()
+  except (UserError, OSError) as e:
+    return str(e)
+  return None
+
+
+def _call(target: str, out_shape: tuple[int, ...], a, b, dilation: int):
+  out = jax.ShapeDtypeStruct(out_shape, np.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, dilation=np.int64(dilation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
+  """`lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2)`.
+
+  Args:
+    x: (N, H, W, Cin) float32.
+    kernel: (KH, KW, Cin, Cout) float32.
+    dilation: Dilation rate of the kernel.
+
+  Returns:
+    (N, H, W, Cout) float32.
+  """
+  ensure_registered()
+  return _call("unet_onednn_conv_fwd", x.shape[:3] + kernel.shape[3:], x, kernel, dilation)
+
+
+def _conv_fwd(x, kernel, dilation):
+  return conv(x, kernel, dilation), (x, kernel)
+
+
+def _conv_bwd(dilation, residuals, dy):
+  x, kernel = residuals
+  dx = _call("unet_onednn_conv_bwd_data", x.shape, dy, kernel, dilation)
+  dkernel = _call("unet_onednn_conv_bwd_weights", kernel.shape, x, dy, dilation)
+  return dx, dkernel
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
