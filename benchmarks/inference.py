@@ -71,7 +71,8 @@ def main():
       cases.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in case.items()})
 
   out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
-         "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering, "conv": common.conv_backend(), "cases": cases,
+         "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering,
+         "conv": common.conv_backend(), "cases": cases,
          "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
          "xla_flags": common.xla_flags(),
          "keep_freed_memory": kept_memory}

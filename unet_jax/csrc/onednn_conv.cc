@@ -59,8 +59,9 @@ dnnl::engine& Engine() {
 Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
   Operand op{arg, user, prim, output, dnnl::reorder()};
   if (user != prim) {
-    op.reorder = output ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prim, Engine(), user))
-                        : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), prim));
+    const Desc& from = output ? prim : user;
+    const Desc& to = output ? user : prim;
+    op.reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
   }
   return op;
 }
