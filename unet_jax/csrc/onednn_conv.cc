@@ -117,10 +117,14 @@ std::shared_ptr<const Plan> GetPlan(Kind kind, const Geometry& g) {
 }
 
 void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
+  // XLA runs independent thunks on several threads at once, and a primitive
+  // owns one scratchpad: two branches running the same cached primitive (a
+  // TTA flip, the kernel gradients of two layers of one shape) corrupted each
+  // other. One primitive at a time, each on all cores (OpenMP), loses nothing.
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
   const auto& engine = Engine();
-  // XLA may call a handler from several of its threads at once; a stream is
-  // not thread-safe, so each thread has its own.
-  thread_local dnnl::stream stream(Engine());
+  static dnnl::stream stream(engine);
   std::unordered_map<int, dnnl::memory> args;
   std::vector<std::pair<const Operand*, dnnl::memory>> write_back;
   for (size_t i = 0; i < plan.operands.size(); ++i) {
