@@ -11,6 +11,7 @@ total time over ours) for XLA's and oneDNN's.
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from unet_jax import onednn
+from unet_jax.layers import _lax_conv  # pylint: disable=protected-access
 
 OPS = ("fwd", "dx", "dkernel")
 
@@ -35,11 +37,6 @@ def unet_layers(size: int, features: int, depth: int) -> list[tuple[int, int, in
     if level < depth:
       layers.add((s, 2 * width, width))  # first conv of a decoder block (skip concatenated)
   return sorted(layers, reverse=True)
-
-
-def _xla_conv(x, kernel):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def jax_ops(conv) -> dict:
@@ -106,7 +103,8 @@ def main():
   common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
   kept_memory = bool(args.keep_freed_memory) and common.keep_freed_memory()
   onednn.ensure_registered()
-  impls = {"xla": jax_ops(_xla_conv), "onednn": jax_ops(onednn.conv), "torch": torch_ops()}
+  xla_conv = functools.partial(_lax_conv, dilation=1)
+  impls = {"xla": jax_ops(xla_conv), "onednn": jax_ops(onednn.conv), "torch": torch_ops()}
   layers, totals = [], {name: dict.fromkeys(OPS, 0.0) for name in impls}
   for size, cin, cout in unet_layers(args.image_size, args.features, args.depth):
     ms = time_layer(size, cin, cout, args.batch_size, impls, args.reps)

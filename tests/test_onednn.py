@@ -15,13 +15,9 @@ from unet_jax import export
 from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax.errors import UserError
+from unet_jax.layers import _lax_conv as _xla_conv  # pylint: disable=protected-access
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _xla_conv(x, kernel, dilation):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _assert_close(got, want, rtol=1e-4):
