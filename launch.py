@@ -7,10 +7,14 @@
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from unet_jax import xla_config  # pylint: disable=g-bad-import-order
+
+xla_config.keep_freed_memory()  # Before any library starts a thread.
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:arg).",
                                           lock_config=True)
@@ -105,7 +109,6 @@ def main(argv):
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
-    from unet_jax import xla_config  # pylint: disable=g-import-not-at-top
     xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value))
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)

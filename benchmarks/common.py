@@ -6,10 +6,8 @@ other processes on the machine hits both alike; the medians are reported.
 """
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -22,14 +20,14 @@ from typing import Any, Callable
 # OMP_WAIT_POLICY=ACTIVE in the environment to time the default instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/x.py` from anywhere: configs/ is beside unet_jax/.
   sys.path.insert(0, ROOT)
 
 from unet_jax import xla_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Before numpy and jax start threads; UNET_JAX_KEEP_FREED_MEMORY=0 times glibc's defaults.
+KEPT_FREED_MEMORY = xla_config.keep_freed_memory()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -60,9 +58,6 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
                       help="Persistent compilation cache folder ('off': every run compiles).")
   parser.add_argument("--xla_defaults", type=int, default=1,
                       help="0: without unet_jax.xla_config's XLA flags (the 'before' numbers).")
-  parser.add_argument("--keep_freed_memory", type=int, default=1,
-                      help="0: glibc's default allocator for both implementations "
-                           "(1: keep_freed_memory, freed blocks reused).")
   parser.add_argument("--conv", default="auto", choices=("auto", "xla", "onednn"),
                       help="UNET_JAX_CONV: where the 3x3 convolutions run (unet_jax.onednn).")
   parser.add_argument("--lowering", default="ours", choices=("ours", "flax"),
@@ -80,22 +75,7 @@ def setup(args) -> bool:
     os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
   os.environ["UNET_JAX_CONV"] = args.conv
   xla_config.configure(cache_dir=args.cache_dir)
-  return bool(args.keep_freed_memory) and keep_freed_memory()
-
-
-def keep_freed_memory() -> bool:
-  """Makes glibc's malloc keep freed memory for reuse; returns whether it could.
-
-  By default glibc maps each block over 32 MiB afresh and unmaps it when it
-  is freed, so PyTorch, which frees its activations every step, page-faults
-  them in again each step and the kernel zeroes them: its train step ran
-  1.35-1.4x faster with this (README). XLA reuses one buffer per execution,
-  so the JAX step is the same either way.
-  """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  mallopt = ctypes.CDLL(None).mallopt
-  return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+  return KEPT_FREED_MEMORY
 
 
 def conv_backend() -> str:

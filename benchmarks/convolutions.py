@@ -97,11 +97,9 @@ def main():
   parser.add_argument("--features", type=int, default=16)
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--reps", type=int, default=10)
-  parser.add_argument("--keep_freed_memory", type=int, default=1,
-                      help="0: glibc's default allocator (see train_step.py).")
   args = parser.parse_args()
   common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
-  kept_memory = bool(args.keep_freed_memory) and common.keep_freed_memory()
+  kept_memory = common.KEPT_FREED_MEMORY
   onednn.ensure_registered()
   xla_conv = functools.partial(_lax_conv, dilation=1)
   impls = {"xla": jax_ops(xla_conv), "onednn": jax_ops(onednn.conv), "torch": torch_ops()}

@@ -12,7 +12,6 @@ estimates what the machine can do rather than a loaded average.
 import argparse
 import os
 import platform
-import time
 
 import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
 

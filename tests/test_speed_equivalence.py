@@ -193,3 +193,33 @@ def test_second_run_loads_from_the_compilation_cache(tmp_path):
   assert runs[0][0] == runs[1][0]
   assert runs[0][1] == "0" and int(runs[1][1]) >= 1
   assert os.listdir(tmp_path / "cache")
+
+
+_FAULTS_PER_CALL = """
+import resource
+from unet_jax import xla_config
+xla_config.keep_freed_memory()
+import jax, jax.numpy as jnp
+# A 256 MiB temporary per call, as a train step's activations.
+f = jax.jit(lambda x: (jnp.tanh(jnp.outer(x, x)) @ x).sum())
+x = jnp.ones(8192)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_steps_reuse_their_temporaries_instead_of_faulting_them_in(keep):
+  env = {**os.environ, "UNET_JAX_KEEP_FREED_MEMORY": keep, "JAX_PLATFORMS": "cpu"}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  faults = int(subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, cwd=root,
+                              check=True, capture_output=True, text=True).stdout)
+  temp_pages = 256 * 2**20 // 4096
+  if keep == "1":
+    assert faults < temp_pages // 10
+  else:  # glibc's default: the temporary is mapped and faulted in afresh each call.
+    assert faults > temp_pages // 2
