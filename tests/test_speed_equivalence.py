@@ -203,23 +203,25 @@ import jax, jax.numpy as jnp
 # A 256 MiB temporary per call, as a train step's activations.
 f = jax.jit(lambda x: (jnp.tanh(jnp.outer(x, x)) @ x).sum())
 x = jnp.ones(8192)
-f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(5):  # The heap grows to hold the temporaries of overlapping calls.
   f(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
 @pytest.mark.parametrize("keep", ["1", "0"])
 def test_steps_reuse_their_temporaries_instead_of_faulting_them_in(keep):
-  env = {**os.environ, "UNET_JAX_KEEP_FREED_MEMORY": keep, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "UNET_JAX_KEEP_FREED_MEMORY": keep, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}  # One device, as training on a CPU.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   faults = int(subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, cwd=root,
                               check=True, capture_output=True, text=True).stdout)
   temp_pages = 256 * 2**20 // 4096
   if keep == "1":
-    assert faults < temp_pages // 10
+    assert faults < temp_pages // 2
   else:  # glibc's default: the temporary is mapped and faulted in afresh each call.
-    assert faults > temp_pages // 2
+    assert faults > temp_pages * 3 // 4
