@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from unet_jax import export
+from unet_jax import layers
 from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax.errors import UserError
@@ -48,6 +50,33 @@ def test_conv_and_its_gradients_match_xla(shape):
   want = jax.jit(lambda: value_and_vjp(_xla_conv))()
   for name, a, b in zip(("y", "dx", "dkernel"), got, want):
     assert a.shape == b.shape, name
+    _assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 3), (8, 32, 32, 16)])
+def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape):
+  keys = jax.random.split(jax.random.key(sum(shape)), 3)
+  x = jax.random.normal(keys[0], shape) * 3 + 1
+  dy = jax.random.normal(keys[1], shape)
+  ours, flax_bn = layers.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
+  variables = flax_bn.init(keys[2], x, use_running_average=False)
+  monkeypatch.setattr(onednn, "wanted", lambda: True)
+  assert jax.tree.map(jnp.shape, ours.init(keys[2], x, use_running_average=False)) == \
+      jax.tree.map(jnp.shape, variables)
+  params = {"scale": jnp.linspace(0.5, 2, shape[-1]), "bias": jnp.linspace(-1, 1, shape[-1])}
+
+  def step(module):
+    def apply(params, x):
+      y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
+                                mutable=["batch_stats"])
+      return y, updates["batch_stats"]
+    y, vjp, stats = jax.vjp(apply, params, x, has_aux=True)
+    return stats, y, vjp(dy)
+  assert "unet_onednn_batch_norm_bwd" in jax.jit(lambda: step(ours)).lower().as_text()
+  got = jax.jit(lambda: step(ours))()
+  want = jax.jit(lambda: step(flax_bn))()
+  # Running statistics, output, and the gradients of the parameters and the input.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _assert_close(a, b)
 
 

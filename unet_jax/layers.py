@@ -1,8 +1,8 @@
-"""Convolutions and 2x2 stride-2 max pooling, lowered for speed.
+"""Convolutions, batch norm and 2x2 stride-2 max pooling, lowered for speed.
 
 Each computes the same function, with the same parameters (names, shapes,
-initial values), as flax's `nn.Conv` / `nn.max_pool` / `nn.ConvTranspose`
-does for the shapes it handles; only the XLA program differs
+initial values), as flax's `nn.Conv` / `nn.BatchNorm` / `nn.max_pool` /
+`nn.ConvTranspose` does for the shapes it handles; only the XLA program differs
 (tests/test_speed_equivalence.py checks outputs and gradients). On XLA:CPU
 the flax forms' gradients were most of the U-Net's train step
 (benchmarks/README.md).
@@ -98,6 +98,38 @@ class Conv(nn.Conv):
     else:
       y = onednn.conv(inputs, kernel, rates[0])
     return y if bias is None else y + bias
+
+
+class BatchNorm(nn.BatchNorm):
+  """nn.BatchNorm that normalises on oneDNN in training where `onednn.wanted()` says so.
+
+  For float32 NHWC inputs over the last axis, without a mask or a device
+  axis: oneDNN makes two passes over the activations each way where XLA's
+  lowering of flax's makes about four. Same class name, parameters and
+  batch statistics (names, shapes, updates); evaluation (running averages)
+  and every other case are flax's own.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
+    running = nn.merge_param("use_running_average", self.use_running_average,
+                             use_running_average)
+    plain = (not running and mask is None and x.ndim == 4
+             and self.axis in (-1, 3) and self.axis_name is None and self.use_scale
+             and self.use_bias and all(jnp.dtype(t) == jnp.float32
+                     for t in (self.dtype or x.dtype, x.dtype, self.param_dtype)))
+    if not (plain and onednn.wanted()):
+      return super().__call__(x, use_running_average, mask=mask)
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    y, mean, var = onednn.batch_norm(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
 
 
 def conv_transpose_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,

@@ -45,7 +45,8 @@ def activation_fn(name: str, leaky_slope: float = 0.01) -> Callable[[jax.Array],
 def _normalise(x: jax.Array, norm: str, train: bool, dtype: Any,
                name: str | None = None) -> jax.Array:
   if norm == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)(x)
+    return layers.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype,
+                            name=name)(x)
   if norm == "group":
     return nn.GroupNorm(num_groups=math.gcd(GROUPS, x.shape[-1]), dtype=dtype, name=name)(x)
   if norm == "layer":

@@ -1,18 +1,21 @@
-"""Stride-1 "SAME" float32 convolutions on oneDNN, for XLA:CPU.
+"""Stride-1 "SAME" float32 convolutions and training-mode batch norm on oneDNN, for XLA:CPU.
 
 XLA:CPU's own convolution kernels took 1.5x the time of oneDNN's on the
-U-Net's 3x3 layers (benchmarks/README.md). `conv` runs the forward pass and
-both gradients as oneDNN primitives, called through the XLA FFI from
-`csrc/onednn_conv.cc`. That file is compiled against the oneDNN of the
-`onednn-cpu-gomp` wheel the first time it is needed (a few seconds, with the
-C++ compiler `$CXX`, else `c++`) and kept in `$UNET_JAX_BUILD_DIR` (default
-`~/.cache/unet_jax`), one library per source, jaxlib and oneDNN version.
+U-Net's 3x3 layers, and its batch norm makes more passes over the
+activations than oneDNN's two (benchmarks/README.md). `conv` and
+`batch_norm` run the forward pass and the gradients as oneDNN primitives,
+called through the XLA FFI from `csrc/*.cc`. Those files are compiled
+against the oneDNN of the `onednn-cpu-gomp` wheel the first time they are
+needed (a few seconds, with the C++ compiler `$CXX`, else `c++`) and kept
+in `$UNET_JAX_BUILD_DIR` (default `~/.cache/unet_jax`), one library per
+source, jaxlib and oneDNN version.
 
-`UNET_JAX_CONV` picks where layers.Conv sends these convolutions: `auto` (the
-default: oneDNN when JAX computes on one CPU device and the library builds,
-else XLA), `xla`, or `onednn` (an error when it cannot be used). Either way
-the mathematics is the same (tests/test_onednn.py). Several devices always
-use XLA's: a custom call is not partitioned over a sharded batch.
+`UNET_JAX_CONV` picks where layers.Conv and layers.BatchNorm send these
+operations: `auto` (the default: oneDNN when JAX computes on one CPU device
+and the library builds, else XLA), `xla`, or `onednn` (an error when it
+cannot be used). Either way the mathematics is the same
+(tests/test_onednn.py). Several devices always use XLA's: a custom call is
+not partitioned over a sharded batch.
 """
 
 import contextlib
@@ -33,11 +36,13 @@ import numpy as np
 
 from unet_jax.errors import UserError
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
+SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("csrc").glob("onednn_*.*")))
 _LIBRARY_WHEEL, _HEADERS_WHEEL = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _TARGETS = {"unet_onednn_conv_fwd": "UnetOnednnConvFwd",
             "unet_onednn_conv_bwd_data": "UnetOnednnConvBwdData",
-            "unet_onednn_conv_bwd_weights": "UnetOnednnConvBwdWeights"}
+            "unet_onednn_conv_bwd_weights": "UnetOnednnConvBwdWeights",
+            "unet_onednn_batch_norm_fwd": "UnetOnednnBatchNormFwd",
+            "unet_onednn_batch_norm_bwd": "UnetOnednnBatchNormBwd"}
 CHOICES = ("auto", "xla", "onednn")
 _xla_only = False
 
@@ -120,14 +125,14 @@ def library_path() -> pathlib.Path:
                     f"{platform.system()} {platform.machine()}")
   dnnl = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
   header = _wheel_file(_HEADERS_WHEEL, "oneapi/dnnl/dnnl.hpp")
-  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(),
-                                   str(dnnl).encode()])).hexdigest()[:16]
-  target = _build_dir() / f"onednn_conv-{key}.so"
+  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES),
+                                   jax.__version__.encode(), str(dnnl).encode()])).hexdigest()[:16]
+  target = _build_dir() / f"onednn-{key}.so"
   if target.exists():
     return target
   compiler = os.environ.get("CXX", "c++")
   if not shutil.which(compiler):
-    raise UserError(f"no C++ compiler {compiler!r} to build {SOURCE.name} (set CXX)")
+    raise UserError(f"no C++ compiler {compiler!r} to build {SOURCES[0].parent} (set CXX)")
   target.parent.mkdir(parents=True, exist_ok=True)
   # Built under a temporary name and renamed, so concurrent processes never
   # load a half-written library.
@@ -135,11 +140,12 @@ def library_path() -> pathlib.Path:
     built = pathlib.Path(tmp) / target.name
     command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++17",
                "-isystem", jax.ffi.include_dir(), "-isystem", str(header.parents[2]),
-               str(SOURCE), str(dnnl), f"-Wl,-rpath,{dnnl.parent}", "-o", str(built)]
+               *(str(f) for f in SOURCES if f.suffix == ".cc"), str(dnnl),
+               f"-Wl,-rpath,{dnnl.parent}", "-o", str(built)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       first = next((l for l in result.stderr.splitlines() if "error" in l), result.stderr.strip())
-      raise UserError(f"{SOURCE}: could not be compiled ({first[:300]})")
+      raise UserError(f"{SOURCES[0].parent}: could not be compiled ({first[:300]})")
     os.replace(built, target)
   return target
 
@@ -196,3 +202,43 @@ def _conv_bwd(dilation, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch norm over all but the last axis, as flax's BatchNorm computes it.
+
+  Args:
+    x: (N, H, W, C) float32.
+    scale, bias: (C,) float32.
+    epsilon: Added to the variance.
+
+  Returns:
+    (y, mean, variance): y = (x - mean) / sqrt(variance + epsilon) * scale + bias,
+    with the batch's mean and biased variance per channel. Gradients flow
+    through y only: mean and variance are for the running statistics.
+  """
+  ensure_registered()
+  channels = jax.ShapeDtypeStruct(scale.shape, np.float32)
+  y, mean, variance = jax.ffi.ffi_call(
+      "unet_onednn_batch_norm_fwd", (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels),
+      vmap_method="sequential")(x, scale, bias, epsilon=np.float32(epsilon))
+  return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  y, mean, variance = batch_norm(x, scale, bias, epsilon)
+  return (y, mean, variance), (x, scale, mean, variance)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  x, scale, mean, variance = residuals
+  channels = jax.ShapeDtypeStruct(scale.shape, np.float32)
+  return tuple(jax.ffi.ffi_call(
+      "unet_onednn_batch_norm_bwd", (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels),
+      vmap_method="sequential")(x, mean, variance, cotangents[0], scale,
+                                epsilon=np.float32(epsilon)))
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -21,12 +21,14 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using unet_onednn::Engine;
 using Desc = dnnl::memory::desc;
 using Tag = dnnl::memory::format_tag;
 constexpr auto kF32 = dnnl::memory::data_type::f32;
@@ -50,11 +52,6 @@ struct Plan {
   dnnl::primitive primitive;
   std::vector<Operand> operands;  // In the order of the handler's buffers.
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
   Operand op{arg, user, prim, output, dnnl::reorder()};
@@ -117,14 +114,9 @@ std::shared_ptr<const Plan> GetPlan(Kind kind, const Geometry& g) {
 }
 
 void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
-  // XLA runs independent thunks on several threads at once, and a primitive
-  // owns one scratchpad: two branches running the same cached primitive (a
-  // TTA flip, the kernel gradients of two layers of one shape) corrupted each
-  // other. One primitive at a time, each on all cores (OpenMP), loses nothing.
-  static std::mutex mutex;
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(unet_onednn::ExecutionMutex());
   const auto& engine = Engine();
-  static dnnl::stream stream(engine);
+  auto& stream = unet_onednn::Stream();
   std::unordered_map<int, dnnl::memory> args;
   std::vector<std::pair<const Operand*, dnnl::memory>> write_back;
   for (size_t i = 0; i < plan.operands.size(); ++i) {

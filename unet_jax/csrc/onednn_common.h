@@ -1,0 +1,33 @@
+// What the oneDNN handlers share: one CPU engine and stream, and one lock.
+
+#ifndef UNET_JAX_CSRC_ONEDNN_COMMON_H_
+#define UNET_JAX_CSRC_ONEDNN_COMMON_H_
+
+#include <mutex>
+
+#include "oneapi/dnnl/dnnl.hpp"
+
+namespace unet_onednn {
+
+inline dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+inline dnnl::stream& Stream() {
+  static dnnl::stream stream(Engine());
+  return stream;
+}
+
+// XLA runs independent thunks on several threads at once, and a primitive
+// owns one scratchpad: two branches running the same cached primitive (a
+// TTA flip, the kernel gradients of two layers of one shape) corrupted each
+// other. One primitive at a time, each on all cores (OpenMP), loses nothing.
+inline std::mutex& ExecutionMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+}  // namespace unet_onednn
+
+#endif  // UNET_JAX_CSRC_ONEDNN_COMMON_H_
