@@ -77,13 +77,12 @@ def keep_freed_memory() -> bool:
   arena, which maps any block too big for it whatever the limits. XLA:CPU
   allocates an execution's temporaries (878 MiB for the train step at
   256x256, batch 8) on its own threads, so every step page-faulted them in,
-  zeroed by the kernel: 0.45 CPU-s of system time a step, 1.2 s -> 0.94 s
-  without it (benchmarks/README.md). With one arena, no maps and no trimming,
-  the blocks freed by one step serve the next. Call it before any thread
-  starts (before importing numpy or jax): a thread that has allocated keeps
-  its own arena. The price is resident memory: the brain recipe's peak RSS
-  went from 1.8 to about 3.8 GiB, blocks freed after compiling staying
-  with the process.
+  zeroed by the kernel: 0.45 CPU-s of system time a step, which took 1.18 s
+  against 0.94-0.97 s with the blocks kept (benchmarks/README.md). With one
+  arena, no maps and no trimming, the blocks freed by one step serve the
+  next. Call it before any thread starts (before importing numpy or jax): a
+  thread that has allocated keeps its own arena. The price is resident
+  memory: the brain recipe's peak RSS went from 1.8 to 3.8-4.3 GiB.
   """
   if (os.environ.get("UNET_JAX_KEEP_FREED_MEMORY", "1") == "0" or platform.system() != "Linux"
       or platform.libc_ver()[0] != "glibc"):
