@@ -64,7 +64,7 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims, float epsilon,
   if (dims[0] * dims[1] * dims[2] * dims[3] == 0) {
     return ffi::Error::InvalidArgument("onednn_batch_norm: zero-sized dimension");
   }
-  try {
+  return unet_onednn::Guarded("onednn_batch_norm", [&] {
     auto plan = GetPlan(backward, dims[0], dims[1], dims[2], dims[3], epsilon);
     std::unordered_map<int, dnnl::memory> args;
     for (const auto& [arg, data] : buffers) {
@@ -75,13 +75,7 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims, float epsilon,
     std::lock_guard<std::mutex> lock(unet_onednn::ExecutionMutex());
     plan->primitive.execute(unet_onednn::Stream(), args);
     unet_onednn::Stream().wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn_batch_norm: oneDNN error: ") + e.what() +
-                                " (status " + std::to_string(e.status) + ")");
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_batch_norm: ") + e.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 using Data = ffi::Buffer<ffi::F32, 4>;

@@ -3,9 +3,12 @@
 #ifndef UNET_JAX_CSRC_ONEDNN_COMMON_H_
 #define UNET_JAX_CSRC_ONEDNN_COMMON_H_
 
+#include <exception>
 #include <mutex>
+#include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
 
 namespace unet_onednn {
 
@@ -26,6 +29,20 @@ inline dnnl::stream& Stream() {
 inline std::mutex& ExecutionMutex() {
   static std::mutex mutex;
   return mutex;
+}
+
+// Runs `body`, turning an exception into an error XLA reports, named `name`.
+template <typename Body>
+xla::ffi::Error Guarded(const char* name, Body&& body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return xla::ffi::Error::Internal(std::string(name) + ": oneDNN error: " + e.what() +
+                                     " (status " + std::to_string(e.status) + ")");
+  } catch (const std::exception& e) {
+    return xla::ffi::Error::Internal(std::string(name) + ": " + e.what());
+  }
+  return xla::ffi::Error::Success();
 }
 
 }  // namespace unet_onednn

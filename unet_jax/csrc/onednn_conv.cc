@@ -144,15 +144,7 @@ ffi::Error Run(Kind kind, const Geometry& g, const std::array<void*, 3>& buffers
   if (g.n * g.h * g.w * g.cin * g.cout * g.kh * g.kw == 0) {
     return ffi::Error::InvalidArgument("onednn_conv: zero-sized dimension");
   }
-  try {
-    Execute(*GetPlan(kind, g), buffers);
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn_conv: oneDNN error: ") + e.what() +
-                                " (status " + std::to_string(e.status) + ")");
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return unet_onednn::Guarded("onednn_conv", [&] { Execute(*GetPlan(kind, g), buffers); });
 }
 
 using Input = ffi::Buffer<ffi::F32, 4>;
