@@ -114,10 +114,10 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
     running = nn.merge_param("use_running_average", self.use_running_average,
                              use_running_average)
-    plain = (not running and mask is None and x.ndim == 4
-             and self.axis in (-1, 3) and self.axis_name is None and self.use_scale
-             and self.use_bias and all(jnp.dtype(t) == jnp.float32
-                     for t in (self.dtype or x.dtype, x.dtype, self.param_dtype)))
+    float32 = all(jnp.dtype(t) == jnp.float32
+                  for t in (self.dtype or x.dtype, x.dtype, self.param_dtype))
+    plain = (not running and mask is None and x.ndim == 4 and self.axis in (-1, 3)
+             and self.axis_name is None and self.use_scale and self.use_bias and float32)
     if not (plain and onednn.wanted()):
       return super().__call__(x, use_running_average, mask=mask)
     features = (x.shape[-1],)
