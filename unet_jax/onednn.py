@@ -220,11 +220,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
     through y only: mean and variance are for the running statistics.
   """
   ensure_registered()
+  return _batch_norm_call("unet_onednn_batch_norm_fwd", x, scale, epsilon, x, scale, bias)
+
+
+def _batch_norm_call(target: str, x, scale, epsilon: float, *operands):
+  """One (N, H, W, C) and two (C,) float32 results: (y, mean, var) or (dx, dscale, dbias)."""
   channels = jax.ShapeDtypeStruct(scale.shape, np.float32)
-  y, mean, variance = jax.ffi.ffi_call(
-      "unet_onednn_batch_norm_fwd", (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels),
-      vmap_method="sequential")(x, scale, bias, epsilon=np.float32(epsilon))
-  return y, mean, variance
+  out = (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels)
+  return tuple(jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+      *operands, epsilon=np.float32(epsilon)))
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
@@ -234,11 +238,8 @@ def _batch_norm_fwd(x, scale, bias, epsilon):
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
   x, scale, mean, variance = residuals
-  channels = jax.ShapeDtypeStruct(scale.shape, np.float32)
-  return tuple(jax.ffi.ffi_call(
-      "unet_onednn_batch_norm_bwd", (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels),
-      vmap_method="sequential")(x, mean, variance, cotangents[0], scale,
-                                epsilon=np.float32(epsilon)))
+  return _batch_norm_call("unet_onednn_batch_norm_bwd", x, scale, epsilon,
+                          x, mean, variance, cotangents[0], scale)
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -22,10 +22,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using unet_onednn::Engine;
-using Desc = dnnl::memory::desc;
-using Tag = dnnl::memory::format_tag;
-constexpr auto kF32 = dnnl::memory::data_type::f32;
+using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32 shared by the handlers.
 const auto kFlags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
 
 using Key = std::tuple<bool, int64_t, int64_t, int64_t, int64_t, float>;

@@ -28,10 +28,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using unet_onednn::Engine;
-using Desc = dnnl::memory::desc;
-using Tag = dnnl::memory::format_tag;
-constexpr auto kF32 = dnnl::memory::data_type::f32;
+using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32 shared by the handlers.
 
 enum Kind : int64_t { kFwd, kBwdData, kBwdWeights };
 
