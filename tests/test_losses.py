@@ -54,3 +54,24 @@ def test_batch_dice_pools_the_images():
                              [1 - 3 / 4] * 2, atol=1e-6)
   np.testing.assert_allclose(losses.soft_dice_loss(pred, truth, smooth=0.5),
                              [1 - 2.5 / 3.5, 0.0], atol=1e-6)
+
+
+def test_masks_average_down_to_tumour_fractions():
+  truth = _mask([(0, 0), (0, 1), (1, 0), (3, 3)])[:, :3, :4]  # 3x4: a ragged row.
+  np.testing.assert_allclose(losses.downsample_masks(truth, 2)[0, ..., 0],
+                             [[0.75, 0.0], [0.0, 0.0]])
+  np.testing.assert_allclose(losses.downsample_masks(_mask([(0, 0), (3, 3)]), 4)[0, ..., 0],
+                             [[2 / 16]])
+
+
+def test_deep_supervision_weighs_level_l_by_two_to_the_minus_l():
+  rng = np.random.default_rng(0)
+  masks = jnp.asarray(rng.random((2, 8, 8, 1)) > 0.5, jnp.float32)
+  logits = [jnp.asarray(rng.normal(size=(2, 8 // 2**level, 8 // 2**level, 1)), jnp.float32)
+            for level in range(3)]
+  each = [losses.dice_bce_loss(logits[level], losses.downsample_masks(masks, 2**level))
+          for level in range(3)]
+  np.testing.assert_allclose(
+      losses.deep_supervision_loss(logits[0], {1: logits[1], 2: logits[2]}, masks),
+      (each[0] + each[1] / 2 + each[2] / 4) / 1.75, rtol=1e-6)
+  np.testing.assert_allclose(losses.deep_supervision_loss(logits[0], {}, masks), each[0])

@@ -130,7 +130,7 @@ def test_classic_unet_has_the_original_parameter_count():
 
 
 def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsampling="transpose",
-                norm="none", residual=False, attention=False):
+                norm="none", residual=False, attention=False, deep_supervision=False):
   """Parameters of our U-Net, from the layer formulas."""
   normed = norm != "none"
 
@@ -152,6 +152,8 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
       inner = max(w // 2, 1)
       total += _conv(w, inner, k=1, bias=False) + _conv(w, inner, k=1) + _conv(inner, 1, k=1)
     total += block(2 * w, w)
+  if deep_supervision:  # A 1x1 head on each decoder level but the full resolution.
+    total += sum(_conv(w, out, k=1) for w in widths[1:-1])
   return total + _conv(features, out, k=1)
 
 
@@ -159,7 +161,8 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
     {}, {"norm": "batch"}, {"norm": "group"}, {"norm": "layer"},
     {"pooling": "avg"}, {"pooling": "conv"}, {"pooling": "dilated_conv"},
     {"upsampling": "bilinear"}, {"residual": True}, {"residual": True, "norm": "batch"},
-    {"attention": True}, {"depth": 1, "features": 3}, {"depth": 5, "in_ch": 3, "out": 2},
+    {"attention": True}, {"deep_supervision": True}, {"depth": 1, "features": 3},
+    {"depth": 5, "in_ch": 3, "out": 2, "deep_supervision": True},
     {"pooling": "conv", "upsampling": "bilinear", "residual": True, "attention": True,
      "norm": "group", "features": 6},
 ])
@@ -375,6 +378,27 @@ def test_attention_gate_weights_the_skip():
                              _apply(plain, stripped, x, train=False), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 13, 19, 1)])
+def test_deep_supervision_sows_coarse_logits_in_training_only(shape):
+  unet = model_lib.UNet(features=4, depth=3, deep_supervision=True)
+  variables = _variables(unet, shape)
+  image = _image(shape)
+  logits, updates = _apply(unet, variables, image, train=True,
+                           mutable=["batch_stats", "intermediates"])
+  sown = {name: values[0].shape for name, values in updates["intermediates"].items()}
+  height, width = shape[1:3]
+  assert sown == {f"aux_logits_{level}": (2, -(-height // 2**level), -(-width // 2**level), 1)
+                  for level in (1, 2)}
+  # The full-resolution head is the plain U-Net's: same parameters, same logits.
+  plain = model_lib.UNet(features=4, depth=3)
+  shared = {"params": {k: v for k, v in variables["params"].items()
+                       if not k.startswith("aux_head_")},
+            "batch_stats": variables["batch_stats"]}
+  np.testing.assert_allclose(_apply(unet, variables, image, train=False),
+                             _apply(plain, shared, image, train=False), rtol=1e-6)
+  assert logits.shape == shape
+
+
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
   unet = model_lib.UNet(features=4, depth=2, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(_abstract(unet)))
@@ -460,7 +484,8 @@ def test_from_config_passes_every_field():
   model = default.get_config().model
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
-                 dropout=0.1, residual=True, attention=True, dtype="bfloat16")
+                 dropout=0.1, residual=True, attention=True, deep_supervision=True,
+                 dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)

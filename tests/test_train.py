@@ -88,6 +88,27 @@ def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
     np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
 
 
+def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
+  tiny_config.model.deep_supervision = True
+  tiny_config.train.schedule = "constant"  # The cosine warm-up starts at a rate of 0.
+  mesh = parallel.make_mesh()
+  initial = steps.create_train_state(tiny_config, (32, 32, 1),
+                                     optim.make_optimizer(tiny_config, 10, 2))
+  start = jax.device_get(initial.params)
+  state = jax.device_put(initial, parallel.replicated(mesh))
+  p_train, p_eval = steps.jit_steps(tiny_config, mesh)
+  source = data.build_source(tiny_config.data, "train", str(tmp_path))
+  batch = parallel.device_batch(next(pipeline.train_batches(source, tiny_config)), mesh)
+  state, metrics = p_train(state, batch)
+  assert np.isfinite(metrics["loss"])
+  moved = jax.device_get(state.params["aux_head_1"]["kernel"])
+  assert not np.allclose(moved, start["aux_head_1"]["kernel"])
+  # Validation runs on the model with the extra heads.
+  out = p_eval(state, parallel.device_batch(next(pipeline.eval_batches(source, tiny_config, 8)),
+                                            mesh))
+  assert np.isfinite(jax.device_get(out["loss"])).all()
+
+
 def _launch(*args):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}

@@ -42,3 +42,39 @@ def dice_bce_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 1.0,
   logits = logits.astype(jnp.float32)
   return (dice_weight * soft_dice_loss(logits, masks, smooth, per_image)
           + bce_weight * bce_loss(logits, masks))
+
+
+def downsample_masks(masks: jax.Array, factor: int) -> jax.Array:
+  """(N, H, W, C) masks averaged over `factor` x `factor` cells: the fraction of
+  tumour in each cell of the coarser grid; a ragged edge is zero-padded."""
+  n, height, width, channels = masks.shape
+  pad_h, pad_w = -height % factor, -width % factor
+  padded = jnp.pad(masks, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  cells = padded.reshape(n, (height + pad_h) // factor, factor, (width + pad_w) // factor,
+                         factor, channels)
+  return cells.mean(axis=(2, 4))
+
+
+def deep_supervision_loss(logits: jax.Array, aux_logits: dict[int, jax.Array],
+                          masks: jax.Array, **options) -> jax.Array:
+  """`dice_bce_loss` on the full-resolution logits and on each coarser level's.
+
+  Level l (logits at 1/2**l of the resolution, against the masks averaged
+  down to it) weighs 2**-l, the full resolution 1, and the weights are
+  normalised to sum to 1 (nnU-Net's scheme).
+
+  Args:
+    logits: (N, H, W, 1) full-resolution logits.
+    aux_logits: Level -> (N, ceil(H / 2**level), ceil(W / 2**level), 1) logits.
+    masks: (N, H, W, 1) binary masks.
+    **options: `dice_bce_loss` keywords.
+
+  Returns:
+    (N,) losses.
+  """
+  total, weights = dice_bce_loss(logits, masks, **options), 1.0
+  for level, level_logits in aux_logits.items():
+    weight = 0.5**level
+    total += weight * dice_bce_loss(level_logits, downsample_masks(masks, 2**level), **options)
+    weights += weight
+  return total / weights

@@ -2,7 +2,8 @@
 
 Parameter paths: `down_<level>`, `pool_<level>` (learned poolings only),
 `bottleneck`, `up_<level>` (with `attention` inside when gated),
-`decode_<level>` and `head`; level 0 is the full resolution.
+`decode_<level>`, `head` and, with deep supervision, `aux_head_<level>`;
+level 0 is the full resolution.
 """
 
 import dataclasses
@@ -199,6 +200,10 @@ class UNet(nn.Module):
     dropout: Dropout rate after the bottleneck and each decoder block.
     residual: Whether the double convolutions are residual blocks.
     attention: Whether attention gates weight the skip connections.
+    deep_supervision: Whether each decoder level below the full resolution
+      gets a 1x1 head too; its logits, at that level's resolution, are sown
+      into the "intermediates" collection as `aux_logits_<level>` for the
+      training loss (evaluation reads the full-resolution head only).
     out_channels: Logit channels (1 for a binary mask).
     dtype: Compute dtype; parameters and logits stay float32.
   """
@@ -214,6 +219,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   residual: bool = False
   attention: bool = False
+  deep_supervision: bool = False
   out_channels: int = 1
   dtype: Any = jnp.float32
 
@@ -270,6 +276,12 @@ class UNet(nn.Module):
              name=f"up_{level}")(x, skips[level])
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      if self.deep_supervision and level > 0:
+        aux = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype,
+                          name=f"aux_head_{level}")(x)
+        size = [math.ceil(side / 2**level) for side in (height, width)]
+        self.sow("intermediates", f"aux_logits_{level}",
+                 aux[:, :size[0], :size[1]].astype(jnp.float32))
 
     logits = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
     return logits[:, :height, :width].astype(jnp.float32)

@@ -61,6 +61,12 @@ def _loss_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
               smooth=train.dice_smooth, per_image=train.dice_per_image)
 
 
+def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
+  """Level -> logits of the deep-supervision heads the model sowed (none without them)."""
+  sown = model_updates.get("intermediates", {})
+  return {int(name.rsplit("_", 1)[1]): values[0] for name, values in sown.items()}
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
                ema_decay: float, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics."""
@@ -70,8 +76,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    loss = losses.dice_bce_loss(logits, masks, **loss_options).mean()
+        rngs={"dropout": dropout_key}, mutable=["batch_stats", "intermediates"])
+    loss = losses.deep_supervision_loss(logits, _aux_logits(updates), masks,
+                                        **loss_options).mean()
     return loss, (logits, updates)
 
   (loss, (logits, model_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
