@@ -48,6 +48,23 @@ def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
   assert summary["metrics"]["iou"]["mean"] == pytest.approx(logged["iou"], abs=1e-9)
 
 
+def test_validation_decodes_as_evaluation_does(trained):
+  config, workdir, _ = trained
+  config.eval.update(split="valid", tta=True, tta_up_down=False, decode="expected_dice",
+                     largest_component=True, never_empty=True)
+  mesh = parallel.make_mesh()
+  state, _ = evaluate.restore_state(config, str(workdir), mesh)
+  source = data.build_source(config.data, "valid", str(workdir))
+  _, p_eval = steps.jit_steps(config, mesh)
+  val = evaluate.validate(p_eval, state, source, config, mesh)
+  summary = evaluate.evaluate(config, str(workdir))
+  assert val["dice"] == pytest.approx(summary["metrics"]["dice"]["mean"], abs=1e-9)
+  assert val["iou"] == pytest.approx(summary["metrics"]["iou"]["mean"], abs=1e-9)
+  logged = [r for r in reports.read_metrics(workdir) if r["split"] == "valid"][-1]
+  assert val["loss"] == pytest.approx(logged["loss"], rel=1e-5)  # The loss ignores decoding.
+  assert val["dice"] != pytest.approx(logged["dice"], abs=1e-3)  # Logged at threshold 0.5.
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(trained):
   config, workdir, _ = trained
   config.model.features = 8

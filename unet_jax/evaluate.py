@@ -89,6 +89,28 @@ def score_split(predict, state, source, config, mesh,
   return {"counts": counts, **scores}
 
 
+def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
+  """Mean loss, Dice and IoU of `source` with the masks evaluation reads.
+
+  The masks are decoded as `config.eval` says (TTA, decode rule, post-
+  processing), so the best checkpoint is the best as evaluated; a tuned
+  threshold is not tuned each epoch: `eval.threshold` stands in for it.
+  """
+  threshold = config.eval.threshold if config.eval.decode == "threshold" else None
+  loss, counts = np.zeros(len(source)), np.zeros((len(source), 4), np.int64)
+  for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
+    arrays = parallel.device_batch(batch, mesh)
+    host = parallel.to_host({**p_eval(state, arrays), "mask": arrays["mask"]})
+    for i in np.flatnonzero(host["valid"]):
+      mask = binarise(host["probs"][i], threshold, config.eval)
+      truth = host["mask"][i, ..., 0] > 0
+      counts[host["index"][i]] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
+      loss[host["index"][i]] = host["loss"][i]
+  scores = metrics_lib.per_image_metrics(counts)
+  return {"loss": float(loss.mean()), "dice": float(scores["dice"].mean()),
+          "iou": float(scores["iou"].mean())}
+
+
 def _picture_rows(dice: np.ndarray, count: int) -> list[int]:
   """Images from best to worst Dice, evenly spaced, so best, median and worst show."""
   order = np.argsort(-dice, kind="stable")

@@ -8,14 +8,12 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from unet_jax import losses
 from unet_jax import metrics as metrics_lib
 from unet_jax import model as model_lib
 from unet_jax import parallel
-from unet_jax.data import pipeline
 
 
 class TrainState(train_state.TrainState):
@@ -100,15 +98,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, threshold: float,
-              loss_options: dict[str, Any]) -> dict[str, jax.Array]:
-  """Per-image loss and confusion counts at `threshold`."""
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
+              tta: bool, up_down: bool) -> dict[str, jax.Array]:
+  """Per-image loss and the (N, H, W) probabilities `predict_step` gives."""
   logits = state.apply_fn(_variables(state), batch["image"], train=False)
-  masks = batch["mask"].astype(jnp.float32)
-  probs = jax.nn.sigmoid(logits)
   return {
-      "loss": losses.dice_bce_loss(logits, masks, **loss_options),
-      "counts": metrics_lib.confusion_counts(probs > threshold, masks > 0.5),
+      "loss": losses.dice_bce_loss(logits, batch["mask"].astype(jnp.float32), **loss_options),
+      "probs": _flip_averaged(state, batch["image"], jax.nn.sigmoid(logits)[..., 0], tta, up_down),
       "index": batch["index"],
       "valid": batch["valid"],
   }
@@ -122,15 +118,22 @@ def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False,
   up-down and double flips (each flipped back) are averaged; without
   `up_down`, of the image and its left-right flip only.
   """
-  def probs(x):
-    return jax.nn.sigmoid(state.apply_fn(_variables(state), x, train=False))[..., 0]
+  return _flip_averaged(state, images, _probs(state, images), tta, up_down)
 
+
+def _probs(state: TrainState, images: jax.Array) -> jax.Array:
+  return jax.nn.sigmoid(state.apply_fn(_variables(state), images, train=False))[..., 0]
+
+
+def _flip_averaged(state: TrainState, images: jax.Array, probs: jax.Array, tta: bool,
+                   up_down: bool) -> jax.Array:
+  """`probs` (of `images`) averaged with the flips' as `predict_step` says."""
   if not tta:
-    return probs(images)
+    return probs
   flips = ((2,), (1,), (1, 2)) if up_down else ((2,),)
-  total = probs(images)
+  total = probs
   for axes in flips:
-    total += jnp.flip(probs(jnp.flip(images, axes)), axes)
+    total += jnp.flip(_probs(state, jnp.flip(images, axes)), axes)
   return total / (1 + len(flips))
 
 
@@ -150,29 +153,7 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.
-  p_eval = jax.jit(functools.partial(eval_step, threshold=config.eval.threshold,
-                                     loss_options={**options, "per_image": True}),
+  p_eval = jax.jit(functools.partial(eval_step, loss_options={**options, "per_image": True},
+                                     tta=config.eval.tta, up_down=config.eval.tta_up_down),
                    in_shardings=(replicated, sharded), out_shardings=sharded)
   return p_train, p_eval
-
-
-def evaluate_split(p_eval, state: TrainState, source, config: ml_collections.ConfigDict,
-                   mesh) -> dict[str, np.ndarray]:
-  """Runs the eval step over every image of `source`.
-
-  Returns:
-    Per image, in source order: "loss" (N,) and "counts" (N, 4).
-  """
-  per_image = {"loss": np.zeros(len(source)), "counts": np.zeros((len(source), 4), np.int64)}
-  for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
-    out = parallel.to_host(p_eval(state, parallel.device_batch(batch, mesh)))
-    keep = out["valid"]
-    per_image["loss"][out["index"][keep]] = out["loss"][keep]
-    per_image["counts"][out["index"][keep]] = out["counts"][keep]
-  return per_image
-
-
-def validation_record(per_image: dict[str, np.ndarray]) -> dict[str, float]:
-  scores = metrics_lib.per_image_metrics(per_image["counts"])
-  return {"loss": float(per_image["loss"].mean()), "dice": float(scores["dice"].mean()),
-          "iou": float(scores["iou"].mean())}

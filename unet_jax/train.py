@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not end_of_epoch:
       continue
 
-    val = steps.validation_record(steps.evaluate_split(p_eval, state, val_source, config, mesh))
+    val = evaluate.validate(p_eval, state, val_source, config, mesh)
     lower_rate, stop = counters.observe(val, train_cfg)
     val["lr_scale"] = float(state.lr_scale)
     logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f", epoch, val["loss"],
