@@ -379,7 +379,7 @@ def test_attention_gate_weights_the_skip():
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 13, 19, 1)])
-def test_deep_supervision_sows_coarse_logits_in_training_only(shape):
+def test_deep_supervision_sows_coarse_logits_beside_the_plain_head(shape):
   unet = model_lib.UNet(features=4, depth=3, deep_supervision=True)
   variables = _variables(unet, shape)
   image = _image(shape)
