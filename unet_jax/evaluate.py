@@ -37,12 +37,23 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
 
 def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """(index, probability map, ground-truth mask) for every image of `source`."""
+  step = lambda state_, arrays: {"probs": predict(state_, arrays["image"])}
+  for index, outputs, truth in _per_image(step, state, source, config, mesh):
+    yield index, outputs["probs"], truth
+
+
+def _per_image(step, state, source, config, mesh) -> Iterator[tuple[int, dict, np.ndarray]]:
+  """(index, that image's `step(state, device batch)` outputs, ground-truth mask) for every
+  image of `source`."""
   for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
     arrays = parallel.device_batch(batch, mesh)
-    # Gathered with the probabilities, so every process sees the global batch.
-    host = parallel.to_host({"probs": predict(state, arrays.pop("image")), **arrays})
+    # Gathered with the outputs, so every process sees the global batch.
+    outputs = step(state, arrays)
+    arrays.pop("image")  # Not needed on the host.
+    host = parallel.to_host({"outputs": outputs, **arrays})
     for i in np.flatnonzero(host["valid"]):
-      yield int(host["index"][i]), host["probs"][i], host["mask"][i, ..., 0] > 0
+      yield (int(host["index"][i]), {name: values[i] for name, values in host["outputs"].items()},
+             host["mask"][i, ..., 0] > 0)
 
 
 def binarise(probs: np.ndarray, threshold: float | None,
@@ -98,14 +109,10 @@ def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> 
   """
   threshold = config.eval.threshold if config.eval.decode == "threshold" else None
   loss, counts = np.zeros(len(source)), np.zeros((len(source), 4), np.int64)
-  for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
-    arrays = parallel.device_batch(batch, mesh)
-    host = parallel.to_host({**p_eval(state, arrays), "mask": arrays["mask"]})
-    for i in np.flatnonzero(host["valid"]):
-      mask = binarise(host["probs"][i], threshold, config.eval)
-      truth = host["mask"][i, ..., 0] > 0
-      counts[host["index"][i]] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
-      loss[host["index"][i]] = host["loss"][i]
+  for index, outputs, truth in _per_image(p_eval, state, source, config, mesh):
+    mask = binarise(outputs["probs"], threshold, config.eval)
+    counts[index] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
+    loss[index] = outputs["loss"]
   scores = metrics_lib.per_image_metrics(counts)
   return {"loss": float(loss.mean()), "dice": float(scores["dice"].mean()),
           "iou": float(scores["iou"].mean())}

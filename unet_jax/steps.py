@@ -105,8 +105,6 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: d
   return {
       "loss": losses.dice_bce_loss(logits, batch["mask"].astype(jnp.float32), **loss_options),
       "probs": _flip_averaged(state, batch["image"], jax.nn.sigmoid(logits)[..., 0], tta, up_down),
-      "index": batch["index"],
-      "valid": batch["valid"],
   }
 
 
