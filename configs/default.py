@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.early_stopping_patience = 0  # Epochs without a better val Dice before stopping (0: off).
   train.dice_weight = 1.0  # Weight of the soft Dice loss.
   train.bce_weight = 1.0  # Weight of the sigmoid binary cross-entropy.
+  train.lovasz_weight = 0.0  # Weight of the Lovasz hinge, a surrogate of 1 - IoU (0: off).
   train.dice_smooth = 1.0  # Smoothing term of the soft Dice.
   train.dice_per_image = True  # Dice per image (True) or over the whole batch (False).
   train.log_every_steps = 10  # Train loss is written to metrics.jsonl this often.

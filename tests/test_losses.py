@@ -46,6 +46,35 @@ def test_bce_matches_formula_and_sum_is_weighted():
       total, 0.3 * losses.soft_dice_loss(logits, masks) + 2.0 * expected, rtol=1e-5)
 
 
+def test_lovasz_hinge_is_zero_past_the_margin_and_matches_hand_values():
+  truth = _mask([(0, 0), (0, 1)])
+  separated = jnp.where(truth > 0, 1.0, -1.0)  # Every pixel at the hinge's margin.
+  np.testing.assert_allclose(losses.lovasz_hinge_loss(separated, truth), [0.0], atol=1e-6)
+
+  # One tumour pixel at logit 0 (error 1), the other at the margin; one background
+  # pixel at logit 0.5 (error 1.5), the rest at -1. Sorted errors 1.5, 1, 0, ...; the
+  # IoU losses after each step are 1/3 (the false positive), then 2/3 (one missed), so
+  # the weights are 1/3 and 1/3: loss = 1.5/3 + 1/3.
+  logits = separated.at[0, 0, 0, 0].set(0.0).at[0, 3, 3, 0].set(0.5)
+  np.testing.assert_allclose(losses.lovasz_hinge_loss(logits, truth), [1.5 / 3 + 1 / 3],
+                             rtol=1e-6)
+
+  # An empty mask: the largest error alone counts (one false positive is an IoU of 0).
+  empty = _mask([])
+  one_false = jnp.full_like(empty, -1.0).at[0, 2, 2, 0].set(2.0)
+  np.testing.assert_allclose(losses.lovasz_hinge_loss(one_false, empty), [3.0], rtol=1e-6)
+
+
+def test_lovasz_term_adds_with_its_weight():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 4, 1)), jnp.float32)
+  masks = jnp.asarray(rng.random((2, 4, 4, 1)) > 0.5, jnp.float32)
+  np.testing.assert_allclose(
+      losses.dice_bce_loss(logits, masks, lovasz_weight=0.5),
+      losses.dice_bce_loss(logits, masks) + 0.5 * losses.lovasz_hinge_loss(logits, masks),
+      rtol=1e-6)
+
+
 def test_batch_dice_pools_the_images():
   truth = jnp.concatenate([_mask([(0, 0), (0, 1)]), _mask([])])
   pred = jnp.concatenate([jnp.where(_mask([(0, 0)]) > 0, BIG, -BIG), jnp.full((1, 4, 4, 1), -BIG)])

@@ -34,14 +34,32 @@ def bce_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
   return jnp.mean(per_pixel, axis=tuple(range(1, logits.ndim)))
 
 
+def lovasz_hinge_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
+  """Lovasz hinge of each image (Berman et al., 2018): a convex surrogate of
+  1 - IoU of the thresholded logits; (N,) losses."""
+  def one_image(logits, mask):
+    logits, mask = logits.reshape(-1), mask.reshape(-1)
+    errors = 1.0 - logits * (2.0 * mask - 1.0)
+    order = jnp.argsort(-errors)
+    errors, mask = errors[order], mask[order]
+    tumour = jnp.sum(mask)
+    iou = (tumour - jnp.cumsum(mask)) / (tumour + jnp.cumsum(1.0 - mask))
+    weights = jax.lax.stop_gradient(jnp.diff(1.0 - iou, prepend=0.0))
+    return jnp.dot(jax.nn.relu(errors), weights)
+  return jax.vmap(one_image)(logits, masks)
+
+
 def dice_bce_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 1.0,
-                  bce_weight: float = 1.0, smooth: float = 1.0,
+                  bce_weight: float = 1.0, lovasz_weight: float = 0.0, smooth: float = 1.0,
                   per_image: bool = True) -> jax.Array:
-  """`dice_weight * soft Dice + bce_weight * BCE`, (N,) losses; losses and
-  logits are float32 whatever the compute dtype."""
+  """`dice_weight * soft Dice + bce_weight * BCE + lovasz_weight * Lovasz hinge`,
+  (N,) losses; losses and logits are float32 whatever the compute dtype."""
   logits = logits.astype(jnp.float32)
-  return (dice_weight * soft_dice_loss(logits, masks, smooth, per_image)
+  loss = (dice_weight * soft_dice_loss(logits, masks, smooth, per_image)
           + bce_weight * bce_loss(logits, masks))
+  if lovasz_weight:
+    loss += lovasz_weight * lovasz_hinge_loss(logits, masks)
+  return loss
 
 
 def downsample_masks(masks: jax.Array, factor: int) -> jax.Array:

@@ -56,6 +56,7 @@ def _variables(state: TrainState) -> dict[str, Any]:
 def _loss_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   train = config.train
   return dict(dice_weight=train.dice_weight, bce_weight=train.bce_weight,
+              lovasz_weight=train.lovasz_weight,
               smooth=train.dice_smooth, per_image=train.dice_per_image)
 
 
