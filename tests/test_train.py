@@ -88,8 +88,9 @@ def test_finished_run_is_not_trained_again(trained):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
-def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
-  tiny_config.train.ema_decay = 0.75
+@pytest.mark.parametrize("warmup, first_decay", [(10.0, 0.1), (2.0, 0.5)])
+def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path, warmup, first_decay):
+  tiny_config.train.ema_decay, tiny_config.train.ema_warmup = 0.75, warmup
   mesh = parallel.make_mesh()
   tx = optim.make_optimizer(tiny_config, 10, 2)
   initial = steps.create_train_state(tiny_config, (32, 32, 1), tx)
@@ -100,9 +101,10 @@ def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
                                       tiny_config))
   state, _ = p_train(state, parallel.device_batch(batch, mesh))
   trained = jax.device_get(state.params)
-  # At step 0 the warm-up decay min(0.75, 1 / 10) applies.
+  # At step 0 the warm-up decay min(0.75, 1 / warmup) applies.
   for e, p0, p1 in zip(*map(jax.tree.leaves, (jax.device_get(state.ema_params), start, trained))):
-    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e, first_decay * p0 + (1 - first_decay) * p1, rtol=1e-5,
+                               atol=1e-7)
 
 
 def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):

@@ -67,7 +67,8 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
-               ema_decay: float, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float, ema_warmup: float,
+               seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics."""
   masks = batch["mask"].astype(jnp.float32)
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -88,7 +89,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   if ema is not None:
     # Warm-up as in tf.train.ExponentialMovingAverage: early on, an average reaching far back
     # holds the initial weights, which the batch-norm statistics of the live model do not fit.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (ema_warmup + state.step))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
   # Without batch norm flax returns an empty plain dict; keeping the state's own
   # (empty) container keeps the state's pytree, so the step does not recompile.
@@ -148,7 +149,8 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   options = _loss_options(config)
   p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
-                                      ema_decay=config.train.ema_decay),
+                                      ema_decay=config.train.ema_decay,
+                                      ema_warmup=config.train.ema_warmup),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.
