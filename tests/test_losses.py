@@ -73,6 +73,12 @@ def test_lovasz_term_adds_with_its_weight():
       losses.dice_bce_loss(logits, masks, lovasz_weight=0.5),
       losses.dice_bce_loss(logits, masks) + 0.5 * losses.lovasz_hinge_loss(logits, masks),
       rtol=1e-6)
+  # With deep supervision, at full resolution only (the coarser masks are fractions).
+  coarse = {1: logits[:, ::2, ::2]}
+  with_lovasz = losses.deep_supervision_loss(logits, coarse, masks, lovasz_weight=0.5)
+  without = losses.deep_supervision_loss(logits, coarse, masks)
+  np.testing.assert_allclose(with_lovasz - without,
+                             0.5 * losses.lovasz_hinge_loss(logits, masks) / 1.5, rtol=1e-5)
 
 
 def test_batch_dice_pools_the_images():

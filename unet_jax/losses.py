@@ -79,7 +79,8 @@ def deep_supervision_loss(logits: jax.Array, aux_logits: dict[int, jax.Array],
 
   Level l (logits at 1/2**l of the resolution, against the masks averaged
   down to it) weighs 2**-l, the full resolution 1, and the weights are
-  normalised to sum to 1 (nnU-Net's scheme).
+  normalised to sum to 1 (nnU-Net's scheme). The Lovasz hinge, defined for
+  binary masks, enters at full resolution only: the coarser masks are fractions.
 
   Args:
     logits: (N, H, W, 1) full-resolution logits.
@@ -91,8 +92,10 @@ def deep_supervision_loss(logits: jax.Array, aux_logits: dict[int, jax.Array],
     (N,) losses.
   """
   total, weights = dice_bce_loss(logits, masks, **options), 1.0
+  coarse_options = {**options, "lovasz_weight": 0.0}
   for level, level_logits in aux_logits.items():
     weight = 0.5**level
-    total += weight * dice_bce_loss(level_logits, downsample_masks(masks, 2**level), **options)
+    total += weight * dice_bce_loss(level_logits, downsample_masks(masks, 2**level),
+                                    **coarse_options)
     weights += weight
   return total / weights
