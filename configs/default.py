@@ -77,7 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.residual = False  # Residual double-conv blocks (1x1 projection when widths differ).
   model.attention = False  # Attention gates on the skip connections (Oktay et al. 2018).
   model.deep_supervision = False  # 1x1 heads on the coarser decoder levels, in the loss too.
-  model.out_channels = 1  # Logit channels; training is binary, so 1 (one sigmoid logit).
+  # Logit channels: 1, the tumour (categories merged); or one per data.category_ids (COCO),
+  # each trained on its category, the tumour being the most likely one.
+  model.out_channels = 1
   model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   config.train = train = ml_collections.ConfigDict()

@@ -80,6 +80,25 @@ def test_categories_merge_and_bbox_only_and_rle(tmp_path):
     coco.CocoSource(root, "train", 8, category_ids=(1, 7))
 
 
+def test_listed_categories_get_their_own_labels(tmp_path):
+  root = _export(tmp_path, {0: "a.png"}, [
+      {"image_id": 0, "category_id": 1, "bbox": [6, 6, 2, 2]},
+      {"image_id": 0, "category_id": 2, "bbox": [0, 0, 4, 4]},
+      {"image_id": 0, "category_id": 1, "bbox": [2, 2, 2, 2]},  # over category 2's box
+  ])
+  merged = coco.CocoSource(root, "train", 8)[0]["mask"][..., 0]
+  assert set(np.unique(merged)) == {0, 1}
+  labels = coco.CocoSource(root, "train", 8, category_ids=(2, 1))[0]["mask"][..., 0]
+  expected = np.zeros((8, 8), np.uint8)
+  expected[0:4, 0:4] = 1  # category 2, the first listed
+  expected[6:8, 6:8] = expected[2:4, 2:4] = 2  # category 1; the later label wins an overlap
+  np.testing.assert_array_equal(labels, expected)
+  np.testing.assert_array_equal(coco.CocoSource(root, "train", 8, category_ids=(2, 1)).mask(0),
+                                expected > 0)
+  half = coco.CocoSource(root, "train", 4, category_ids=(2, 1))[0]["mask"][..., 0]
+  assert set(np.unique(half)) == {0, 1, 2}  # resizing keeps the labels
+
+
 def test_compressed_rle_string(tmp_path):
   expected = np.zeros((8, 8), np.uint8)
   expected[2:5, 3:7] = 1

@@ -110,3 +110,11 @@ def test_deep_supervision_weighs_level_l_by_two_to_the_minus_l():
       losses.deep_supervision_loss(logits[0], {1: logits[1], 2: logits[2]}, masks),
       (each[0] + each[1] / 2 + each[2] / 4) / 1.75, rtol=1e-6)
   np.testing.assert_allclose(losses.deep_supervision_loss(logits[0], {}, masks), each[0])
+
+
+def test_targets_are_the_tumour_or_one_channel_per_label():
+  labels = jnp.array([0, 1, 2, 2], jnp.uint8).reshape(1, 2, 2, 1)
+  np.testing.assert_array_equal(losses.targets(labels, 1)[0, ..., 0], [[0, 1], [1, 1]])
+  per_label = losses.targets(labels, 2)[0]
+  np.testing.assert_array_equal(per_label[..., 0], [[0, 1], [0, 0]])
+  np.testing.assert_array_equal(per_label[..., 1], [[0, 0], [1, 1]])

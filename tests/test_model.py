@@ -485,14 +485,20 @@ def test_from_config_passes_every_field():
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
                  dropout=0.1, residual=True, attention=True, deep_supervision=True,
-                 dtype="bfloat16")
+                 out_channels=2, dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)
   for name, value in changed.items():
     expected = jnp.bfloat16 if name == "dtype" else value
     assert getattr(built, name) == expected, name
-  assert set(changed) | {"out_channels"} == set(_unet_fields())
+  assert set(changed) == set(_unet_fields())
+
+
+def test_tumour_logits_are_the_most_likely_categorys():
+  logits = jnp.array([[[[-2.0, 1.0], [-3.0, -1.0]]]])
+  np.testing.assert_array_equal(model_lib.tumour_logits(logits), [[[1.0, -1.0]]])
+  assert model_lib.tumour_logits(jnp.zeros((2, 4, 4, 1))).shape == (2, 4, 4)
 
 
 def test_from_config_reads_saved_json_configs():
@@ -514,7 +520,7 @@ def test_bad_fields_are_clear_errors(fields, message):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"out_channels": 2}, "binary"), ({"dtype": "float16"}, "model.dtype"),
+    ({"dtype": "float16"}, "model.dtype"),
     ({"widht": 3}, "unknown fields"),
 ])
 def test_bad_config_fields_are_clear_errors(fields, message):

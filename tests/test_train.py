@@ -1,5 +1,6 @@
 """Training end to end on four fake CPU devices, checkpoints and the command line."""
 
+import csv
 import json
 import os
 import pathlib
@@ -126,6 +127,37 @@ def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
   out = p_eval(state, parallel.device_batch(next(pipeline.eval_batches(source, tiny_config, 8)),
                                             mesh))
   assert np.isfinite(jax.device_get(out["loss"])).all()
+
+
+def _two_category_phantoms(config, workdir: pathlib.Path) -> pathlib.Path:
+  """The phantom export with every second image's tumour in a category 2."""
+  root = data.data_root(config.data, str(workdir))
+  for annotations_file in root.glob("*/_annotations.coco.json"):
+    coco = json.loads(annotations_file.read_text())
+    coco["categories"].append({"id": 2, "name": "other", "supercategory": "tumor"})
+    for annotation in coco["annotations"]:
+      annotation["category_id"] = 1 + annotation["image_id"] % 2
+    annotations_file.write_text(json.dumps(coco))
+  return root
+
+
+def test_one_logit_per_category_trains_and_scores_their_union(tiny_config, tmp_path):
+  config = tiny_config
+  config.data.root = str(_two_category_phantoms(config, tmp_path / "data"))
+  config.data.category_ids, config.model.out_channels = (1, 2), 2
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["n_images"] == 8 and 0 <= summary["metrics"]["dice"]["mean"] <= 1
+  rows = list(csv.DictReader(open(tmp_path / "run" / "eval" / "test" / "per_image.csv")))
+  for category, result in summary["by_category"].items():
+    mine = [float(row["dice"]) for row in rows if row["category"] == category]
+    assert result["n_images"] == len(mine) > 0
+    assert result["dice"] == pytest.approx(np.mean(mine), abs=1e-6)
+  state, _ = evaluate.restore_state(config, str(tmp_path / "run"), parallel.make_mesh())
+  assert jax.device_get(state.params["head"]["kernel"]).shape[-1] == 2
+  config.data.category_ids = (1,)
+  with pytest.raises(UserError, match=r"model.out_channels=2: one logit per category needs "
+                     r"a COCO dataset and as many data.category_ids"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))
 
 
 def _launch(*args):

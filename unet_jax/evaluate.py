@@ -36,15 +36,15 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
 
 
 def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-  """(index, probability map, ground-truth mask) for every image of `source`."""
+  """(index, probability map, ground-truth label map) for every image of `source`."""
   step = lambda state_, arrays: {"probs": predict(state_, arrays["image"])}
-  for index, outputs, truth in _per_image(step, state, source, config, mesh):
-    yield index, outputs["probs"], truth
+  for index, outputs, labels in _per_image(step, state, source, config, mesh):
+    yield index, outputs["probs"], labels
 
 
 def _per_image(step, state, source, config, mesh) -> Iterator[tuple[int, dict, np.ndarray]]:
-  """(index, that image's `step(state, device batch)` outputs, ground-truth mask) for every
-  image of `source`."""
+  """(index, that image's `step(state, device batch)` outputs, ground-truth label map: the
+  tumour where not 0) for every image of `source`."""
   for batch in pipeline.eval_batches(source, config, config.eval.batch_size):
     arrays = parallel.device_batch(batch, mesh)
     # Gathered with the outputs, so every process sees the global batch.
@@ -53,7 +53,7 @@ def _per_image(step, state, source, config, mesh) -> Iterator[tuple[int, dict, n
     host = parallel.to_host({"outputs": outputs, **arrays})
     for i in np.flatnonzero(host["valid"]):
       yield (int(host["index"][i]), {name: values[i] for name, values in host["outputs"].items()},
-             host["mask"][i, ..., 0] > 0)
+             host["mask"][i, ..., 0])
 
 
 def binarise(probs: np.ndarray, threshold: float | None,
@@ -74,9 +74,9 @@ def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: s
   """The threshold of THRESHOLDS with the best mean Dice on the validation split."""
   source = data_lib.build_source(config.data, config.data.val_split, workdir)
   dice = np.zeros((len(source), len(THRESHOLDS)))
-  for index, probs, truth in _probabilities(predict, state, source, config, mesh):
+  for index, probs, labels in _probabilities(predict, state, source, config, mesh):
     masks = np.stack([binarise(probs, t, config.eval) for t in THRESHOLDS])
-    counts = metrics_lib.confusion_counts(masks, np.broadcast_to(truth, masks.shape))
+    counts = metrics_lib.confusion_counts(masks, np.broadcast_to(labels > 0, masks.shape))
     dice[index] = metrics_lib.per_image_metrics(counts)["dice"]
   mean = dice.mean(axis=0)
   # Among equal scores prefer the threshold nearest 0.5.
@@ -86,18 +86,44 @@ def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: s
   return float(THRESHOLDS[best])
 
 
+def _main_label(labels: np.ndarray) -> int:
+  """The label covering most of a label map's tumour; 0 when it has none."""
+  tumour = np.bincount(labels.ravel())[1:]
+  return int(tumour.argmax()) + 1 if tumour.any() else 0
+
+
+def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
+                category_ids) -> dict[str, dict[str, Any]]:
+  """Category id -> its images' count, mean Dice and IoU, and pooled Dice and IoU; an image
+  counts for the category covering most of its tumour (label k: the k-th id)."""
+  summary = {}
+  for label, category in enumerate(category_ids, start=1):
+    chosen = labels == label
+    if not chosen.any():
+      summary[str(category)] = {"n_images": 0, "dice": None, "iou": None, "pooled": None}
+      continue
+    summary[str(category)] = {
+        "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
+        "iou": float(scores["iou"][chosen].mean()),
+        "pooled": metrics_lib.pooled_metrics(counts[chosen])}
+  return summary
+
+
 def score_split(predict, state, source, config, mesh,
                 threshold: float | None) -> dict[str, np.ndarray]:
-  """Per-image metrics (source order) of the thresholded, post-processed predictions."""
+  """Per-image metrics (source order) of the thresholded, post-processed predictions, with
+  each image's counts and label (the label covering most of its tumour; 0: none)."""
   counts = np.zeros((len(source), 4), np.int64)
   hd95 = np.zeros(len(source))
-  for index, probs, truth in _probabilities(predict, state, source, config, mesh):
-    mask = binarise(probs, threshold, config.eval)
+  image_labels = np.zeros(len(source), np.int64)
+  for index, probs, labels in _probabilities(predict, state, source, config, mesh):
+    mask, truth = binarise(probs, threshold, config.eval), labels > 0
     counts[index] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
     hd95[index] = metrics_lib.hd95(mask, truth)
+    image_labels[index] = _main_label(labels)
   scores = metrics_lib.per_image_metrics(counts)
   scores["hd95"] = hd95
-  return {"counts": counts, **scores}
+  return {"counts": counts, "labels": image_labels, **scores}
 
 
 def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
@@ -109,9 +135,9 @@ def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> 
   """
   threshold = config.eval.threshold if config.eval.decode == "threshold" else None
   loss, counts = np.zeros(len(source)), np.zeros((len(source), 4), np.int64)
-  for index, outputs, truth in _per_image(p_eval, state, source, config, mesh):
+  for index, outputs, labels in _per_image(p_eval, state, source, config, mesh):
     mask = binarise(outputs["probs"], threshold, config.eval)
-    counts[index] = metrics_lib.confusion_counts(mask[None], truth[None])[0]
+    counts[index] = metrics_lib.confusion_counts(mask[None], labels[None] > 0)[0]
     loss[index] = outputs["loss"]
   scores = metrics_lib.per_image_metrics(counts)
   return {"loss": float(loss.mean()), "dice": float(scores["dice"].mean()),
@@ -132,7 +158,7 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   batch, count = parallel.put_global_batch(images, mesh)
   probs = parallel.to_host(predict(state, batch))[:count]
   titles = [f"{s['file_name'][:28]}\nDice {scores['dice'][i]:.3f}" for s, i in zip(samples, rows)]
-  masks = np.stack([s["mask"][..., 0] for s in samples])
+  masks = np.stack([s["mask"][..., 0] > 0 for s in samples])
   predicted = np.stack([binarise(p, threshold, config.eval) for p in probs])
   post = [name for name in ("never_empty", "largest_component", "fill_box") if config.eval[name]]
   rule = "expected-Dice mask" if threshold is None else f"p > {threshold:g}"
@@ -159,7 +185,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if tuned:
     threshold = tune_threshold(predict, state, config, workdir, mesh)
   scores = score_split(predict, state, source, config, mesh, threshold)
-  counts = scores.pop("counts")
+  counts, labels = scores.pop("counts"), scores.pop("labels")
+  is_coco = data_lib.data_format(config.data) == "coco"
+  category_ids = tuple(config.data.category_ids) if is_coco else ()
   summary = {
       "split": split,
       "n_images": len(source),
@@ -175,18 +203,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "metrics": {name: metrics_lib.summarise(values) for name, values in scores.items()},
       "pooled": metrics_lib.pooled_metrics(counts),
   }
+  if category_ids:
+    summary["by_category"] = by_category(scores, counts, labels, category_ids)
   out = pathlib.Path(workdir) / "eval" / split
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "per_image.csv", "w", newline="") as f:
       writer = csv.writer(f)
-      writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels"])
+      writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
+                       *(["category"] if category_ids else [])])
       for i, name in enumerate(source.file_names):
         tp, fp, fn, _ = counts[i]
-        writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp])
+        category = [category_ids[labels[i] - 1] if labels[i] else ""] if category_ids else []
+        writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
+                         *category])
   _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
   logging.info("%s (step %d): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
                split, step, summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
                summary["metrics"]["hd95"]["mean"], len(source), out)
+  for category, result in summary.get("by_category", {}).items():
+    logging.info("%s, category %s: mean Dice %s over %d images", split, category,
+                 "-" if result["dice"] is None else f"{result['dice']:.4f}", result["n_images"])
   return summary

@@ -38,7 +38,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   model = model_lib.from_config(config.model)
 
   def probabilities(images):
-    return jax.nn.sigmoid(model.apply(variables, images, train=False))[..., 0]
+    return jax.nn.sigmoid(model_lib.tumour_logits(model.apply(variables, images, train=False)))
 
   size, channels = config.data.image_size, config.data.channels
   (batch,) = jax.export.symbolic_shape("batch")

@@ -5,6 +5,14 @@ import jax.numpy as jnp
 import optax
 
 
+def targets(labels: jax.Array, channels: int) -> jax.Array:
+  """Float targets for `channels` logits from (N, H, W, 1) label maps (0 background):
+  with one channel the tumour (any label), else channel k - 1 for label k."""
+  if channels == 1:
+    return (labels > 0).astype(jnp.float32)
+  return jax.nn.one_hot(labels[..., 0], channels + 1, dtype=jnp.float32)[..., 1:]
+
+
 def soft_dice_loss(logits: jax.Array, masks: jax.Array, smooth: float = 1.0,
                    per_image: bool = True) -> jax.Array:
   """Soft Dice loss, 1 - Dice of sigmoid probabilities.

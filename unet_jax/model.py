@@ -180,7 +180,8 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-  """U-Net returning `out_channels` logits per pixel (one tumour logit by default).
+  """U-Net returning `out_channels` logits per pixel: one tumour logit (the default), or
+  one per category (`tumour_logits` reads the tumour from them).
 
   Convolutions are "same"-padded and any input size works: the input is
   padded to a multiple of 2**depth and the logits are cropped back to it.
@@ -204,7 +205,7 @@ class UNet(nn.Module):
       gets a 1x1 head too; its logits, at that level's resolution, are sown
       into the "intermediates" collection as `aux_logits_<level>` for the
       training loss (evaluation reads the full-resolution head only).
-    out_channels: Logit channels (1 for a binary mask).
+    out_channels: Logit channels: 1 for the tumour, or one per category.
     dtype: Compute dtype; parameters and logits stay float32.
   """
 
@@ -287,6 +288,12 @@ class UNet(nn.Module):
     return logits[:, :height, :width].astype(jnp.float32)
 
 
+def tumour_logits(logits: jax.Array) -> jax.Array:
+  """(N, H, W) tumour logits of (N, H, W, out_channels) ones: the most likely category's,
+  so that a pixel is tumour when any category is (with one channel, that channel)."""
+  return jnp.max(logits, axis=-1)
+
+
 def from_config(model: ml_collections.ConfigDict) -> UNet:
   """Builds the U-Net described by a `config.model` block.
 
@@ -294,8 +301,7 @@ def from_config(model: ml_collections.ConfigDict) -> UNet:
   UNet's defaults.
 
   Raises:
-    UserError: an unknown field or value, or out_channels other than 1 (the
-      losses and metrics are binary, on one sigmoid logit).
+    UserError: an unknown field or value.
   """
   defaults = {f.name: f.default for f in dataclasses.fields(UNet)
               if f.name not in ("parent", "name")}
@@ -305,9 +311,6 @@ def from_config(model: ml_collections.ConfigDict) -> UNet:
   fields = {name: model.get(name, default) for name, default in defaults.items()}
   if isinstance(fields["dilation"], (list, tuple)):  # A saved config.json holds a list.
     fields["dilation"] = tuple(int(rate) for rate in fields["dilation"])
-  if fields["out_channels"] != 1:
-    raise UserError(f"model.out_channels={fields['out_channels']}: training and evaluation "
-                    "are binary (one sigmoid logit); use 1")
   dtype = fields["dtype"] if isinstance(fields["dtype"], str) else jnp.dtype(fields["dtype"]).name
   fields["dtype"] = DTYPES[_choice("dtype", dtype, DTYPES)]
   return UNet(**fields)

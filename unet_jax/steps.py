@@ -70,13 +70,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
                ema_decay: float, ema_warmup: float,
                seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics."""
-  masks = batch["mask"].astype(jnp.float32)
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats", "intermediates"])
+    masks = losses.targets(batch["mask"], logits.shape[-1])
     loss = losses.deep_supervision_loss(logits, _aux_logits(updates), masks,
                                         **loss_options).mean()
     return loss, (logits, updates)
@@ -96,7 +96,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   batch_stats = model_updates.get("batch_stats") or state.batch_stats
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         batch_stats=batch_stats)
-  dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(logits > 0, masks > 0.5))
+  dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(
+      model_lib.tumour_logits(logits)[..., None] > 0, batch["mask"] > 0))
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
@@ -105,8 +106,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: d
   """Per-image loss and the (N, H, W) probabilities `predict_step` gives."""
   logits = state.apply_fn(_variables(state), batch["image"], train=False)
   return {
-      "loss": losses.dice_bce_loss(logits, batch["mask"].astype(jnp.float32), **loss_options),
-      "probs": _flip_averaged(state, batch["image"], jax.nn.sigmoid(logits)[..., 0], tta, up_down),
+      "loss": losses.dice_bce_loss(logits, losses.targets(batch["mask"], logits.shape[-1]),
+                                   **loss_options),
+      "probs": _flip_averaged(state, batch["image"],
+                              jax.nn.sigmoid(model_lib.tumour_logits(logits)), tta, up_down),
   }
 
 
@@ -122,7 +125,8 @@ def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False,
 
 
 def _probs(state: TrainState, images: jax.Array) -> jax.Array:
-  return jax.nn.sigmoid(state.apply_fn(_variables(state), images, train=False))[..., 0]
+  logits = state.apply_fn(_variables(state), images, train=False)
+  return jax.nn.sigmoid(model_lib.tumour_logits(logits))
 
 
 def _flip_averaged(state: TrainState, images: jax.Array, probs: jax.Array, tta: bool,

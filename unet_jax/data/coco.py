@@ -9,8 +9,12 @@ Two layouts:
   nested objects, e.g. "extra.split"); file names are relative to
   `data.image_dir` (default: the annotation file's folder).
 
-The selected categories (default: all) are merged into one tumour
-foreground; an image with no annotation is a negative with an empty mask.
+The selected categories (default: all, merged) are the tumour foreground;
+an image with no annotation is a negative with an empty mask. The mask is a
+label map: 0 background, k the k-th of `data.category_ids` (1 for every
+category when they are merged), which a model with one logit per category
+learns per category (`model.out_channels`) and every metric reads as
+tumour where it is not 0.
 """
 
 import dataclasses
@@ -173,6 +177,22 @@ def merged_counts(shapes: Sequence[coco_json.Shape], height: int, width: int) ->
   return rle["counts"]
 
 
+def label_counts(subset: Subset, image: dict[str, Any], category_ids: Sequence[Any],
+                 problems: list[str]) -> tuple[tuple[int, bytes], ...]:
+  """(label, RLE counts) of an image's foreground: label 1 for all categories merged
+  (`category_ids` empty), else label k for the k-th of `category_ids`; labels without
+  shapes are left out."""
+  groups = [(1, category_ids)] if not category_ids else [
+      (label, (category,)) for label, category in enumerate(category_ids, start=1)]
+  labelled = []
+  for label, categories in groups:
+    counts = merged_counts(shapes_of(subset, image, categories, problems), image["height"],
+                           image["width"])
+    if counts is not None:
+      labelled.append((label, counts))
+  return tuple(labelled)
+
+
 class CocoSource:
   """One subset of a COCO dataset: {"image", "mask", "file_name"} records.
 
@@ -202,14 +222,13 @@ class CocoSource:
     self._sizes = np.array([(image["height"], image["width"]) for image in subset.images],
                            np.int64).reshape(-1, 2)
     problems: list[str] = []
-    self._counts = [
-        merged_counts(shapes_of(subset, image, self.category_ids, problems), image["height"],
-                      image["width"]) for image in subset.images]
+    self._counts = [label_counts(subset, image, self.category_ids, problems)
+                    for image in subset.images]
     log_problems(problems, self.json_path)
     stat = self.json_path.stat()
     self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "
                         f"{self.image_dir} {split} {image_size} {channels} "
-                        f"{sorted(map(str, self.category_ids))}")
+                        f"labels {list(map(str, self.category_ids))}")
 
   def __len__(self) -> int:
     return len(self._file_names)
@@ -222,13 +241,20 @@ class CocoSource:
     """Image file names in index order."""
     return self._file_names
 
-  def mask(self, index: int) -> np.ndarray:
-    """The merged foreground mask of image `index` at its original size."""
+  def labels(self, index: int) -> np.ndarray:
+    """The uint8 label map of image `index` at its original size (module docstring).
+
+    Where shapes of two categories overlap, the later category's label wins.
+    """
     height, width = (int(v) for v in self._sizes[index])
-    counts = self._counts[index]
-    if counts is None:
-      return np.zeros((height, width), np.uint8)
-    return mask_utils.decode({"size": [height, width], "counts": counts})
+    labels = np.zeros((height, width), np.uint8)
+    for label, counts in self._counts[index]:
+      labels[mask_utils.decode({"size": [height, width], "counts": counts}) > 0] = label
+    return labels
+
+  def mask(self, index: int) -> np.ndarray:
+    """The binary foreground mask of image `index` at its original size."""
+    return (self.labels(index) > 0).astype(np.uint8)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     file_name = self._file_names[index]
@@ -241,6 +267,6 @@ class CocoSource:
                       f"{self.json_path.name} says {width}x{height}")
     return {
         "image": image,
-        "mask": images_lib.resize_mask(self.mask(index), self.image_size),
+        "mask": images_lib.resize_labels(self.labels(index), self.image_size),
         "file_name": file_name,
     }

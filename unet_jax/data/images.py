@@ -120,10 +120,15 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   return np.stack(planes, axis=-1)
 
 
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize of a uint8 (H, W) label map to (size, size, 1)."""
+  if labels.shape[:2] != (size, size):
+    labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
+        (size, size), Image.Resampling.NEAREST))
+  return labels.astype(np.uint8)[..., None]
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """Nearest-neighbour resize of a binary (H, W) mask to uint8 (size, size, 1)."""
-  if mask.shape[:2] != (size, size):
-    resized = Image.fromarray(mask.astype(np.uint8)).resize((size, size),
-                                                            Image.Resampling.NEAREST)
-    mask = np.asarray(resized)
-  return (mask > 0).astype(np.uint8)[..., None]
+  """Nearest-neighbour resize of a binary (H, W) mask (any nonzero is tumour) to uint8
+  (size, size, 1) in {0, 1}."""
+  return resize_labels(mask > 0, size)
