@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import data, evaluate, optim, parallel, reports, steps, train
+from unet_jax import data, evaluate, export, optim, parallel, reports, serving, steps, train
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -154,6 +154,15 @@ def test_one_logit_per_category_trains_and_scores_their_union(tiny_config, tmp_p
     assert result["dice"] == pytest.approx(np.mean(mine), abs=1e-6)
   state, _ = evaluate.restore_state(config, str(tmp_path / "run"), parallel.make_mesh())
   assert jax.device_get(state.params["head"]["kernel"]).shape[-1] == 2
+  images = np.random.default_rng(1).random((3, 32, 32, 1)).astype(np.float32)
+  assert state.ema_params is None  # So the parameters are the ones predicted with.
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
+                          train=False)
+  probs = steps.predict_step(state, images)
+  np.testing.assert_allclose(probs, jax.nn.sigmoid(logits.max(axis=-1)), atol=1e-6)
+  exported = serving.load(export.export(config, str(tmp_path / "run"), str(tmp_path / "export"),
+                                        platforms=("cpu",)))
+  np.testing.assert_allclose(exported(images), probs, atol=1e-6)
   config.data.category_ids = (1,)
   with pytest.raises(UserError, match=r"model.out_channels=2: one logit per category needs "
                      r"a COCO dataset and as many data.category_ids"):
