@@ -92,23 +92,6 @@ def _main_label(labels: np.ndarray) -> int:
   return int(tumour.argmax()) + 1 if tumour.any() else 0
 
 
-def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
-                category_ids) -> dict[str, dict[str, Any]]:
-  """Category id -> its images' count, mean Dice and IoU, and pooled Dice and IoU; an image
-  counts for the category covering most of its tumour (label k: the k-th id)."""
-  summary = {}
-  for label, category in enumerate(category_ids, start=1):
-    chosen = labels == label
-    if not chosen.any():
-      summary[str(category)] = {"n_images": 0, "dice": None, "iou": None, "pooled": None}
-      continue
-    summary[str(category)] = {
-        "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
-        "iou": float(scores["iou"][chosen].mean()),
-        "pooled": metrics_lib.pooled_metrics(counts[chosen])}
-  return summary
-
-
 def score_split(predict, state, source, config, mesh,
                 threshold: float | None) -> dict[str, np.ndarray]:
   """Per-image metrics (source order) of the thresholded, post-processed predictions, with
@@ -204,7 +187,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "pooled": metrics_lib.pooled_metrics(counts),
   }
   if category_ids:
-    summary["by_category"] = by_category(scores, counts, labels, category_ids)
+    summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
   out = pathlib.Path(workdir) / "eval" / split
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,23 @@ def pooled_metrics(counts: np.ndarray) -> dict[str, float]:
   return {"dice": float(_ratio(2 * tp, 2 * tp + fp + fn)), "iou": float(_ratio(tp, tp + fp + fn))}
 
 
+def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
+                category_ids) -> dict[str, dict]:
+  """Category id -> its images' count, mean Dice and IoU, and pooled Dice and IoU; an image
+  counts for the category covering most of its tumour (label k: the k-th id)."""
+  summary = {}
+  for label, category in enumerate(category_ids, start=1):
+    chosen = labels == label
+    if not chosen.any():
+      summary[str(category)] = {"n_images": 0, "dice": None, "iou": None, "pooled": None}
+      continue
+    summary[str(category)] = {
+        "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
+        "iou": float(scores["iou"][chosen].mean()),
+        "pooled": pooled_metrics(counts[chosen])}
+  return summary
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
   """Boundary pixels: the mask minus its 4-connected erosion."""
   return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
