@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.early_stopping_patience = 0  # Epochs without a better val Dice before stopping (0: off).
   train.dice_weight = 1.0  # Weight of the soft Dice loss.
   train.bce_weight = 1.0  # Weight of the sigmoid binary cross-entropy.
+  # COCO: each image's loss weighs category_weights[k] when data.category_ids[k] covers most
+  # of its tumour (the batch's weighted mean); (): every image alike.
+  train.category_weights = ()
   train.lovasz_weight = 0.0  # Weight of the Lovasz hinge, a surrogate of 1 - IoU (0: off).
   train.dice_smooth = 1.0  # Smoothing term of the soft Dice.
   train.dice_per_image = True  # Dice per image (True) or over the whole batch (False).

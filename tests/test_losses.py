@@ -118,3 +118,13 @@ def test_targets_are_the_tumour_or_one_channel_per_label():
   per_label = losses.targets(labels, 2)[0]
   np.testing.assert_array_equal(per_label[..., 0], [[0, 1], [0, 0]])
   np.testing.assert_array_equal(per_label[..., 1], [[0, 0], [1, 1]])
+
+
+def test_each_image_weighs_as_the_category_covering_most_of_its_tumour():
+  labels = np.zeros((3, 4, 4, 1), np.int32)
+  labels[0, :2, :2] = 1  # Four pixels of category 1 outweigh one of category 2.
+  labels[0, 3, 3] = 2
+  labels[1, :, :1] = 2
+  # The third image holds no tumour.
+  np.testing.assert_allclose(losses.category_weights(jnp.asarray(labels), (2.0, 0.5)),
+                             [2.0, 0.5, 1.0])

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import data, evaluate, export, optim, parallel, reports, serving, steps, train
+from unet_jax import (data, evaluate, export, losses, optim, parallel, reports, serving, steps,
+                      train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -167,6 +168,32 @@ def test_one_logit_per_category_trains_and_scores_their_union(tiny_config, tmp_p
   with pytest.raises(UserError, match=r"model.out_channels=2: one logit per category needs "
                      r"a COCO dataset and as many data.category_ids"):
     train.train_and_evaluate(config, str(tmp_path / "other"))
+
+
+def test_category_weights_make_the_loss_a_weighted_mean(tiny_config, tmp_path):
+  config = tiny_config
+  config.data.root = str(_two_category_phantoms(config, tmp_path / "data"))
+  config.data.category_ids, config.train.category_weights = (1, 2), (3.0, 1.0)
+  mesh = parallel.make_mesh()
+  state = jax.device_put(steps.create_train_state(config, (32, 32, 1),
+                                                  optim.make_optimizer(config, 10, 2)),
+                         parallel.replicated(mesh))
+  source = data.build_source(config.data, "train", str(tmp_path))
+  batch = next(pipeline.train_batches(source, config))
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=True, mutable=["batch_stats"])[0]
+  per_image = np.asarray(losses.dice_bce_loss(logits, batch["mask"] > 0))
+  weights = np.where(batch["mask"].max(axis=(1, 2, 3)) == 1, 3.0, 1.0)
+  assert 0 < (weights == 3).sum() < len(weights)  # Both categories are in the batch.
+  p_train, _ = steps.jit_steps(config, mesh)
+  _, metrics = p_train(state, parallel.device_batch(batch, mesh))
+  assert float(metrics["loss"]) == pytest.approx(
+      np.sum(weights * per_image) / np.sum(weights), rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(per_image.mean(), rel=1e-3)
+  config.train.category_weights = (3.0,)
+  with pytest.raises(UserError, match=r"train.category_weights=\(3.0,\): one weight per "
+                     r"category needs a COCO dataset and as many data.category_ids"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def _launch(*args):

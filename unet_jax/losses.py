@@ -13,6 +13,15 @@ def targets(labels: jax.Array, channels: int) -> jax.Array:
   return jax.nn.one_hot(labels[..., 0], channels + 1, dtype=jnp.float32)[..., 1:]
 
 
+def category_weights(labels: jax.Array, weights: tuple[float, ...]) -> jax.Array:
+  """(N,) weight of each image of (N, H, W, 1) label maps: `weights[k - 1]` for the label k
+  covering most of its tumour, 1 for an image without tumour."""
+  areas = jnp.sum(jax.nn.one_hot(labels[..., 0], len(weights) + 1, dtype=jnp.float32),
+                  axis=(1, 2))[:, 1:]
+  main = jnp.argmax(areas, axis=-1)
+  return jnp.where(areas.sum(axis=-1) > 0, jnp.asarray(weights, jnp.float32)[main], 1.0)
+
+
 def soft_dice_loss(logits: jax.Array, masks: jax.Array, smooth: float = 1.0,
                    per_image: bool = True) -> jax.Array:
   """Soft Dice loss, 1 - Dice of sigmoid probabilities.

@@ -67,9 +67,14 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
-               ema_decay: float, ema_warmup: float,
-               seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a (global) batch; returns the new state and batch metrics."""
+               ema_decay: float, ema_warmup: float, seed: int,
+               category_weights: tuple[float, ...] = ()
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a (global) batch; returns the new state and batch metrics.
+
+  The loss is the batch's mean, weighted by each image's category when `category_weights`
+  are given (`losses.category_weights`).
+  """
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
@@ -77,8 +82,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats", "intermediates"])
     masks = losses.targets(batch["mask"], logits.shape[-1])
-    loss = losses.deep_supervision_loss(logits, _aux_logits(updates), masks,
-                                        **loss_options).mean()
+    per_image = losses.deep_supervision_loss(logits, _aux_logits(updates), masks, **loss_options)
+    if category_weights:
+      weights = losses.category_weights(batch["mask"], category_weights)
+      loss = jnp.sum(weights * per_image) / jnp.sum(weights)
+    else:
+      loss = per_image.mean()
     return loss, (logits, updates)
 
   (loss, (logits, model_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -154,7 +163,9 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   options = _loss_options(config)
   p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
                                       ema_decay=config.train.ema_decay,
-                                      ema_warmup=config.train.ema_warmup),
+                                      ema_warmup=config.train.ema_warmup,
+                                      category_weights=tuple(
+                                          config.train.get("category_weights", ()))),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.

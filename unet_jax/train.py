@@ -77,14 +77,18 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
                       "or train.grad_clip)")
 
 
-def _check_out_channels(config: ml_collections.ConfigDict) -> None:
-  """One logit per category needs that many COCO categories to learn them from."""
-  channels, categories = config.model.out_channels, tuple(config.data.category_ids)
-  fmt = data_lib.data_format(config.data)
+def _check_categories(config: ml_collections.ConfigDict) -> None:
+  """One logit, or one loss weight, per category needs that many COCO categories."""
+  categories, fmt = tuple(config.data.category_ids), data_lib.data_format(config.data)
+  got = f"(got data.format={fmt!r}, data.category_ids={categories})"
+  channels = config.model.out_channels
   if channels != 1 and (fmt != "coco" or channels != len(categories)):
     raise UserError(f"model.out_channels={channels}: one logit per category needs a COCO "
-                    f"dataset and as many data.category_ids (got data.format={fmt!r}, "
-                    f"data.category_ids={categories}); use 1 for one tumour logit")
+                    f"dataset and as many data.category_ids {got}; use 1 for one tumour logit")
+  weights = tuple(config.train.get("category_weights", ()))
+  if weights and (fmt != "coco" or len(weights) != len(categories)):
+    raise UserError(f"train.category_weights={weights}: one weight per category needs a COCO "
+                    f"dataset and as many data.category_ids {got}; use () to weigh images alike")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
-  _check_out_channels(config)
+  _check_categories(config)
   mesh = parallel.make_mesh()
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
