@@ -164,8 +164,7 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
                                       ema_decay=config.train.ema_decay,
                                       ema_warmup=config.train.ema_warmup,
-                                      category_weights=tuple(
-                                          config.train.get("category_weights", ()))),
+                                      category_weights=tuple(config.train.category_weights)),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.

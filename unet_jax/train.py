@@ -85,7 +85,7 @@ def _check_categories(config: ml_collections.ConfigDict) -> None:
   if channels != 1 and (fmt != "coco" or channels != len(categories)):
     raise UserError(f"model.out_channels={channels}: one logit per category needs a COCO "
                     f"dataset and as many data.category_ids {got}; use 1 for one tumour logit")
-  weights = tuple(config.train.get("category_weights", ()))
+  weights = tuple(config.train.category_weights)
   if weights and (fmt != "coco" or len(weights) != len(categories)):
     raise UserError(f"train.category_weights={weights}: one weight per category needs a COCO "
                     f"dataset and as many data.category_ids {got}; use () to weigh images alike")
