@@ -130,8 +130,10 @@ def test_classic_unet_has_the_original_parameter_count():
 
 
 def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsampling="transpose",
-                norm="none", residual=False, attention=False, deep_supervision=False):
+                norm="none", residual=False, attention=False, deep_supervision=False,
+                coord_channels=False):
   """Parameters of our U-Net, from the layer formulas."""
+  in_ch += 2 if coord_channels else 0  # A row and a column channel.
   normed = norm != "none"
 
   def block(i, o):  # Two 3x3 convs; a norm replaces each bias with a scale and a shift.
@@ -163,6 +165,7 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
     {"upsampling": "bilinear"}, {"residual": True}, {"residual": True, "norm": "batch"},
     {"attention": True}, {"deep_supervision": True}, {"depth": 1, "features": 3},
     {"depth": 5, "in_ch": 3, "out": 2, "deep_supervision": True},
+    {"coord_channels": True}, {"coord_channels": True, "in_ch": 3, "norm": "batch"},
     {"pooling": "conv", "upsampling": "bilinear", "residual": True, "attention": True,
      "norm": "group", "features": 6},
 ])
@@ -419,6 +422,31 @@ def test_logits_have_input_size(shape):
   assert logits.dtype == jnp.float32
 
 
+def test_coordinate_channels_are_rows_and_columns_across_the_image():
+  grid = np.asarray(model_lib._coordinates(jnp.zeros((2, 3, 5, 1))))
+  assert grid.shape == (2, 3, 5, 2)
+  np.testing.assert_allclose(grid[1, :, 0, 0], [-1, 0, 1])  # Rows, top to bottom.
+  np.testing.assert_allclose(grid[1, 0, :, 1], [-1, -0.5, 0, 0.5, 1])  # Columns, left to right.
+  np.testing.assert_array_equal(grid[0, :, :, 0], grid[0, :, ::-1, 0])
+
+
+def test_coordinate_channels_tell_the_model_where_a_pixel_is():
+  # On a constant image, away from the zero padding (a depth-1 U-Net sees 18 pixels across)
+  # and at one phase of the 2x2 transposed conv, only the coordinate channels can make the
+  # logits vary over the frame.
+  unet = model_lib.UNet(features=4, depth=1, norm="none", coord_channels=True)
+  variables = _variables(unet, (1, 64, 64, 1))
+  kernel = variables["params"]["down_0"]["Conv_0"]["kernel"]
+  assert kernel.shape == (3, 3, 3, 4)  # The image's channel, then the row and the column.
+  image = jnp.full((1, 64, 64, 1), 0.5)
+  interior = np.s_[0, 12:52:2, 12:52:2, 0]
+  varied = np.asarray(_apply(unet, variables, image, train=False))[interior]
+  variables["params"]["down_0"]["Conv_0"]["kernel"] = np.concatenate(
+      [kernel[:, :, :1], np.zeros_like(kernel[:, :, 1:])], axis=2)
+  flat = np.asarray(_apply(unet, variables, image, train=False))[interior]
+  assert np.ptp(flat) < 1e-5 < 1e-2 < np.ptp(varied)
+
+
 def test_every_flag_together_runs_on_an_odd_size():
   unet = model_lib.UNet(features=6, depth=2, pooling="dilated_conv", activation="elu",
                         dilation=(1, 2, 2), norm="group", upsampling="bilinear", dropout=0.1,
@@ -485,7 +513,7 @@ def test_from_config_passes_every_field():
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
                  dropout=0.1, residual=True, attention=True, deep_supervision=True,
-                 out_channels=2, dtype="bfloat16")
+                 out_channels=2, coord_channels=True, dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)

@@ -206,6 +206,9 @@ class UNet(nn.Module):
       into the "intermediates" collection as `aux_logits_<level>` for the
       training loss (evaluation reads the full-resolution head only).
     out_channels: Logit channels: 1 for the tumour, or one per category.
+    coord_channels: Whether two input channels holding each pixel's row and
+      column, in [-1, 1] across the image, are added to the image's, so
+      that the convolutions can learn where in the frame tumours lie.
     dtype: Compute dtype; parameters and logits stay float32.
   """
 
@@ -222,6 +225,7 @@ class UNet(nn.Module):
   attention: bool = False
   deep_supervision: bool = False
   out_channels: int = 1
+  coord_channels: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -255,6 +259,8 @@ class UNet(nn.Module):
     height, width = images.shape[1:3]
     multiple = 2**self.depth
     pad_h, pad_w = -height % multiple, -width % multiple
+    if self.coord_channels:
+      images = jnp.concatenate([images, _coordinates(images)], axis=-1)
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))).astype(self.dtype)
     rates = self.rates()
 
@@ -286,6 +292,15 @@ class UNet(nn.Module):
 
     logits = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
     return logits[:, :height, :width].astype(jnp.float32)
+
+
+def _coordinates(images: jax.Array) -> jax.Array:
+  """(N, H, W, 2) rows and columns of (N, H, W, C) images, each in [-1, 1]."""
+  n, height, width = images.shape[:3]
+  rows, cols = jnp.meshgrid(jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width),
+                            indexing="ij")
+  grid = jnp.stack([rows, cols], axis=-1).astype(images.dtype)
+  return jnp.broadcast_to(grid, (n, height, width, 2))
 
 
 def tumour_logits(logits: jax.Array) -> jax.Array:
