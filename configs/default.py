@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   augment.brightness_prob = 0.5
   augment.contrast = 0.1  # Multiplicative jitter in [1 - x, 1 + x] about the mean...
   augment.contrast_prob = 0.5
+  augment.gamma = 0.3  # Gamma (image ** g) with g uniform in [1 - x, 1 + x]...
+  augment.gamma_prob = 0.0  # ...applied with this probability; off by default.
+  augment.noise = 0.05  # Gaussian noise of a standard deviation uniform in [0, x]...
+  augment.noise_prob = 0.0  # ...applied with this probability; off by default.
   augment.hflip_prob = 0.0  # Left-right flips; off for brain MRI by default.
   augment.vflip_prob = 0.0  # Up-down flips; off by default.
 

@@ -73,7 +73,7 @@ def test_eval_batches_cover_every_image_once(tiny_config):
 def _only(config, **probs):
   """Turns every transform off except those given, with their probabilities."""
   for name in ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
-               "hflip_prob", "vflip_prob"):
+               "gamma_prob", "noise_prob", "hflip_prob", "vflip_prob"):
     config[name] = probs.get(name, 0.0)
   return config
 
@@ -155,6 +155,40 @@ def test_intensity_jitter_stays_in_range(tiny_config):
   assert out["image"].min() >= 0 and out["image"].max() <= 1
   assert not np.array_equal(out["image"], sample["image"])
   np.testing.assert_array_equal(out["mask"], sample["mask"])
+
+
+def test_gamma_bends_intensities_and_keeps_black_white_and_order(tiny_config):
+  assert tiny_config.augment.gamma_prob == 0
+  config = _only(tiny_config.augment, gamma_prob=1.0)
+  config.gamma = 0.5
+  ramp = np.linspace(0, 1, 32, dtype=np.float32)[None, :, None].repeat(32, axis=0)
+  sample = {"image": ramp, "mask": _square_sample()["mask"], "file_name": "x"}
+  powers = set()
+  for seed in range(4):
+    out = augment.augment(sample, np.random.default_rng(seed), config)
+    row = out["image"][0, :, 0]
+    assert row[0] == 0 and row[-1] == pytest.approx(1) and np.all(np.diff(row) > 0)
+    np.testing.assert_array_equal(out["mask"], sample["mask"])
+    power = np.log(row[16]) / np.log(ramp[0, 16, 0])  # image ** g, read back.
+    np.testing.assert_allclose(row[1:-1], ramp[0, 1:-1, 0]**power, rtol=1e-4)
+    assert 0.5 <= power <= 1.5
+    powers.add(round(float(power), 3))
+  assert len(powers) == 4
+
+
+def test_noise_is_zero_mean_and_at_most_its_strength(tiny_config):
+  assert tiny_config.augment.noise_prob == 0
+  config = _only(tiny_config.augment, noise_prob=1.0)
+  config.noise = 0.1
+  grey = np.full((64, 64, 1), 0.5, np.float32)
+  sample = {"image": grey, "mask": np.zeros((64, 64, 1), np.uint8), "file_name": "x"}
+  stds = []
+  for seed in range(6):
+    out = augment.augment(sample, np.random.default_rng(seed), config)
+    change = out["image"] - grey
+    assert abs(change.mean()) < 0.01 and out["mask"].sum() == 0
+    stds.append(change.std())
+  assert max(stds) < 0.1 * 1.1 and min(stds) < max(stds) / 1.5  # Strength drawn per sample.
 
 
 def test_worker_processes_give_the_same_batches(tiny_config):

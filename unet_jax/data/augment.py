@@ -1,4 +1,5 @@
-"""Training augmentation that is safe for MRI: small rigid motion and zoom, intensity jitter, flips.
+"""Training augmentation that is safe for MRI: small rigid motion and zoom, intensity jitter
+(brightness, contrast, gamma, noise), flips.
 
 Each transform has its own strength and probability in `config.augment`. The
 same geometric transform moves image and mask; masks are resampled with
@@ -64,20 +65,27 @@ def augment(sample: dict[str, Any], rng: np.random.Generator,
   shift = rng.uniform(-max_shift, max_shift)
   brightness = rng.uniform(-config.brightness, config.brightness)
   contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
-  # Drawn after the others, so that runs from before it existed keep their draws.
+  # Drawn after the others, so that runs from before these existed keep their draws.
   zoom_fires = rng.random() < config.zoom_prob
   zoom = rng.uniform(1 - config.zoom, 1 + config.zoom)
+  gamma_fires, noise_fires = rng.random(2) < np.array([config.gamma_prob, config.noise_prob])
+  gamma = rng.uniform(1 - config.gamma, 1 + config.gamma)
+  noise = rng.uniform(0, config.noise) * rng.standard_normal(image.shape, np.float32)
 
   degrees = degrees if fire[0] else 0.0
   shift = (int(round(shift[0])), int(round(shift[1]))) if fire[1] else (0, 0)
   zoom = zoom if zoom_fires else 1.0
   if degrees or any(shift) or zoom != 1.0:
     image, mask = _move(image, mask, degrees, shift, zoom)
+  if gamma_fires:  # Before the jitters, on intensities still in [0, 1].
+    image = np.clip(image, 0.0, 1.0)**gamma
   if fire[2]:
     image = image + brightness
   if fire[3]:
     mean = image.mean()
     image = (image - mean) * contrast + mean
+  if noise_fires:
+    image = image + noise
   if fire[4]:
     image, mask = image[:, ::-1], mask[:, ::-1]
   if fire[5]:
