@@ -1,6 +1,7 @@
 """grain pipelines: seeded epochs, exact resume, complete eval batches, augmentation, cache."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -72,8 +73,7 @@ def test_eval_batches_cover_every_image_once(tiny_config):
 
 def _only(config, **probs):
   """Turns every transform off except those given, with their probabilities."""
-  for name in ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
-               "gamma_prob", "noise_prob", "hflip_prob", "vflip_prob"):
+  for name in augment._PROBABILITIES:
     config[name] = probs.get(name, 0.0)
   return config
 
@@ -189,6 +189,20 @@ def test_noise_is_zero_mean_and_at_most_its_strength(tiny_config):
     assert abs(change.mean()) < 0.01 and out["mask"].sum() == 0
     stds.append(change.std())
   assert max(stds) < 0.1 * 1.1 and min(stds) < max(stds) / 1.5  # Strength drawn per sample.
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gamma", 1.0, "augment.gamma=1.0 is not in [0, 1)"),
+    ("zoom", -0.1, "augment.zoom=-0.1 is not in [0, 1)"),
+    ("noise_prob", 1.5, "augment.noise_prob=1.5 is not a probability"),
+    ("noise", -0.05, "augment.noise=-0.05 is negative"),
+])
+def test_bad_augment_settings_are_one_line_errors(tiny_config, field, value, message):
+  tiny_config.augment[field] = value
+  with pytest.raises(UserError, match=re.escape(message)):
+    pipeline.train_batches(FakeSource(), tiny_config)
+  tiny_config.augment.enabled = False  # Not read when augmentation is off.
+  pipeline.train_batches(FakeSource(), tiny_config)
 
 
 def test_worker_processes_give_the_same_batches(tiny_config):

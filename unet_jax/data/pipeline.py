@@ -60,6 +60,7 @@ def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0
   """
   dataset = grain.MapDataset.source(source).shuffle(seed=config.train.seed)
   if config.augment.enabled:
+    augment_lib.check(config.augment)
     dataset = dataset.random_map(functools.partial(augment_lib.augment, config=config.augment),
                                  seed=config.train.seed + 1)
   dataset = dataset[jax.process_index()::jax.process_count()]
