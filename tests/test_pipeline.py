@@ -73,7 +73,7 @@ def test_eval_batches_cover_every_image_once(tiny_config):
 
 def _only(config, **probs):
   """Turns every transform off except those given, with their probabilities."""
-  for name in augment._PROBABILITIES:
+  for name in augment.PROBABILITIES:
     config[name] = probs.get(name, 0.0)
   return config
 

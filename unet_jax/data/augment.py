@@ -17,13 +17,13 @@ from PIL import Image
 
 from unet_jax.errors import UserError
 
-_PROBABILITIES = ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
+PROBABILITIES = ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
                   "gamma_prob", "noise_prob", "hflip_prob", "vflip_prob")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for a `config.augment` strength or probability out of its range."""
-  for name in _PROBABILITIES:
+  for name in PROBABILITIES:
     if not 0 <= config[name] <= 1:
       raise UserError(f"augment.{name}={config[name]} is not a probability in [0, 1]")
   for name in ("zoom", "gamma"):  # Factors drawn from [1 - x, 1 + x] must stay positive.
