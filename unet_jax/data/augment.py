@@ -88,7 +88,7 @@ def augment(sample: dict[str, Any], rng: np.random.Generator,
   zoom = rng.uniform(1 - config.zoom, 1 + config.zoom)
   gamma_fires, noise_fires = rng.random(2) < np.array([config.gamma_prob, config.noise_prob])
   gamma = rng.uniform(1 - config.gamma, 1 + config.gamma)
-  noise = rng.uniform(0, config.noise) * rng.standard_normal(image.shape, np.float32)
+  noise_std = rng.uniform(0, config.noise)
 
   degrees = degrees if fire[0] else 0.0
   shift = (int(round(shift[0])), int(round(shift[1]))) if fire[1] else (0, 0)
@@ -102,8 +102,8 @@ def augment(sample: dict[str, Any], rng: np.random.Generator,
   if fire[3]:
     mean = image.mean()
     image = (image - mean) * contrast + mean
-  if noise_fires:
-    image = image + noise
+  if noise_fires:  # The last draw, so only runs with noise pay for a field of normals.
+    image = image + noise_std * rng.standard_normal(image.shape, np.float32)
   if fire[4]:
     image, mask = image[:, ::-1], mask[:, ::-1]
   if fire[5]:
