@@ -194,6 +194,7 @@ def test_noise_is_zero_mean_and_at_most_its_strength(tiny_config):
 @pytest.mark.parametrize("field, value, message", [
     ("gamma", 1.0, "augment.gamma=1.0 is not in [0, 1)"),
     ("zoom", -0.1, "augment.zoom=-0.1 is not in [0, 1)"),
+    ("contrast", 1.2, "augment.contrast=1.2 is not in [0, 1)"),
     ("noise_prob", 1.5, "augment.noise_prob=1.5 is not a probability"),
     ("noise", -0.05, "augment.noise=-0.05 is negative"),
 ])

@@ -26,10 +26,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   for name in PROBABILITIES:
     if not 0 <= config[name] <= 1:
       raise UserError(f"augment.{name}={config[name]} is not a probability in [0, 1]")
-  for name in ("zoom", "gamma"):  # Factors drawn from [1 - x, 1 + x] must stay positive.
+  for name in ("zoom", "contrast", "gamma"):  # Factors drawn from [1 - x, 1 + x] must stay positive.
     if not 0 <= config[name] < 1:
       raise UserError(f"augment.{name}={config[name]} is not in [0, 1)")
-  for name in ("rotate_degrees", "shift_fraction", "brightness", "contrast", "noise"):
+  for name in ("rotate_degrees", "shift_fraction", "brightness", "noise"):
     if config[name] < 0:
       raise UserError(f"augment.{name}={config[name]} is negative")
 
