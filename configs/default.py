@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   # each trained on its category, the tumour being the most likely one.
   model.out_channels = 1
   model.coord_channels = False  # Two more input channels: each pixel's row and column.
+  model.bottleneck_heads = 0  # >0: self-attention over the bottleneck, with this many heads.
   model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   config.train = train = ml_collections.ConfigDict()

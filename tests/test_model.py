@@ -131,7 +131,7 @@ def test_classic_unet_has_the_original_parameter_count():
 
 def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsampling="transpose",
                 norm="none", residual=False, attention=False, deep_supervision=False,
-                coord_channels=False):
+                coord_channels=False, bottleneck_heads=0):
   """Parameters of our U-Net, from the layer formulas."""
   in_ch += 2 if coord_channels else 0  # A row and a column channel.
   normed = norm != "none"
@@ -148,6 +148,9 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
     total += block(channels, w) + (_conv(w, w) if pooling in ("conv", "dilated_conv") else 0)
     channels = w
   total += block(widths[-2], widths[-1])
+  if bottleneck_heads:  # Two layer norms, query/key/value/out (c x c + c), MLP c -> 2c -> c.
+    c = widths[-1]
+    total += 2 * 2 * c + 4 * (c * c + c) + (c * 2 * c + 2 * c) + (2 * c * c + c)
   for w in reversed(widths[:-1]):
     total += _conv(2 * w, w, k=2) if upsampling == "transpose" else _conv(2 * w, w)
     if attention:  # W_skip (no bias), W_gate, psi.
@@ -166,6 +169,7 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
     {"attention": True}, {"deep_supervision": True}, {"depth": 1, "features": 3},
     {"depth": 5, "in_ch": 3, "out": 2, "deep_supervision": True},
     {"coord_channels": True}, {"coord_channels": True, "in_ch": 3, "norm": "batch"},
+    {"bottleneck_heads": 4}, {"bottleneck_heads": 1, "depth": 1, "norm": "batch"},
     {"pooling": "conv", "upsampling": "bilinear", "residual": True, "attention": True,
      "norm": "group", "features": 6},
 ])
@@ -447,10 +451,25 @@ def test_coordinate_channels_tell_the_model_where_a_pixel_is():
   assert np.ptp(flat) < 1e-5 < 1e-2 < np.ptp(varied)
 
 
+def test_bottleneck_attention_lets_every_pixel_see_the_whole_image():
+  # A depth-1 U-Net's convolutions see 18 pixels across: a corner pixel reaches the opposite
+  # corner's logits only through the attention over the bottleneck.
+  image = jnp.zeros((1, 64, 64, 1))
+  changed = image.at[0, 0, 0, 0].set(1.0)
+  far = np.s_[0, 32:, 32:, 0]
+  for heads, moves in ((0, False), (2, True)):
+    unet = model_lib.UNet(features=4, depth=1, norm="none", bottleneck_heads=heads)
+    variables = _variables(unet, image.shape)
+    change = np.abs(_apply(unet, variables, changed, train=False)
+                    - _apply(unet, variables, image, train=False))[far]
+    assert (change.max() > 1e-4) == moves, heads
+
+
 def test_every_flag_together_runs_on_an_odd_size():
   unet = model_lib.UNet(features=6, depth=2, pooling="dilated_conv", activation="elu",
                         dilation=(1, 2, 2), norm="group", upsampling="bilinear", dropout=0.1,
-                        residual=True, attention=True, out_channels=2, dtype=jnp.bfloat16)
+                        residual=True, attention=True, out_channels=2, bottleneck_heads=2,
+                        dtype=jnp.bfloat16)
   variables = _variables(unet, (1, 13, 19, 3))
   logits = _apply(unet, variables, _image((2, 13, 19, 3)), train=True,
                       rngs={"dropout": _dropout_key(0)})
@@ -513,7 +532,7 @@ def test_from_config_passes_every_field():
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
                  dropout=0.1, residual=True, attention=True, deep_supervision=True,
-                 out_channels=2, coord_channels=True, dtype="bfloat16")
+                 out_channels=2, coord_channels=True, bottleneck_heads=3, dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)
@@ -541,6 +560,7 @@ def test_from_config_reads_saved_json_configs():
     ({"dilation": 0}, "rates must be >= 1"),
     ({"dropout": 1.0}, "model.dropout"),
     ({"depth": 0}, "must be >= 1"),
+    ({"bottleneck_heads": 3}, "divide the bottleneck's 512 channels"),
 ])
 def test_bad_fields_are_clear_errors(fields, message):
   with pytest.raises(UserError, match=message):

@@ -1,7 +1,7 @@
 """The U-Net (Ronneberger et al., 2015) in Flax linen, with its design choices as fields.
 
 Parameter paths: `down_<level>`, `pool_<level>` (learned poolings only),
-`bottleneck`, `up_<level>` (with `attention` inside when gated),
+`bottleneck`, `bottleneck_attention` (when on), `up_<level>` (with `attention` inside when gated),
 `decode_<level>`, `head` and, with deep supervision, `aux_head_<level>`;
 level 0 is the full resolution.
 """
@@ -150,6 +150,35 @@ class AttentionGate(nn.Module):
     return skip * alpha
 
 
+class GlobalAttention(nn.Module):
+  """A pre-norm transformer block over the positions of a feature map.
+
+  Every position attends to all the others, so a decision at one place can
+  weigh what lies anywhere in the image; the positions are known to it only
+  through the convolutions' features. Self-attention, then a two-layer GELU
+  MLP twice as wide as the input, each with a residual connection.
+
+  Attributes:
+    heads: Attention heads; they split the channels between them.
+    dtype: Compute dtype.
+  """
+
+  heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, height, width, channels = x.shape
+    tokens = x.reshape(n, height * width, channels)
+    y = nn.LayerNorm(dtype=self.dtype, name="attention_norm")(tokens)
+    tokens = tokens + nn.MultiHeadDotProductAttention(
+        self.heads, dtype=self.dtype, name="attention")(y)
+    y = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")(tokens)
+    y = nn.gelu(nn.Dense(2 * channels, dtype=self.dtype, name="mlp_in")(y))
+    tokens = tokens + nn.Dense(channels, dtype=self.dtype, name="mlp_out")(y)
+    return tokens.reshape(n, height, width, channels)
+
+
 class Up(nn.Module):
   """Doubles the spatial size and halves the channels, then joins the skip.
 
@@ -209,6 +238,8 @@ class UNet(nn.Module):
     coord_channels: Whether two input channels holding each pixel's row and
       column, in [-1, 1] across the image, are added to the image's, so
       that the convolutions can learn where in the frame tumours lie.
+    bottleneck_heads: 0, or a GlobalAttention block with this many heads
+      after the bottleneck, so that every position there sees the whole image.
     dtype: Compute dtype; parameters and logits stay float32.
   """
 
@@ -226,6 +257,7 @@ class UNet(nn.Module):
   deep_supervision: bool = False
   out_channels: int = 1
   coord_channels: bool = False
+  bottleneck_heads: int = 0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -247,6 +279,10 @@ class UNet(nn.Module):
                       f"{self.depth + 1} rates (one per level, the last for the bottleneck)")
     if min(self.rates()) < 1:
       raise UserError(f"model.dilation={self.dilation}: rates must be >= 1")
+    width = self.features * 2**self.depth
+    if self.bottleneck_heads < 0 or (self.bottleneck_heads and width % self.bottleneck_heads):
+      raise UserError(f"model.bottleneck_heads={self.bottleneck_heads} must be 0 or divide the "
+                      f"bottleneck's {width} channels")
 
   def rates(self) -> tuple[int, ...]:
     """The dilation rate of each level, 0 to depth (the bottleneck)."""
@@ -276,6 +312,8 @@ class UNet(nn.Module):
       x = Down(self.pooling, self.dtype, name=f"pool_{level}")(x)
 
     x = block(self.depth, "bottleneck")(x, train=train)
+    if self.bottleneck_heads:
+      x = GlobalAttention(self.bottleneck_heads, self.dtype, name="bottleneck_attention")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     for level in reversed(range(self.depth)):
