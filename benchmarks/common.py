@@ -236,9 +236,10 @@ def torch_unet(config):
   m = config.model
   acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(m.leaky_slope),
           "gelu": lambda: nn.GELU(), "silu": nn.SiLU, "elu": nn.ELU}
-  if m.upsampling != "transpose" or m.residual or m.attention or m.dropout or m.deep_supervision:
-    raise SystemExit("the torch reference mirrors transpose up-sampling, plain blocks, no dropout"
-                     " and no deep supervision")
+  if (m.upsampling != "transpose" or m.residual or m.attention or m.dropout or m.deep_supervision
+      or m.coord_channels or m.bottleneck_heads):
+    raise SystemExit("the torch reference mirrors transpose up-sampling, plain blocks, no dropout,"
+                     " no deep supervision, coordinate channels or bottleneck attention")
 
   def norm(c):
     if m.norm == "batch":
