@@ -1,9 +1,9 @@
 """The U-Net (Ronneberger et al., 2015) in Flax linen, with its design choices as fields.
 
 Parameter paths: `down_<level>`, `pool_<level>` (learned poolings only),
-`bottleneck`, `bottleneck_attention` (when on), `up_<level>` (with `attention` inside when gated),
-`decode_<level>`, `head` and, with deep supervision, `aux_head_<level>`;
-level 0 is the full resolution.
+`bottleneck`, `bottleneck_attention` (when on), `up_<level>` (with
+`attention` inside when gated), `decode_<level>`, `head` and, with deep
+supervision, `aux_head_<level>`; level 0 is the full resolution.
 """
 
 import dataclasses
