@@ -1,7 +1,7 @@
 """Train-step throughput of the project's U-Net, optionally against the same U-Net in PyTorch.
 
     python benchmarks/train_step.py --image_size=256 --batch_size=8 --features=16 --depth=4 \
-        --steps=10 [--reference=torch]
+        --steps=10 [--reference=torch] [--dtype=bfloat16 --against_float32=1]
 
 Prints one JSON line: img_per_s, step_s (median), compile_s, gflop_per_step
 (XLA's cost analysis of the step as lowered: the model's FLOPs), gflops_per_s,
@@ -9,10 +9,13 @@ peak_rss_mb (the process after the JAX steps, before any PyTorch work), device;
 matmul_gflops_per_s (a --peak_size^3 matmul in --dtype timed between the steps)
 and peak_fraction (gflops_per_s over it); mfu (over --chip_peak_tflops, when
 given); with --reference=torch also torch_img_per_s, torch_step_s and ratio
-(ours / torch), timed alternately with ours.
+(ours / torch), timed alternately with ours; with --against_float32=1 also
+float32_img_per_s, float32_step_s and float32_ratio (the float32 step's time
+over ours), likewise alternated.
 """
 
 import argparse
+import copy
 import time
 
 import common  # pylint: disable=g-bad-import-order
@@ -32,6 +35,8 @@ def main():
                       help="1: also time a --peak_size^3 matmul (in --dtype) between the steps.")
   parser.add_argument("--peak_size", type=int, default=2048,
                       help="Matmul size for --peak; 8192 fills an accelerator.")
+  parser.add_argument("--against_float32", type=int, default=0,
+                      help="1: also time the same step in float32 (for --dtype=bfloat16).")
   parser.add_argument("--chip_peak_tflops", type=float, default=0.0,
                       help="The chip's datasheet dense peak in --dtype, for `mfu` (0: not given).")
   args = parser.parse_args()
@@ -40,32 +45,25 @@ def main():
 
   config = common.make_config(args)
   mesh = parallel.make_mesh()
-  tx = common.make_tx(config)
-  image_shape = (args.image_size, args.image_size, args.channels)
-  state = jax.device_put(steps.create_train_state(config, image_shape, tx),
-                         parallel.replicated(mesh))
   host_batch = common.fake_batch(config, args.seed)
   batch = parallel.device_batch(host_batch, mesh)
-  p_train, _ = steps.jit_steps(config, mesh)
-
-  start = time.perf_counter()
-  lowered = p_train.lower(state, batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  state, compiled, compile_s = _compiled_step(config, mesh, batch)
   # The step as lowered, before XLA's rewrites: the model's FLOPs on any backend (a compiled
   # GPU step calls cuDNN convolutions, which its cost analysis counts as zero).
   flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(state, batch))
   params = common.param_count(state.params)
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    common.block((holder["state"], metrics))
-
+  jax_step = _runner(compiled, state, batch)
   for _ in range(args.warmup):
     jax_step()
   rss = common.peak_rss_mb()
   runners = {"jax": jax_step}
+  if args.against_float32:
+    float32_config = copy.deepcopy(config)
+    float32_config.model.dtype = "float32"
+    float32_state, float32_step = _compiled_step(float32_config, mesh, batch)[:2]
+    runners["float32"] = _runner(float32_step, float32_state, batch)
+    for _ in range(args.warmup):
+      runners["float32"]()
   if args.reference == "torch":
     torch_step, torch_params = _torch_step(config, host_batch, args.dtype)
     for _ in range(args.warmup):
@@ -101,12 +99,36 @@ def main():
     matmul_gflops = matmul_flops / common.median(times["matmul"]) / 1e9
     out.update(matmul_gflops_per_s=matmul_gflops,
                peak_fraction=out["gflops_per_s"] / matmul_gflops)
+  if "float32" in times:
+    float32_s = common.median(times["float32"])
+    out.update(float32_img_per_s=args.batch_size / float32_s, float32_step_s=float32_s,
+               float32_ratio=float32_s / step_s)
   if "torch" in times:
     torch_s = common.median(times["torch"])
     out.update(torch_params=torch_params, torch_img_per_s=args.batch_size / torch_s,
                torch_step_s=torch_s, ratio=torch_s / step_s,
                torch_threads=common.torch_num_threads())
   common.emit(out)
+
+
+def _compiled_step(config, mesh, batch):
+  """(initial train state, the compiled train step of `config`, seconds to compile)."""
+  image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
+  state = jax.device_put(steps.create_train_state(config, image_shape, common.make_tx(config)),
+                         parallel.replicated(mesh))
+  start = time.perf_counter()
+  compiled = steps.jit_steps(config, mesh)[0].lower(state, batch).compile()
+  return state, compiled, time.perf_counter() - start
+
+
+def _runner(compiled, state, batch):
+  """One train step per call, each on the state the last one left."""
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    common.block((holder["state"], metrics))
+  return step
 
 
 def _torch_step(config, host_batch, dtype_name):

@@ -27,6 +27,12 @@ def _assert_close(got, want, rtol=1e-4):
   np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
+# Relative tolerance of each dtype: float32's summation order; bfloat16's rounding of the
+# result (8 bits of mantissa), which oneDNN and XLA both do once, after summing in float32.
+RTOL = {"float32": 1e-4, "bfloat16": 2**-7}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [
     # N, H, W, Cin, Cout, KH, KW, dilation
     (1, 8, 8, 4, 4, 3, 3, 1),
@@ -35,12 +41,12 @@ def _assert_close(got, want, rtol=1e-4):
     (2, 16, 16, 64, 8, 3, 3, 4),
     (2, 11, 9, 8, 12, 5, 3, 1),
 ])
-def test_conv_and_its_gradients_match_xla(shape):
+def test_conv_and_its_gradients_match_xla(shape, dtype):
   n, h, w, cin, cout, kh, kw, dilation = shape
   keys = jax.random.split(jax.random.key(sum(shape)), 3)
-  x = jax.random.normal(keys[0], (n, h, w, cin))
-  kernel = jax.random.normal(keys[1], (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)
-  dy = jax.random.normal(keys[2], (n, h, w, cout))
+  x = jax.random.normal(keys[0], (n, h, w, cin)).astype(dtype)
+  kernel = (jax.random.normal(keys[1], (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)).astype(dtype)
+  dy = jax.random.normal(keys[2], (n, h, w, cout)).astype(dtype)
 
   def value_and_vjp(conv):
     y, vjp = jax.vjp(lambda x, k: conv(x, k, dilation), x, kernel)
@@ -49,16 +55,26 @@ def test_conv_and_its_gradients_match_xla(shape):
   got = jax.jit(lambda: value_and_vjp(onednn.conv))()
   want = jax.jit(lambda: value_and_vjp(_xla_conv))()
   for name, a, b in zip(("y", "dx", "dkernel"), got, want):
-    assert a.shape == b.shape, name
-    _assert_close(a, b)
+    assert a.shape == b.shape and a.dtype == b.dtype == dtype, name
+    _assert_close(a.astype(np.float32), b.astype(np.float32), RTOL[dtype])
 
 
+def test_conv_refuses_mixed_or_other_dtypes():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="float32 or bfloat16 x and kernel of one dtype"):
+    onednn.conv(x, jnp.ones((3, 3, 2, 2), jnp.bfloat16))
+  with pytest.raises(ValueError, match="float16"):
+    onednn.conv(x.astype(jnp.float16), jnp.ones((3, 3, 2, 2), jnp.float16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [(2, 9, 7, 3), (8, 32, 32, 16)])
-def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape):
+def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape, dtype):
   keys = jax.random.split(jax.random.key(sum(shape)), 3)
-  x = jax.random.normal(keys[0], shape) * 3 + 1
-  dy = jax.random.normal(keys[1], shape)
-  ours, flax_bn = layers.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
+  x = (jax.random.normal(keys[0], shape) * 3 + 1).astype(dtype)
+  dy = jax.random.normal(keys[1], shape).astype(dtype)
+  ours = layers.BatchNorm(momentum=0.9, dtype=dtype)
+  flax_bn = nn.BatchNorm(momentum=0.9, dtype=dtype)
   variables = flax_bn.init(keys[2], x, use_running_average=False)
   monkeypatch.setattr(onednn, "wanted", lambda: True)
   assert jax.tree.map(jnp.shape, ours.init(keys[2], x, use_running_average=False)) == \
@@ -75,9 +91,10 @@ def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape):
   assert "unet_onednn_batch_norm_bwd" in jax.jit(lambda: step(ours)).lower().as_text()
   got = jax.jit(lambda: step(ours))()
   want = jax.jit(lambda: step(flax_bn))()
-  # Running statistics, output, and the gradients of the parameters and the input.
+  # Running statistics (float32), output, and the gradients of the parameters and the input.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _assert_close(a, b)
+    assert a.dtype == b.dtype
+    _assert_close(a.astype(np.float32), b.astype(np.float32), RTOL[dtype])
 
 
 def test_flip_tta_of_a_unet_matches_xla(monkeypatch):
@@ -131,6 +148,23 @@ def test_unet_loss_and_gradients_match_xla(monkeypatch):
   _assert_close(got[0], want[0])
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     _assert_close(a, b, rtol=1e-3)
+
+
+def test_a_bfloat16_unet_trains_its_convolutions_and_batch_norm_on_onednn(monkeypatch):
+  unet = model_lib.UNet(features=8, depth=2, dtype="bfloat16")
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
+  monkeypatch.setattr(onednn, "wanted", lambda: True)
+  variables = unet.init(jax.random.key(1), images, train=False)
+
+  def loss(params):
+    logits, _ = unet.apply({**variables, "params": params}, images, train=True,
+                           mutable=["batch_stats"])
+    return jnp.mean(jax.nn.sigmoid(logits) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+  calls = [line for line in hlo.splitlines() if "stablehlo.custom_call @unet_onednn" in line]
+  for target in ("conv_fwd", "conv_bwd_data", "conv_bwd_weights", "batch_norm_fwd",
+                 "batch_norm_bwd"):
+    assert any(f"@unet_onednn_{target}(" in line and "bf16" in line for line in calls), target
 
 
 def test_several_devices_keep_xla(monkeypatch):

@@ -63,7 +63,7 @@ class Conv(nn.Conv):
 
   1x1 convolutions are a matmul (XLA:CPU's convolution took 3x as long for
   the one-logit head, kernel gradient included), one-channel inputs a sum of
-  taps, and other stride-1 "SAME" float32 convolutions go to oneDNN where
+  taps, and other stride-1 "SAME" float32 or bfloat16 convolutions go to oneDNN where
   `onednn.wanted()` says so. Same class name, so the same auto-named
   parameter paths (Conv_0), and the same parameters. Every other shape goes
   to nn.Conv.
@@ -81,9 +81,9 @@ class Conv(nn.Conv):
     rates = (rates, rates) if isinstance(rates, int) else tuple(rates)
     same = plain and self.padding == "SAME" and rates[0] == rates[1]
     one_channel = same and inputs.shape[-1] == 1 and all(k % 2 == 1 for k in size)
-    float32 = all(jnp.dtype(t) == jnp.float32
-                  for t in (self.dtype or inputs.dtype, inputs.dtype, self.param_dtype))
-    on_onednn = same and not (pointwise or one_channel) and float32 and onednn.wanted()
+    compute = jnp.dtype(self.dtype or jnp.promote_types(inputs.dtype, self.param_dtype))
+    on_onednn = (same and not (pointwise or one_channel) and compute in onednn.DTYPES
+                 and onednn.wanted())
     if not (pointwise or one_channel or on_onednn):
       return super().__call__(inputs)
     kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
@@ -103,7 +103,7 @@ class Conv(nn.Conv):
 class BatchNorm(nn.BatchNorm):
   """nn.BatchNorm that normalises on oneDNN in training where `onednn.wanted()` says so.
 
-  For float32 NHWC inputs over the last axis, without a mask or a device
+  For float32 or bfloat16 NHWC inputs over the last axis, without a mask or a device
   axis: oneDNN makes two passes over the activations each way where XLA's
   lowering of flax's makes about four. Same class name, parameters and
   batch statistics (names, shapes, updates); evaluation (running averages)
@@ -114,10 +114,11 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
     running = nn.merge_param("use_running_average", self.use_running_average,
                              use_running_average)
-    float32 = all(jnp.dtype(t) == jnp.float32
-                  for t in (self.dtype or x.dtype, x.dtype, self.param_dtype))
+    # Activations float32 or bfloat16 throughout, float32 parameters and statistics.
+    dtypes = (jnp.dtype(self.dtype or x.dtype) == x.dtype and x.dtype in onednn.DTYPES
+              and jnp.dtype(self.param_dtype) == jnp.float32)
     plain = (not running and mask is None and x.ndim == 4 and self.axis in (-1, 3)
-             and self.axis_name is None and self.use_scale and self.use_bias and float32)
+             and self.axis_name is None and self.use_scale and self.use_bias and dtypes)
     if not (plain and onednn.wanted()):
       return super().__call__(x, use_running_average, mask=mask)
     features = (x.shape[-1],)

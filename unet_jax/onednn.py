@@ -1,4 +1,4 @@
-"""Stride-1 "SAME" float32 convolutions and training-mode batch norm on oneDNN, for XLA:CPU.
+"""Stride-1 "SAME" convolutions and training-mode batch norm on oneDNN, for XLA:CPU.
 
 XLA:CPU's own convolution kernels took 1.5x the time of oneDNN's on the
 U-Net's 3x3 layers, and its batch norm makes more passes over the
@@ -16,6 +16,12 @@ and the library builds, else XLA), `xla`, or `onednn` (an error when it
 cannot be used). Either way the mathematics is the same
 (tests/test_onednn.py). Several devices always use XLA's: a custom call is
 not partitioned over a sharded batch.
+
+Activations may be float32 or bfloat16 (`model.dtype`). In bfloat16 oneDNN
+runs the convolutions on the CPU's bfloat16 instructions (AMX, AVX512-BF16)
+where it has them, summing in float32 and rounding once as XLA does, and
+batch norm keeps its statistics in float32: the brain recipe's train step
+took 0.58x the float32 step's time on a CPU with AMX (benchmarks/README.md).
 """
 
 import contextlib
@@ -32,6 +38,7 @@ import tempfile
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.errors import UserError
@@ -44,6 +51,8 @@ _TARGETS = {"unet_onednn_conv_fwd": "UnetOnednnConvFwd",
             "unet_onednn_batch_norm_fwd": "UnetOnednnBatchNormFwd",
             "unet_onednn_batch_norm_bwd": "UnetOnednnBatchNormBwd"}
 CHOICES = ("auto", "xla", "onednn")
+# The activation dtypes `conv` and `batch_norm` take (model.dtype float32 or bfloat16).
+DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 _xla_only = False
 
 
@@ -169,8 +178,7 @@ def unavailable_reason() -> str | None:
   return None
 
 
-def _call(target: str, out_shape: tuple[int, ...], a, b, dilation: int):
-  out = jax.ShapeDtypeStruct(out_shape, np.float32)
+def _call(target: str, out: jax.ShapeDtypeStruct, a, b, dilation: int):
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, dilation=np.int64(dilation))
 
 
@@ -179,15 +187,20 @@ def conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   """`lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2)`.
 
   Args:
-    x: (N, H, W, Cin) float32.
-    kernel: (KH, KW, Cin, Cout) float32.
+    x: (N, H, W, Cin) float32 or bfloat16.
+    kernel: (KH, KW, Cin, Cout), the dtype of x.
     dilation: Dilation rate of the kernel.
 
   Returns:
-    (N, H, W, Cout) float32.
+    (N, H, W, Cout), the dtype of x. bfloat16 products are summed in float32
+    and rounded once, as XLA's bfloat16 convolution does.
   """
+  if x.dtype != kernel.dtype or x.dtype not in DTYPES:
+    raise ValueError(f"onednn.conv takes float32 or bfloat16 x and kernel of one dtype, not "
+                     f"{x.dtype} and {kernel.dtype}")
   ensure_registered()
-  return _call("unet_onednn_conv_fwd", x.shape[:3] + kernel.shape[3:], x, kernel, dilation)
+  out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
+  return _call("unet_onednn_conv_fwd", out, x, kernel, dilation)
 
 
 def _conv_fwd(x, kernel, dilation):
@@ -196,8 +209,10 @@ def _conv_fwd(x, kernel, dilation):
 
 def _conv_bwd(dilation, residuals, dy):
   x, kernel = residuals
-  dx = _call("unet_onednn_conv_bwd_data", x.shape, dy, kernel, dilation)
-  dkernel = _call("unet_onednn_conv_bwd_weights", kernel.shape, x, dy, dilation)
+  dx = _call("unet_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype), dy, kernel,
+             dilation)
+  dkernel = _call("unet_onednn_conv_bwd_weights",
+                  jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), x, dy, dilation)
   return dx, dkernel
 
 
@@ -210,23 +225,27 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
   """Training-mode batch norm over all but the last axis, as flax's BatchNorm computes it.
 
   Args:
-    x: (N, H, W, C) float32.
+    x: (N, H, W, C) float32 or bfloat16 (statistics in float32 either way).
     scale, bias: (C,) float32.
     epsilon: Added to the variance.
 
   Returns:
     (y, mean, variance): y = (x - mean) / sqrt(variance + epsilon) * scale + bias,
-    with the batch's mean and biased variance per channel. Gradients flow
+    with the batch's mean and biased variance per channel, y in the dtype of x
+    and the statistics in float32. Gradients flow
     through y only: mean and variance are for the running statistics.
   """
+  if x.dtype not in DTYPES or scale.dtype != np.float32 or bias.dtype != np.float32:
+    raise ValueError(f"onednn.batch_norm takes float32 or bfloat16 x and float32 scale and bias, "
+                     f"not {x.dtype}, {scale.dtype} and {bias.dtype}")
   ensure_registered()
   return _batch_norm_call("unet_onednn_batch_norm_fwd", x, scale, epsilon, x, scale, bias)
 
 
 def _batch_norm_call(target: str, x, scale, epsilon: float, *operands):
-  """One (N, H, W, C) and two (C,) float32 results: (y, mean, var) or (dx, dscale, dbias)."""
+  """One (N, H, W, C) result like x and two (C,) float32: (y, mean, var) or (dx, dscale, dbias)."""
   channels = jax.ShapeDtypeStruct(scale.shape, np.float32)
-  out = (jax.ShapeDtypeStruct(x.shape, np.float32), channels, channels)
+  out = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
   return tuple(jax.ffi.ffi_call(target, out, vmap_method="sequential")(
       *operands, epsilon=np.float32(epsilon)))
 

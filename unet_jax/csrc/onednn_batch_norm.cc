@@ -1,12 +1,13 @@
-// oneDNN batch normalisation in training mode as XLA FFI handlers (CPU, float32);
-// see unet_jax/onednn.py.
+// oneDNN batch normalisation in training mode as XLA FFI handlers (CPU; float32 or
+// bfloat16 activations, float32 per-channel buffers); see unet_jax/onednn.py.
 //
 // Statistics over N, H and W of an NHWC tensor (biased variance, as flax's):
 //   unet_onednn_batch_norm_fwd: (x, scale, shift) -> (y, mean, variance)
 //   unet_onednn_batch_norm_bwd: (x, mean, variance, dy, scale) -> (dx, dscale, dshift)
-// Primitives are cached by shape and epsilon.
+// Primitives are cached by shape, activation type and epsilon.
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -25,7 +26,7 @@ namespace {
 using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32 shared by the handlers.
 const auto kFlags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
 
-using Key = std::tuple<bool, int64_t, int64_t, int64_t, int64_t, float>;
+using Key = std::tuple<bool, int64_t, int64_t, int64_t, int64_t, dnnl::memory::data_type, float>;
 
 struct Plan {
   dnnl::primitive primitive;
@@ -33,14 +34,14 @@ struct Plan {
 };
 
 std::shared_ptr<const Plan> GetPlan(bool backward, int64_t n, int64_t h, int64_t w, int64_t c,
-                                    float epsilon) {
+                                    dnnl::memory::data_type type, float epsilon) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<const Plan>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = cache[Key{backward, n, h, w, c, epsilon}];
+  auto& plan = cache[Key{backward, n, h, w, c, type, epsilon}];
   if (plan) return plan;
   auto made = std::make_shared<Plan>();
-  made->data = Desc({n, c, h, w}, kF32, Tag::nhwc);
+  made->data = Desc({n, c, h, w}, type, Tag::nhwc);
   made->channels = Desc({c}, kF32, Tag::a);
   dnnl::batch_normalization_forward::primitive_desc fwd(
       Engine(), dnnl::prop_kind::forward_training, made->data, made->data, epsilon, kFlags);
@@ -56,13 +57,23 @@ std::shared_ptr<const Plan> GetPlan(bool backward, int64_t n, int64_t h, int64_t
   return plan;
 }
 
-ffi::Error Run(bool backward, ffi::Span<const int64_t> dims, float epsilon,
+// `types`: the element types of the activation buffers, which must agree.
+ffi::Error Run(bool backward, ffi::Span<const int64_t> dims,
+               std::initializer_list<ffi::DataType> types, float epsilon,
                const std::unordered_map<int, void*>& buffers) {
   if (dims[0] * dims[1] * dims[2] * dims[3] == 0) {
     return ffi::Error::InvalidArgument("onednn_batch_norm: zero-sized dimension");
   }
+  const ffi::DataType first = *types.begin();
+  for (ffi::DataType type : types) {
+    if (type != first || (type != ffi::DataType::F32 && type != ffi::DataType::BF16)) {
+      return ffi::Error::InvalidArgument(
+          "onednn_batch_norm: activations must all be float32 or all bfloat16");
+    }
+  }
+  const auto type = first == ffi::DataType::F32 ? kF32 : dnnl::memory::data_type::bf16;
   return unet_onednn::Guarded("onednn_batch_norm", [&] {
-    auto plan = GetPlan(backward, dims[0], dims[1], dims[2], dims[3], epsilon);
+    auto plan = GetPlan(backward, dims[0], dims[1], dims[2], dims[3], type, epsilon);
     std::unordered_map<int, dnnl::memory> args;
     for (const auto& [arg, data] : buffers) {
       const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
@@ -75,12 +86,13 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims, float epsilon,
   });
 }
 
-using Data = ffi::Buffer<ffi::F32, 4>;
+using Data = ffi::AnyBuffer;
 using Channels = ffi::Buffer<ffi::F32, 1>;
-using DataOut = ffi::ResultBuffer<ffi::F32, 4>;
+using DataOut = ffi::Result<ffi::AnyBuffer>;
 using ChannelsOut = ffi::ResultBuffer<ffi::F32, 1>;
 
 bool Fits(ffi::Span<const int64_t> data, std::initializer_list<int64_t> channel_sizes) {
+  if (data.size() != 4) return false;
   for (int64_t size : channel_sizes) {
     if (size != data[3]) return false;
   }
@@ -93,7 +105,7 @@ ffi::Error BatchNormFwd(Data x, Channels scale, Channels shift, DataOut y, Chann
                              mean->element_count(), variance->element_count()})) {
     return ffi::Error::InvalidArgument("onednn_batch_norm_fwd: channel counts disagree");
   }
-  return Run(false, x.dimensions(), epsilon,
+  return Run(false, x.dimensions(), {x.element_type(), y->element_type()}, epsilon,
              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.untyped_data()},
               {DNNL_ARG_SHIFT, shift.untyped_data()}, {DNNL_ARG_DST, y->untyped_data()},
               {DNNL_ARG_MEAN, mean->untyped_data()},
@@ -107,7 +119,8 @@ ffi::Error BatchNormBwd(Data x, Channels mean, Channels variance, Data dy, Chann
                              dshift->element_count()})) {
     return ffi::Error::InvalidArgument("onednn_batch_norm_bwd: channel counts disagree");
   }
-  return Run(true, x.dimensions(), epsilon,
+  return Run(true, x.dimensions(), {x.element_type(), dy.element_type(), dx->element_type()},
+             epsilon,
              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_MEAN, mean.untyped_data()},
               {DNNL_ARG_VARIANCE, variance.untyped_data()},
               {DNNL_ARG_DIFF_DST, dy.untyped_data()}, {DNNL_ARG_SCALE, scale.untyped_data()},

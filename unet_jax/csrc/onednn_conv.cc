@@ -1,4 +1,5 @@
-// oneDNN 2-D convolutions as XLA FFI handlers (CPU, float32); see unet_jax/onednn.py.
+// oneDNN 2-D convolutions as XLA FFI handlers (CPU; float32 or bfloat16 buffers); see
+// unet_jax/onednn.py.
 //
 // Stride 1, "SAME" padding (XLA's split: an odd pixel goes to the end), dilation
 // >= 1, no bias. Activations NHWC, kernel HWIO:
@@ -8,7 +9,9 @@
 // Activations stay NHWC, so they are never reordered (blocked layouts were
 // slower once their reorders were counted); the kernel takes the layout the
 // primitive prefers and is reordered from or to HWIO on each call (small).
-// Primitives are cached by shape: creating one costs more than running it.
+// Primitives are cached by shape and element types: creating one costs more than
+// running it. bfloat16 buffers run on the CPU's bfloat16 instructions (AMX,
+// AVX512-BF16) where it has them.
 
 #include <array>
 #include <cstdint>
@@ -60,12 +63,19 @@ Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
   return op;
 }
 
-std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g) {
+// Element types of the handler's three buffers, in their order.
+using Types = std::array<dnnl::memory::data_type, 3>;
+
+std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types& types) {
   const auto& engine = Engine();
-  const Desc src({g.n, g.cin, g.h, g.w}, kF32, Tag::nhwc);
-  const Desc dst({g.n, g.cout, g.h, g.w}, kF32, Tag::nhwc);
-  const Desc hwio({g.cout, g.cin, g.kh, g.kw}, kF32, Tag::hwio);
-  const Desc any_weights({g.cout, g.cin, g.kh, g.kw}, kF32, Tag::any);
+  // Which buffer holds the convolution's source, weights and destination (or their gradients).
+  const int src_at = kind == kBwdData ? 2 : 0;
+  const int weights_at = kind == kBwdWeights ? 2 : 1;
+  const int dst_at = kind == kFwd ? 2 : (kind == kBwdData ? 0 : 1);
+  const Desc src({g.n, g.cin, g.h, g.w}, types[src_at], Tag::nhwc);
+  const Desc dst({g.n, g.cout, g.h, g.w}, types[dst_at], Tag::nhwc);
+  const Desc hwio({g.cout, g.cin, g.kh, g.kw}, types[weights_at], Tag::hwio);
+  const Desc any_weights({g.cout, g.cin, g.kh, g.kw}, types[weights_at], Tag::any);
   // oneDNN counts dilation from 0: 0 is a dense kernel.
   const dnnl::memory::dims strides{1, 1}, dilates{g.dilation - 1, g.dilation - 1};
   const int64_t pad_h = (g.kh - 1) * g.dilation, pad_w = (g.kw - 1) * g.dilation;
@@ -100,13 +110,16 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g) {
   return plan;
 }
 
-std::shared_ptr<const Plan> GetPlan(Kind kind, const Geometry& g) {
+std::shared_ptr<const Plan> GetPlan(Kind kind, const Geometry& g, const Types& types) {
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 9>, std::shared_ptr<const Plan>> cache;
-  const std::array<int64_t, 9> key{kind, g.n, g.h, g.w, g.cin, g.cout, g.kh, g.kw, g.dilation};
+  static std::map<std::array<int64_t, 12>, std::shared_ptr<const Plan>> cache;
+  const std::array<int64_t, 12> key{kind, g.n, g.h, g.w, g.cin, g.cout, g.kh, g.kw, g.dilation,
+                                    static_cast<int64_t>(types[0]),
+                                    static_cast<int64_t>(types[1]),
+                                    static_cast<int64_t>(types[2])};
   std::lock_guard<std::mutex> lock(mutex);
   auto& plan = cache[key];
-  if (!plan) plan = CreatePlan(kind, g);
+  if (!plan) plan = CreatePlan(kind, g, types);
   return plan;
 }
 
@@ -136,16 +149,41 @@ void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
   stream.wait();
 }
 
-ffi::Error Run(Kind kind, const Geometry& g, const std::array<void*, 3>& buffers) {
+// The oneDNN type of a float32 or bfloat16 buffer; false for any other.
+bool OnednnType(ffi::DataType type, dnnl::memory::data_type* out) {
+  if (type == ffi::DataType::F32) {
+    *out = kF32;
+  } else if (type == ffi::DataType::BF16) {
+    *out = dnnl::memory::data_type::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+using Input = ffi::AnyBuffer;
+using Output = ffi::Result<ffi::AnyBuffer>;
+
+ffi::Error Run(Kind kind, const Geometry& g, const std::array<ffi::DataType, 3>& element_types,
+               const std::array<void*, 3>& buffers) {
   if (g.dilation < 1) return ffi::Error::InvalidArgument("onednn_conv: dilation must be >= 1");
   if (g.n * g.h * g.w * g.cin * g.cout * g.kh * g.kw == 0) {
     return ffi::Error::InvalidArgument("onednn_conv: zero-sized dimension");
   }
-  return unet_onednn::Guarded("onednn_conv", [&] { Execute(*GetPlan(kind, g), buffers); });
+  Types types;
+  for (int i = 0; i < 3; ++i) {
+    if (!OnednnType(element_types[i], &types[i])) {
+      return ffi::Error::InvalidArgument("onednn_conv: buffers must be float32 or bfloat16");
+    }
+  }
+  return unet_onednn::Guarded("onednn_conv",
+                              [&] { Execute(*GetPlan(kind, g, types), buffers); });
 }
 
-using Input = ffi::Buffer<ffi::F32, 4>;
-using Output = ffi::ResultBuffer<ffi::F32, 4>;
+bool FourDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
+              ffi::Span<const int64_t> c) {
+  return a.size() == 4 && b.size() == 4 && c.size() == 4;
+}
 
 bool SameNhw(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a[0] == b[0] && a[1] == b[1] && a[2] == b[2];
@@ -153,41 +191,44 @@ bool SameNhw(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 
 ffi::Error ConvFwd(Input x, Input w, Output y, int64_t dilation) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd[3] != wd[2] || !SameNhw(xd, yd) || yd[3] != wd[3]) {
+  if (!FourDims(xd, wd, yd) || xd[3] != wd[2] || !SameNhw(xd, yd) || yd[3] != wd[3]) {
     return ffi::Error::InvalidArgument("onednn_conv_fwd: shapes of x (NHWC), w (HWIO), y disagree");
   }
   Geometry g{xd[0], xd[1], xd[2], wd[2], wd[3], wd[0], wd[1], dilation};
-  return Run(kFwd, g, {x.untyped_data(), w.untyped_data(), y->untyped_data()});
+  return Run(kFwd, g, {x.element_type(), w.element_type(), y->element_type()},
+             {x.untyped_data(), w.untyped_data(), y->untyped_data()});
 }
 
 ffi::Error ConvBwdData(Input dy, Input w, Output dx, int64_t dilation) {
   auto dyd = dy.dimensions(), wd = w.dimensions(), dxd = dx->dimensions();
-  if (dyd[3] != wd[3] || !SameNhw(dyd, dxd) || dxd[3] != wd[2]) {
+  if (!FourDims(dyd, wd, dxd) || dyd[3] != wd[3] || !SameNhw(dyd, dxd) || dxd[3] != wd[2]) {
     return ffi::Error::InvalidArgument(
         "onednn_conv_bwd_data: shapes of dy (NHWC), w (HWIO), dx disagree");
   }
   Geometry g{dxd[0], dxd[1], dxd[2], wd[2], wd[3], wd[0], wd[1], dilation};
-  return Run(kBwdData, g, {dy.untyped_data(), w.untyped_data(), dx->untyped_data()});
+  return Run(kBwdData, g, {dy.element_type(), w.element_type(), dx->element_type()},
+             {dy.untyped_data(), w.untyped_data(), dx->untyped_data()});
 }
 
 ffi::Error ConvBwdWeights(Input x, Input dy, Output dw, int64_t dilation) {
   auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
-  if (!SameNhw(xd, dyd) || dwd[2] != xd[3] || dwd[3] != dyd[3]) {
+  if (!FourDims(xd, dyd, dwd) || !SameNhw(xd, dyd) || dwd[2] != xd[3] || dwd[3] != dyd[3]) {
     return ffi::Error::InvalidArgument(
         "onednn_conv_bwd_weights: shapes of x (NHWC), dy (NHWC), dw (HWIO) disagree");
   }
   Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[3], dwd[0], dwd[1], dilation};
-  return Run(kBwdWeights, g, {x.untyped_data(), dy.untyped_data(), dw->untyped_data()});
+  return Run(kBwdWeights, g, {x.element_type(), dy.element_type(), dw->element_type()},
+             {x.untyped_data(), dy.untyped_data(), dw->untyped_data()});
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, ConvFwd,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("dilation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, ConvBwdData,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("dilation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, ConvBwdWeights,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("dilation"));
