@@ -20,8 +20,8 @@ not partitioned over a sharded batch.
 Activations may be float32 or bfloat16 (`model.dtype`). In bfloat16 oneDNN
 runs the convolutions on the CPU's bfloat16 instructions (AMX, AVX512-BF16)
 where it has them, summing in float32 and rounding once as XLA does, and
-batch norm keeps its statistics in float32: the brain recipe's train step
-took 0.58x the float32 step's time on a CPU with AMX (benchmarks/README.md).
+batch norm keeps its statistics in float32: on a CPU with AMX the float32
+train step of the brain recipe took 1.8x as long (benchmarks/README.md).
 """
 
 import contextlib
