@@ -23,7 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32 shared by the handlers.
+using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32, OnednnType shared.
 const auto kFlags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
 
 using Key = std::tuple<bool, int64_t, int64_t, int64_t, int64_t, dnnl::memory::data_type, float>;
@@ -64,14 +64,14 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims,
   if (dims[0] * dims[1] * dims[2] * dims[3] == 0) {
     return ffi::Error::InvalidArgument("onednn_batch_norm: zero-sized dimension");
   }
+  dnnl::memory::data_type type;
   const ffi::DataType first = *types.begin();
-  for (ffi::DataType type : types) {
-    if (type != first || (type != ffi::DataType::F32 && type != ffi::DataType::BF16)) {
+  for (ffi::DataType each : types) {
+    if (each != first || !OnednnType(each, &type)) {
       return ffi::Error::InvalidArgument(
           "onednn_batch_norm: activations must all be float32 or all bfloat16");
     }
   }
-  const auto type = first == ffi::DataType::F32 ? kF32 : dnnl::memory::data_type::bf16;
   return unet_onednn::Guarded("onednn_batch_norm", [&] {
     auto plan = GetPlan(backward, dims[0], dims[1], dims[2], dims[3], type, epsilon);
     std::unordered_map<int, dnnl::memory> args;

@@ -16,6 +16,18 @@ using Desc = dnnl::memory::desc;
 using Tag = dnnl::memory::format_tag;
 constexpr auto kF32 = dnnl::memory::data_type::f32;
 
+// The oneDNN type of a float32 or bfloat16 XLA buffer; false for any other.
+inline bool OnednnType(xla::ffi::DataType type, dnnl::memory::data_type* out) {
+  if (type == xla::ffi::DataType::F32) {
+    *out = kF32;
+  } else if (type == xla::ffi::DataType::BF16) {
+    *out = dnnl::memory::data_type::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 inline dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;

@@ -31,7 +31,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32 shared by the handlers.
+using namespace unet_onednn;  // NOLINT: Engine, Desc, Tag, kF32, OnednnType shared.
 
 enum Kind : int64_t { kFwd, kBwdData, kBwdWeights };
 
@@ -149,18 +149,6 @@ void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
   stream.wait();
 }
 
-// The oneDNN type of a float32 or bfloat16 buffer; false for any other.
-bool OnednnType(ffi::DataType type, dnnl::memory::data_type* out) {
-  if (type == ffi::DataType::F32) {
-    *out = kF32;
-  } else if (type == ffi::DataType::BF16) {
-    *out = dnnl::memory::data_type::bf16;
-  } else {
-    return false;
-  }
-  return true;
-}
-
 using Input = ffi::AnyBuffer;
 using Output = ffi::Result<ffi::AnyBuffer>;
 
@@ -224,11 +212,11 @@ ffi::Error ConvBwdWeights(Input x, Input dy, Output dw, int64_t dilation) {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, ConvFwd,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
                                   .Attr<int64_t>("dilation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, ConvBwdData,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
                                   .Attr<int64_t>("dilation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, ConvBwdWeights,
-                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
                                   .Attr<int64_t>("dilation"));
