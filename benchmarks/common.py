@@ -78,9 +78,9 @@ def setup(args) -> bool:
   return KEPT_FREED_MEMORY
 
 
-def conv_backend() -> str:
-  """Where the model's 3x3 convolutions ran: onednn or xla."""
-  return "onednn" if onednn.wanted() else "xla"
+def conv_backend(dtype: str) -> str:
+  """Where the model's 3x3 convolutions ran in `dtype`: onednn or xla."""
+  return "onednn" if onednn.takes(dtype) else "xla"
 
 
 def xla_flags() -> str:

@@ -72,7 +72,7 @@ def main():
 
   out = {"benchmark": "inference", "features": args.features, "depth": args.depth,
          "norm": args.norm, "dtype": args.dtype, "lowering": args.lowering,
-         "conv": common.conv_backend(), "cases": cases,
+         "conv": common.conv_backend(args.dtype), "cases": cases,
          "peak_rss_mb": common.peak_rss_mb(), "device": common.device_name(),
          "xla_flags": common.xla_flags(),
          "keep_freed_memory": kept_memory}

@@ -86,7 +86,7 @@ def main():
       "benchmark": "train_step", "image_size": args.image_size, "batch_size": args.batch_size,
       "features": args.features, "depth": args.depth, "pooling": args.pooling,
       "activation": args.activation, "norm": args.norm, "dtype": args.dtype,
-      "lowering": args.lowering, "conv": common.conv_backend(),
+      "lowering": args.lowering, "conv": common.conv_backend(args.dtype),
       "img_per_s": args.batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
       "compile_cache_hits": hits(), "gflop_per_step": flops / 1e9,
       "gflops_per_s": flops / 1e9 / step_s, "peak_rss_mb": rss, "params": params,

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import jax
 import flax.linen as nn
@@ -32,6 +33,11 @@ def _assert_close(got, want, rtol=1e-4):
 RTOL = {"float32": 1e-4, "bfloat16": 2**-7}
 
 
+def _skip_without_kernels(dtype):
+  if np.dtype(dtype) not in onednn.cpu_dtypes():
+    pytest.skip(f"oneDNN has no {dtype} kernels on this CPU (no AVX-512)")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [
     # N, H, W, Cin, Cout, KH, KW, dilation
@@ -42,6 +48,7 @@ RTOL = {"float32": 1e-4, "bfloat16": 2**-7}
     (2, 11, 9, 8, 12, 5, 3, 1),
 ])
 def test_conv_and_its_gradients_match_xla(shape, dtype):
+  _skip_without_kernels(dtype)
   n, h, w, cin, cout, kh, kw, dilation = shape
   keys = jax.random.split(jax.random.key(sum(shape)), 3)
   x = jax.random.normal(keys[0], (n, h, w, cin)).astype(dtype)
@@ -70,6 +77,7 @@ def test_conv_refuses_mixed_or_other_dtypes():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [(2, 9, 7, 3), (8, 32, 32, 16)])
 def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape, dtype):
+  _skip_without_kernels(dtype)
   keys = jax.random.split(jax.random.key(sum(shape)), 3)
   x = (jax.random.normal(keys[0], shape) * 3 + 1).astype(dtype)
   dy = jax.random.normal(keys[1], shape).astype(dtype)
@@ -151,6 +159,7 @@ def test_unet_loss_and_gradients_match_xla(monkeypatch):
 
 
 def test_a_bfloat16_unet_trains_its_convolutions_and_batch_norm_on_onednn(monkeypatch):
+  _skip_without_kernels("bfloat16")
   unet = model_lib.UNet(features=8, depth=2, dtype="bfloat16")
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
   monkeypatch.setattr(onednn, "wanted", lambda: True)
@@ -165,6 +174,46 @@ def test_a_bfloat16_unet_trains_its_convolutions_and_batch_norm_on_onednn(monkey
   for target in ("conv_fwd", "conv_bwd_data", "conv_bwd_weights", "batch_norm_fwd",
                  "batch_norm_bwd"):
     assert any(f"@unet_onednn_{target}(" in line and "bf16" in line for line in calls), target
+
+
+def test_without_avx512_bfloat16_models_keep_xla_kernels():
+  # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN act as on a CPU without AVX-512, where it
+  # creates no bfloat16 primitive: such a model must train on XLA's kernels instead.
+  script = textwrap.dedent('''
+      import os
+      import jax, jax.numpy as jnp, numpy as np
+      from unet_jax import model as model_lib, onednn
+      from unet_jax.errors import UserError
+      assert onednn.cpu_dtypes() == (np.dtype("float32"),), onednn.cpu_dtypes()
+      images = jnp.ones((2, 16, 16, 1))
+      for dtype, on_onednn in (("bfloat16", False), ("float32", True)):
+        unet = model_lib.UNet(features=8, depth=2, dtype=dtype)
+        variables = unet.init(jax.random.key(0), images, train=False)
+        def loss(params):
+          logits, _ = unet.apply({**variables, "params": params}, images, train=True,
+                                 mutable=["batch_stats"])
+          return jnp.mean(logits.astype(jnp.float32) ** 2)
+        grad = jax.jit(jax.grad(loss))
+        assert ("unet_onednn" in grad.lower(variables["params"]).as_text()) == on_onednn, dtype
+        assert np.isfinite(jax.tree.leaves(grad(variables["params"]))[0]).all()
+      x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+      try:
+        onednn.conv(x, jnp.ones((3, 3, 2, 2), jnp.bfloat16))
+        raise AssertionError("no error")
+      except ValueError as e:
+        assert "no bfloat16 kernels on this CPU" in str(e), e
+      os.environ["UNET_JAX_CONV"] = "onednn"
+      try:
+        onednn.takes(jnp.bfloat16)
+        raise AssertionError("no error")
+      except UserError as e:
+        assert "UNET_JAX_CONV=onednn: oneDNN has no bfloat16 kernels" in str(e), e
+      ''')
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "UNET_JAX_CONV": "auto",
+         "ONEDNN_MAX_CPU_ISA": "AVX2"}
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_several_devices_keep_xla(monkeypatch):

@@ -64,7 +64,7 @@ class Conv(nn.Conv):
   1x1 convolutions are a matmul (XLA:CPU's convolution took 3x as long for
   the one-logit head, kernel gradient included), one-channel inputs a sum of
   taps, and other stride-1 "SAME" float32 or bfloat16 convolutions go to oneDNN where
-  `onednn.wanted()` says so. Same class name, so the same auto-named
+  `onednn.takes()` says so. Same class name, so the same auto-named
   parameter paths (Conv_0), and the same parameters. Every other shape goes
   to nn.Conv.
   """
@@ -82,8 +82,7 @@ class Conv(nn.Conv):
     same = plain and self.padding == "SAME" and rates[0] == rates[1]
     one_channel = same and inputs.shape[-1] == 1 and all(k % 2 == 1 for k in size)
     compute = jnp.dtype(self.dtype or jnp.promote_types(inputs.dtype, self.param_dtype))
-    on_onednn = (same and not (pointwise or one_channel) and compute in onednn.DTYPES
-                 and onednn.wanted())
+    on_onednn = same and not (pointwise or one_channel) and onednn.takes(compute)
     if not (pointwise or one_channel or on_onednn):
       return super().__call__(inputs)
     kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
@@ -101,7 +100,7 @@ class Conv(nn.Conv):
 
 
 class BatchNorm(nn.BatchNorm):
-  """nn.BatchNorm that normalises on oneDNN in training where `onednn.wanted()` says so.
+  """nn.BatchNorm that normalises on oneDNN in training where `onednn.takes()` says so.
 
   For float32 or bfloat16 NHWC inputs over the last axis, without a mask or a device
   axis: oneDNN makes two passes over the activations each way where XLA's
@@ -115,11 +114,11 @@ class BatchNorm(nn.BatchNorm):
     running = nn.merge_param("use_running_average", self.use_running_average,
                              use_running_average)
     # Activations float32 or bfloat16 throughout, float32 parameters and statistics.
-    dtypes = (jnp.dtype(self.dtype or x.dtype) == x.dtype and x.dtype in onednn.DTYPES
+    dtypes = (jnp.dtype(self.dtype or x.dtype) == x.dtype
               and jnp.dtype(self.param_dtype) == jnp.float32)
     plain = (not running and mask is None and x.ndim == 4 and self.axis in (-1, 3)
              and self.axis_name is None and self.use_scale and self.use_bias and dtypes)
-    if not (plain and onednn.wanted()):
+    if not (plain and onednn.takes(x.dtype)):
       return super().__call__(x, use_running_average, mask=mask)
     features = (x.shape[-1],)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)

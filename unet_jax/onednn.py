@@ -19,7 +19,8 @@ not partitioned over a sharded batch.
 
 Activations may be float32 or bfloat16 (`model.dtype`). In bfloat16 oneDNN
 runs the convolutions on the CPU's bfloat16 instructions (AMX, AVX512-BF16)
-where it has them, summing in float32 and rounding once as XLA does, and
+where it has them (bfloat16 needs AVX-512: elsewhere such models keep XLA's
+kernels, `takes`), summing in float32 and rounding once as XLA does, and
 batch norm keeps its statistics in float32: on a CPU with AMX the float32
 train step of the brain recipe took 1.8x as long (benchmarks/README.md).
 """
@@ -53,6 +54,8 @@ _TARGETS = {"unet_onednn_conv_fwd": "UnetOnednnConvFwd",
 CHOICES = ("auto", "xla", "onednn")
 # The activation dtypes `conv` and `batch_norm` take (model.dtype float32 or bfloat16).
 DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+# dnnl_cpu_isa_avx512_core's bits (dnnl_types.h): oneDNN's bfloat16 kernels need AVX-512.
+_AVX512_CORE = 0x27
 _xla_only = False
 
 
@@ -104,6 +107,43 @@ def wanted() -> bool:
   if reason:
     _warn_once(reason)
   return reason is None
+
+
+@functools.cache
+def cpu_dtypes() -> tuple[np.dtype, ...]:
+  """Those of DTYPES oneDNN has kernels for on this CPU.
+
+  bfloat16 needs AVX-512 in oneDNN's effective ISA (which ONEDNN_MAX_CPU_ISA
+  may lower); without it oneDNN creates no bfloat16 primitive at all.
+  """
+  library = ctypes.CDLL(str(_wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")))
+  isa = library.dnnl_get_effective_cpu_isa()
+  return DTYPES if isa & _AVX512_CORE == _AVX512_CORE else DTYPES[:1]
+
+
+def takes(dtype) -> bool:
+  """Whether layers should send activations of `dtype` to `conv` and `batch_norm`.
+
+  `wanted()`, for a dtype oneDNN has kernels for here; a bfloat16 model on a
+  CPU without AVX-512 keeps XLA's (an error under UNET_JAX_CONV=onednn).
+  """
+  dtype = np.dtype(dtype)
+  if dtype not in DTYPES or not wanted():
+    return False
+  if dtype in cpu_dtypes():
+    return True
+  reason = f"oneDNN has no {dtype} kernels on this CPU, which lacks AVX-512"
+  if choice() == "onednn":
+    raise UserError(f"UNET_JAX_CONV=onednn: {reason}")
+  _warn_once(reason)
+  return False
+
+
+def _check_dtype(function: str, dtype) -> None:
+  """A clear error for a dtype this CPU's oneDNN has no kernels for."""
+  if np.dtype(dtype) not in cpu_dtypes():
+    raise ValueError(f"onednn.{function}: oneDNN has no {np.dtype(dtype)} kernels on this CPU, "
+                     "which lacks AVX-512")
 
 
 @functools.cache
@@ -198,6 +238,7 @@ def conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   if x.dtype != kernel.dtype or x.dtype not in DTYPES:
     raise ValueError(f"onednn.conv takes float32 or bfloat16 x and kernel of one dtype, not "
                      f"{x.dtype} and {kernel.dtype}")
+  _check_dtype("conv", x.dtype)
   ensure_registered()
   out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
   return _call("unet_onednn_conv_fwd", out, x, kernel, dilation)
@@ -238,6 +279,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
   if x.dtype not in DTYPES or scale.dtype != np.float32 or bias.dtype != np.float32:
     raise ValueError(f"onednn.batch_norm takes float32 or bfloat16 x and float32 scale and bias, "
                      f"not {x.dtype}, {scale.dtype} and {bias.dtype}")
+  _check_dtype("batch_norm", x.dtype)
   ensure_registered()
   return _batch_norm_call("unet_onednn_batch_norm_fwd", x, scale, epsilon, x, scale, bias)
 
