@@ -196,12 +196,14 @@ def test_without_avx512_bfloat16_models_keep_xla_kernels():
         grad = jax.jit(jax.grad(loss))
         assert ("unet_onednn" in grad.lower(variables["params"]).as_text()) == on_onednn, dtype
         assert np.isfinite(jax.tree.leaves(grad(variables["params"]))[0]).all()
-      x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
-      try:
-        onednn.conv(x, jnp.ones((3, 3, 2, 2), jnp.bfloat16))
-        raise AssertionError("no error")
-      except ValueError as e:
-        assert "no bfloat16 kernels on this CPU" in str(e), e
+      x, scale = jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((2,))
+      for call in (lambda: onednn.conv(x, jnp.ones((3, 3, 2, 2), jnp.bfloat16)),
+                   lambda: onednn.batch_norm(x, scale, scale, 1e-5)):
+        try:
+          call()
+          raise AssertionError("no error")
+        except ValueError as e:
+          assert "no bfloat16 kernels on this CPU" in str(e), e
       os.environ["UNET_JAX_CONV"] = "onednn"
       try:
         onednn.takes(jnp.bfloat16)

@@ -127,23 +127,22 @@ def takes(dtype) -> bool:
   `wanted()`, for a dtype oneDNN has kernels for here; a bfloat16 model on a
   CPU without AVX-512 keeps XLA's (an error under UNET_JAX_CONV=onednn).
   """
-  dtype = np.dtype(dtype)
-  if dtype not in DTYPES or not wanted():
+  if np.dtype(dtype) not in DTYPES or not wanted():
     return False
-  if dtype in cpu_dtypes():
+  reason = _no_kernels(dtype)
+  if reason is None:
     return True
-  reason = f"oneDNN has no {dtype} kernels on this CPU, which lacks AVX-512"
   if choice() == "onednn":
     raise UserError(f"UNET_JAX_CONV=onednn: {reason}")
   _warn_once(reason)
   return False
 
 
-def _check_dtype(function: str, dtype) -> None:
-  """A clear error for a dtype this CPU's oneDNN has no kernels for."""
-  if np.dtype(dtype) not in cpu_dtypes():
-    raise ValueError(f"onednn.{function}: oneDNN has no {np.dtype(dtype)} kernels on this CPU, "
-                     "which lacks AVX-512")
+def _no_kernels(dtype) -> str | None:
+  """Why oneDNN cannot compute in `dtype` on this CPU, or None when it can."""
+  if np.dtype(dtype) in cpu_dtypes():
+    return None
+  return f"oneDNN has no {np.dtype(dtype)} kernels on this CPU, which lacks AVX-512"
 
 
 @functools.cache
@@ -238,7 +237,8 @@ def conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   if x.dtype != kernel.dtype or x.dtype not in DTYPES:
     raise ValueError(f"onednn.conv takes float32 or bfloat16 x and kernel of one dtype, not "
                      f"{x.dtype} and {kernel.dtype}")
-  _check_dtype("conv", x.dtype)
+  if reason := _no_kernels(x.dtype):
+    raise ValueError(f"onednn.conv: {reason}")
   ensure_registered()
   out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
   return _call("unet_onednn_conv_fwd", out, x, kernel, dilation)
@@ -279,7 +279,8 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
   if x.dtype not in DTYPES or scale.dtype != np.float32 or bias.dtype != np.float32:
     raise ValueError(f"onednn.batch_norm takes float32 or bfloat16 x and float32 scale and bias, "
                      f"not {x.dtype}, {scale.dtype} and {bias.dtype}")
-  _check_dtype("batch_norm", x.dtype)
+  if reason := _no_kernels(x.dtype):
+    raise ValueError(f"onednn.batch_norm: {reason}")
   ensure_registered()
   return _batch_norm_call("unet_onednn_batch_norm_fwd", x, scale, epsilon, x, scale, bias)
 
