@@ -137,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   # When nothing passes the threshold, take the region above half the highest
   # probability: for data where every image holds a tumour.
   eval_config.never_empty = False
+  # Comma-separated workdirs of other runs on the same data whose best checkpoints
+  # join this run's: the probabilities of all are averaged (an ensemble).
+  eval_config.ensemble = ""
   eval_config.batch_size = 16  # Global evaluation batch.
   eval_config.num_pictures = 6  # Rows in predictions.png.
   return config

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import (data, evaluate, export, losses, optim, parallel, reports, serving, steps,
-                      train)
+from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
+                      steps, train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -65,6 +65,48 @@ def test_validation_decodes_as_evaluation_does(trained):
   logged = [r for r in reports.read_metrics(workdir) if r["split"] == "valid"][-1]
   assert val["loss"] == pytest.approx(logged["loss"], rel=1e-5)  # The loss ignores decoding.
   assert val["dice"] != pytest.approx(logged["dice"], abs=1e-3)  # Logged at threshold 0.5.
+
+
+def test_an_ensemble_scores_the_runs_averaged_probabilities(trained, tmp_path):
+  config, workdir, _ = trained
+  other_config = config.copy_and_resolve_references()
+  other_config.train.seed, other_config.model.features = 1, 8  # another model, saved with it
+  other = tmp_path / "other"
+  train.train_and_evaluate(other_config, str(other))
+  config.eval.split = "valid"
+  mesh = parallel.make_mesh()
+  source = data.build_source(config.data, "valid", str(workdir))
+  predict = steps.jit_predict(mesh)
+  probs, labels = [], {}
+  for run_config, run in ((config, workdir), (other_config, other)):
+    state, _ = evaluate.restore_state(run_config, str(run), mesh)
+    run_probs = {}
+    for index, p, label in evaluate._probabilities(predict, state, source, config, mesh):  # pylint: disable=protected-access
+      run_probs[index], labels[index] = p, label
+    probs.append(run_probs)
+  masks = np.stack([evaluate.binarise((probs[0][i] + probs[1][i]) / 2, config.eval.threshold,
+                                      config.eval) for i in sorted(labels)])
+  truth = np.stack([labels[i] > 0 for i in sorted(labels)])
+  dice = metrics.per_image_metrics(metrics.confusion_counts(masks, truth))["dice"]
+
+  config.eval.ensemble = f" {other} ,"
+  summary = evaluate.evaluate(config, str(workdir))
+  assert summary["ensemble"] == [{"workdir": str(other), "checkpoint_step": 2}]
+  assert summary["metrics"]["dice"]["mean"] == pytest.approx(np.mean(dice), abs=1e-9)
+  assert json.loads((workdir / "eval/valid_ensemble/summary.json").read_text()) == summary
+  own = workdir / "eval/valid/summary.json"  # The run's own, if evaluated, stays.
+  assert not own.exists() or json.loads(own.read_text())["ensemble"] == []
+  assert not np.allclose(probs[0][0], probs[1][0])  # The two runs do differ.
+
+  # A run on other images is refused, naming it.
+  saved = json.loads((other / "config.json").read_text())
+  saved["data"]["image_size"] = 64
+  (tmp_path / "other64").mkdir()
+  (tmp_path / "other64" / "config.json").write_text(json.dumps(saved))
+  config.eval.ensemble = str(tmp_path / "other64")
+  with pytest.raises(UserError, match="other64 was trained with data.image_size=64, this run "
+                                      "with 32"):
+    evaluate.evaluate(config, str(workdir))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(trained):

@@ -17,8 +17,10 @@ from unet_jax import metrics as metrics_lib
 from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
+from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax.data import pipeline
+from unet_jax.errors import UserError
 
 # Candidate thresholds for eval.tune_threshold.
 THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
@@ -33,6 +35,29 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
   state, _ = checkpoints.restore(step, jax.device_put(target, parallel.replicated(mesh)))
   checkpoints.close()
   return state, step
+
+
+def ensemble_members(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, Any, int]]:
+  """(workdir, train state, step) of the best checkpoint of each run in `eval.ensemble`.
+
+  Each run is restored with its own saved config (width, depth, dtype may
+  differ); its images must be those of this run: same size and channels.
+  """
+  members = []
+  for workdir in filter(None, (w.strip() for w in config.eval.ensemble.split(","))):
+    member_config = saved_config.get_config(workdir)
+    for key in ("image_size", "channels"):
+      if member_config.data[key] != config.data[key]:
+        raise UserError(f"eval.ensemble: {workdir} was trained with data.{key}="
+                        f"{member_config.data[key]}, this run with {config.data[key]}")
+    member_config.eval.checkpoint = "best"
+    members.append((workdir, *restore_state(member_config, workdir, mesh)))
+  return members
+
+
+def averaged(predict):
+  """`predict` over a tuple of train states: the mean of their probabilities."""
+  return lambda states, images: sum(predict(state, images) for state in states) / len(states)
 
 
 def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -153,6 +178,9 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates `config.eval.checkpoint` of the run in `workdir` on `config.eval.split`.
 
+  With `eval.ensemble`, the probabilities averaged with those other runs'
+  best checkpoints', written to eval/<split>_ensemble/.
+
   Returns:
     The summary written to eval/<split>/summary.json.
   """
@@ -161,6 +189,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = data_lib.build_source(config.data, split, workdir)
   state, step = restore_state(config, workdir, mesh)
   predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
+  members = ensemble_members(config, mesh)
+  if members:
+    state, predict = (state, *(member[1] for member in members)), averaged(predict)
   # The expected-Dice mask needs no threshold, so none is tuned for it.
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None
@@ -183,12 +214,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "largest_component": config.eval.largest_component,
       "fill_box": config.eval.fill_box,
       "never_empty": config.eval.never_empty,
+      "ensemble": [{"workdir": w, "checkpoint_step": s} for w, _, s in members],
       "metrics": {name: metrics_lib.summarise(values) for name, values in scores.items()},
       "pooled": metrics_lib.pooled_metrics(counts),
   }
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
-  out = pathlib.Path(workdir) / "eval" / split
+  # An ensemble's results go beside the run's own, not over them.
+  out = pathlib.Path(workdir) / "eval" / (f"{split}_ensemble" if members else split)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -202,8 +235,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
                          *category])
   _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
-  logging.info("%s (step %d): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
-               split, step, summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
+  logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
+               split, step, f", averaged with {len(members)} other run(s)" if members else "", summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
                summary["metrics"]["hd95"]["mean"], len(source), out)
   for category, result in summary.get("by_category", {}).items():
     logging.info("%s, category %s: mean Dice %s over %d images", split, category,
