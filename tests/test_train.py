@@ -77,11 +77,12 @@ def test_an_ensemble_scores_the_runs_averaged_probabilities(trained, tmp_path):
   mesh = parallel.make_mesh()
   source = data.build_source(config.data, "valid", str(workdir))
   predict = steps.jit_predict(mesh)
+  probabilities = evaluate._probabilities  # pylint: disable=protected-access
   probs, labels = [], {}
   for run_config, run in ((config, workdir), (other_config, other)):
     state, _ = evaluate.restore_state(run_config, str(run), mesh)
     run_probs = {}
-    for index, p, label in evaluate._probabilities(predict, state, source, config, mesh):  # pylint: disable=protected-access
+    for index, p, label in probabilities(predict, state, source, config, mesh):
       run_probs[index], labels[index] = p, label
     probs.append(run_probs)
   masks = np.stack([evaluate.binarise((probs[0][i] + probs[1][i]) / 2, config.eval.threshold,

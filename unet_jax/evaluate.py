@@ -178,11 +178,11 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates `config.eval.checkpoint` of the run in `workdir` on `config.eval.split`.
 
-  With `eval.ensemble`, the probabilities averaged with those other runs'
-  best checkpoints', written to eval/<split>_ensemble/.
+  With `eval.ensemble`, its probabilities are averaged with those of the
+  other runs' best checkpoints, and the results go to eval/<split>_ensemble/.
 
   Returns:
-    The summary written to eval/<split>/summary.json.
+    The summary written to eval/<split>[_ensemble]/summary.json.
   """
   mesh = parallel.make_mesh()
   split = config.eval.split
@@ -235,9 +235,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
                          *category])
   _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
+  averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
-               split, step, f", averaged with {len(members)} other run(s)" if members else "", summary["metrics"]["dice"]["mean"], summary["metrics"]["iou"]["mean"],
-               summary["metrics"]["hd95"]["mean"], len(source), out)
+               split, step, averaging, summary["metrics"]["dice"]["mean"],
+               summary["metrics"]["iou"]["mean"], summary["metrics"]["hd95"]["mean"],
+               len(source), out)
   for category, result in summary.get("by_category", {}).items():
     logging.info("%s, category %s: mean Dice %s over %d images", split, category,
                  "-" if result["dice"] is None else f"{result['dice']:.4f}", result["n_images"])
