@@ -118,7 +118,7 @@ def cpu_dtypes() -> tuple[np.dtype, ...]:
   """
   library = ctypes.CDLL(str(_wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")))
   isa = library.dnnl_get_effective_cpu_isa()
-  return DTYPES if isa & _AVX512_CORE == _AVX512_CORE else DTYPES[:1]
+  return DTYPES if isa & _AVX512_CORE == _AVX512_CORE else (np.dtype(np.float32),)
 
 
 def takes(dtype) -> bool:
@@ -150,6 +150,7 @@ def _warn_once(reason: str) -> None:
   logging.warning("oneDNN convolutions unavailable (%s); using XLA's", reason)
 
 
+@functools.cache  # Read by library_path and cpu_dtypes: the wheel's file list once.
 def _wheel_file(wheel: str, suffix: str) -> pathlib.Path:
   try:
     dist = importlib.metadata.distribution(wheel)
