@@ -12,9 +12,9 @@ Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at 128x128; by
 category, "0" 0.725 and "1" 0.847 (README, Results, has the ablation behind
 each choice). On a CPU with AMX, `--config.model.dtype=bfloat16` trains it
 in about half the time: valid Dice 0.780 in 23 min 40 s on a 2-core Xeon.
-Only an ensemble passed 0.80: seven 50-epoch runs (two of them width 32)
-averaged with `--mode=eval --config.eval.ensemble=RUN2,...` reach 0.802
-(pooled 0.807), from about 5 hours of training.
+Only an ensemble passed 0.80: eight 50-epoch runs (three of them width 32)
+averaged with `--mode=eval --config.eval.ensemble=RUN2,...` reach 0.805
+(pooled 0.811), from about 6 hours of training.
 
 `:full` is the accelerator recipe: 512x512, width 64, bfloat16, 100 epochs
 (24 epochs on one H200: valid Dice 0.703, under-trained; README, Results).

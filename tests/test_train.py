@@ -108,6 +108,9 @@ def test_an_ensemble_scores_the_runs_averaged_probabilities(trained, tmp_path):
   with pytest.raises(UserError, match="other64 was trained with data.image_size=64, this run "
                                       "with 32"):
     evaluate.evaluate(config, str(workdir))
+  config.eval.ensemble = f"{other},{tmp_path / 'typo'}"
+  with pytest.raises(UserError, match="typo is not a trained run"):
+    evaluate.evaluate(config, str(workdir))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(trained):

@@ -43,16 +43,21 @@ def ensemble_members(config: ml_collections.ConfigDict, mesh) -> list[tuple[str,
   Each run is restored with its own saved config (width, depth, dtype may
   differ); its images must be those of this run: same size and channels.
   """
-  members = []
-  for workdir in filter(None, (w.strip() for w in config.eval.ensemble.split(","))):
+  workdirs = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
+  member_configs = []
+  for workdir in workdirs:  # All checked before any is restored.
+    if not (pathlib.Path(workdir) / saved_config.CONFIG_FILE).is_file():
+      raise UserError(f"eval.ensemble: {workdir} is not a trained run (no "
+                      f"{saved_config.CONFIG_FILE})")
     member_config = saved_config.get_config(workdir)
     for key in ("image_size", "channels"):
       if member_config.data[key] != config.data[key]:
         raise UserError(f"eval.ensemble: {workdir} was trained with data.{key}="
                         f"{member_config.data[key]}, this run with {config.data[key]}")
     member_config.eval.checkpoint = "best"
-    members.append((workdir, *restore_state(member_config, workdir, mesh)))
-  return members
+    member_configs.append(member_config)
+  return [(workdir, *restore_state(member_config, workdir, mesh))
+          for workdir, member_config in zip(workdirs, member_configs)]
 
 
 def averaged(predict):
