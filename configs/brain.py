@@ -11,7 +11,8 @@ sharing the cores with the test suite); valid (429 slices) mean per-image
 Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at 128x128; by
 category, "0" 0.725 and "1" 0.847 (README, Results, has the ablation behind
 each choice). On a CPU with AMX, `--config.model.dtype=bfloat16` trains it
-in about half the time: valid Dice 0.780 in 23 min 40 s on a 2-core Xeon.
+in about half the time: valid Dice 0.780 in 23 min 40 s on a 2-core Xeon
+(seed 1: 0.775; the two averaged with `eval.ensemble`: 0.789).
 Only an ensemble passed 0.80: eight 50-epoch runs (three of them width 32)
 averaged with `--mode=eval --config.eval.ensemble=RUN2,...` reach 0.805
 (pooled 0.811), from about 6 hours of training.
