@@ -46,10 +46,10 @@ def ensemble_members(config: ml_collections.ConfigDict, mesh) -> list[tuple[str,
   workdirs = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
   member_configs = []
   for workdir in workdirs:  # All checked before any is restored.
-    if not (pathlib.Path(workdir) / saved_config.CONFIG_FILE).is_file():
-      raise UserError(f"eval.ensemble: {workdir} is not a trained run (no "
-                      f"{saved_config.CONFIG_FILE})")
-    member_config = saved_config.get_config(workdir)
+    try:
+      member_config = saved_config.load(workdir)
+    except UserError as e:
+      raise UserError(f"eval.ensemble: {e}") from None
     for key in ("image_size", "channels"):
       if member_config.data[key] != config.data[key]:
         raise UserError(f"eval.ensemble: {workdir} was trained with data.{key}="

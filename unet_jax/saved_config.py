@@ -11,6 +11,7 @@ import pathlib
 import ml_collections
 
 from configs import default
+from unet_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 
@@ -23,15 +24,27 @@ def _overlay(base: ml_collections.ConfigDict, saved: dict) -> None:
       base[key] = tuple(value) if isinstance(value, list) else value
 
 
-def get_config(workdir: str) -> ml_collections.ConfigDict:
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in `workdir`, laid over today's defaults.
+
+  Raises:
+    UserError: no saved config there, or a malformed one.
+  """
   path = pathlib.Path(workdir) / CONFIG_FILE
   try:
     saved = json.loads(path.read_text())
   except FileNotFoundError:
-    raise SystemExit(f"error: {path}: no saved config; is {workdir} a trained run "
-                     "(or pass --config)?") from None
+    raise UserError(f"{path}: no saved config; {workdir} is not a trained run") from None
   except json.JSONDecodeError as e:
-    raise SystemExit(f"error: {path}: malformed JSON ({e})") from None
+    raise UserError(f"{path}: malformed JSON ({e})") from None
   config = default.get_config()
   _overlay(config, saved)
   return config
+
+
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+  # Read while the flags are parsed, before launch.py reports UserErrors: exit with the line.
+  try:
+    return load(workdir)
+  except UserError as e:
+    raise SystemExit(f"error: {e} (or pass --config)") from None
