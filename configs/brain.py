@@ -6,13 +6,16 @@ _annotations.coco.json):
     python launch.py --config=configs/brain.py --workdir=runs/brain \
         --config.data.root=/path/to/brain-tumor-coco --config.eval.split=valid
 
-On a 2-core CPU: 55 min 32 s for training and evaluation (about 9 of them
-sharing the cores with the test suite); valid (429 slices) mean per-image
-Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at 128x128; by
-category, "0" 0.725 and "1" 0.847 (README, Results, has the ablation behind
-each choice). On a CPU with AMX, `--config.model.dtype=bfloat16` trains it
-in about half the time: valid Dice 0.780 in 23 min 40 s on a 2-core Xeon
-(seed 1: 0.775; the two averaged with `eval.ensemble`: 0.789).
+On a 2-core Intel Xeon with AMX: 55 min 32 s for training and evaluation
+(about 9 of them sharing the cores with the test suite); valid (429 slices)
+mean per-image Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at
+128x128; by category, "0" 0.725 and "1" 0.847 (README, Results; every run
+behind each choice in docs/brain_ablations.md). The time depends on the CPU:
+on a 2-core first-generation AMD EPYC (AVX2 only) the train step runs 3.2x
+slower, about 1 h 50 min for the same run. On a CPU with AMX,
+`--config.model.dtype=bfloat16` trains it in about half the time: valid Dice
+0.780 in 23 min 40 s on a 2-core Xeon (seed 1: 0.775; the two averaged with
+`eval.ensemble`: 0.789).
 Only an ensemble passed 0.80: eight 50-epoch runs (three of them width 32)
 averaged with `--mode=eval --config.eval.ensemble=RUN2,...` reach 0.805
 (pooled 0.811), from about 6 hours of training.

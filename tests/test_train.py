@@ -41,6 +41,13 @@ def test_two_steps_on_four_devices_write_the_run(trained):
   assert json.loads((workdir / "config.json").read_text())["model"]["features"] == 4
 
 
+def test_time_left_averages_the_epochs_after_the_compiling_one():
+  # Loop start, then epochs ending at 100 s (compiling), 130 s and 160 s: 30 s an epoch.
+  assert train.time_left([0.0, 100.0, 130.0, 160.0], epochs_left=130) == "about 1 h 5 min left"
+  assert train.time_left([0.0, 100.0], epochs_left=3) == "about 5 min left"
+  assert train.time_left([0.0, 100.0, 130.0], epochs_left=0) == "about 0 min left"
+
+
 def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
   config, workdir, _ = trained
   logged = [r for r in reports.read_metrics(workdir) if r["split"] == "valid"][-1]

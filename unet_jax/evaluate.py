@@ -31,8 +31,9 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
   step = checkpoints.resolve(config.eval.checkpoint)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  target = steps.create_train_state(config, image_shape, optim.make_optimizer(config, 1, 1))
-  state, _ = checkpoints.restore(step, jax.device_put(target, parallel.replicated(mesh)))
+  target = steps.abstract_train_state(config, image_shape, optim.make_optimizer(config, 1, 1),
+                                      parallel.replicated(mesh))
+  state, _ = checkpoints.restore(step, target)
   checkpoints.close()
   return state, step
 

@@ -63,6 +63,24 @@ def _progress(step: int, total: int, width: int = 20) -> str:
   return f"[{'#' * done}{'.' * (width - done)}] {100 * step / total:3.0f}%"
 
 
+def time_left(epoch_ends: list[float], epochs_left: int) -> str:
+  """Estimates the rest of training from the epochs timed so far in this process.
+
+  Args:
+    epoch_ends: `time.perf_counter()` at the start of the loop, then at each
+      epoch's end (validation included).
+    epochs_left: epochs still to train.
+
+  Returns:
+    E.g. "about 1 h 42 min left". The first epoch, which compiles the steps,
+    is left out of the average once a second one has ended.
+  """
+  timed = epoch_ends[1:] if len(epoch_ends) > 2 else epoch_ends
+  seconds = (timed[-1] - timed[0]) / (len(timed) - 1) * epochs_left
+  hours, minutes = divmod(round(seconds / 60), 60)
+  return f"about {hours} h {minutes} min left" if hours else f"about {minutes} min left"
+
+
 def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: int,
                   checkpoints: checkpoint_lib.Checkpoints) -> None:
   """Stops the run on a NaN or infinite loss, naming the step, its images and the last checkpoint."""
@@ -137,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_train, p_eval = steps.jit_steps(config, mesh)
   batches = pipeline.train_batches(train_source, config, start_step)
   window_start, window, names = time.perf_counter(), [], []
+  epoch_ends = [window_start]
   for step in range(start_step, total_steps):
     batch = next(batches)
     state, step_metrics = p_train(state, parallel.device_batch(batch, mesh))
@@ -161,8 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     val = evaluate.validate(p_eval, state, val_source, config, mesh)
     lower_rate, stop = counters.observe(val, train_cfg)
     val["lr_scale"] = float(state.lr_scale)
-    logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f", epoch, val["loss"],
-                 val["dice"], val["iou"])
+    epoch_ends.append(time.perf_counter())
+    logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f (%s)", epoch, val["loss"],
+                 val["dice"], val["iou"], time_left(epoch_ends, train_cfg.epochs - epoch))
     if lower_rate:
       state = state.replace(lr_scale=state.lr_scale * train_cfg.plateau_factor)
       logging.info("validation loss plateaued: learning rate scaled to %.3g",

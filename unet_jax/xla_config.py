@@ -113,6 +113,15 @@ def configure(cache_dir: str) -> str | None:
     else:
       os.environ["XLA_FLAGS"] = merge_flags(os.environ.get("XLA_FLAGS", ""), flags)
 
+  return enable_compilation_cache(cache_dir)
+
+
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `cache_dir` ("off" or "": off).
+
+  Returns:
+    The cache folder in use, or None when the cache is off.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   if cache_dir in ("", "off"):
