@@ -51,7 +51,7 @@ def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int
 def abstract_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                          tx: optax.GradientTransformation, sharding: jax.sharding.Sharding
                          ) -> TrainState:
-  """`create_train_state`'s shapes and dtypes with `sharding`, nothing computed: a restore target."""
+  """A restore target: `create_train_state`'s shapes and dtypes on `sharding`, nothing computed."""
   model = model_lib.from_config(config.model)
 
   def new_state():
