@@ -30,44 +30,42 @@ class TrainState(train_state.TrainState):
   lr_scale: Any = None
 
 
-# Eagerly, init compiles hundreds of primitives one by one, each fully optimised: 36 s for the
-# brain recipe on a 2-core CPU without AVX-512. Compiled whole and unoptimised it takes 5 s, and
-# runs once; the weights differ from the eager ones by at most one float32 ulp.
+# Eagerly, init compiles hundreds of primitives one by one, each fully optimised (13 s for the
+# brain recipe on a 2-core Zen 4, 36 s on a Zen 1). Compiled whole and unoptimised it takes 2-5 s
+# and runs once; the weights differ from the eager ones by at most one float32 ulp.
 @functools.partial(jax.jit, static_argnums=0,
                    compiler_options={"xla_backend_optimization_level": 0})
-def _init_variables(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
+def _jitted_init(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
+  return model.init(key, image, train=False)
+
+
+def _eager_init(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
+  # For jax.eval_shape, which does not take the jit above (its compiler_options).
   return model.init(key, image, train=False)
 
 
 def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                        tx: optax.GradientTransformation) -> TrainState:
   """Initialises the U-Net of `config.model` for (H, W, C) images."""
-  model = model_lib.from_config(config.model)
-  variables = _init_variables(model, jax.random.key(config.train.seed),
-                              jnp.zeros((1, *image_shape)))
-  return _train_state(model, variables, tx, config.train.ema_decay)
+  return _new_train_state(config, image_shape, tx, _jitted_init)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                          tx: optax.GradientTransformation, sharding: jax.sharding.Sharding
                          ) -> TrainState:
   """A restore target: `create_train_state`'s shapes and dtypes on `sharding`, nothing computed."""
+  shapes = jax.eval_shape(lambda: _new_train_state(config, image_shape, tx, _eager_init))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _new_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                     tx: optax.GradientTransformation, init: Any) -> TrainState:
   model = model_lib.from_config(config.model)
-
-  def new_state():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
-    return _train_state(model, variables, tx, config.train.ema_decay)
-
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      jax.eval_shape(new_state))
-
-
-def _train_state(model: model_lib.UNet, variables: Any, tx: optax.GradientTransformation,
-                 ema_decay: float) -> TrainState:
+  variables = init(model, jax.random.key(config.train.seed), jnp.zeros((1, *image_shape)))
   params = variables["params"]
   # The EMA starts as a copy: the train step donates the state, and a buffer held twice in it
   # cannot be donated.
-  ema_params = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
+  ema_params = jax.tree.map(jnp.copy, params) if config.train.ema_decay > 0 else None
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=tx,
       batch_stats=variables.get("batch_stats", flax.core.FrozenDict()),
