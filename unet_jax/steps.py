@@ -30,18 +30,16 @@ class TrainState(train_state.TrainState):
   lr_scale: Any = None
 
 
+def _eager_init(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
+  return model.init(key, image, train=False)
+
+
 # Eagerly, init compiles hundreds of primitives one by one, each fully optimised (13 s for the
 # brain recipe on a 2-core Zen 4, 36 s on a Zen 1). Compiled whole and unoptimised it takes 2-5 s
-# and runs once; the weights differ from the eager ones by at most one float32 ulp.
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
-def _jitted_init(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
-  return model.init(key, image, train=False)
-
-
-def _eager_init(model: model_lib.UNet, key: jax.Array, image: jax.Array) -> Any:
-  # For jax.eval_shape, which does not take the jit above (its compiler_options).
-  return model.init(key, image, train=False)
+# and runs once; the weights differ from the eager ones by at most one float32 ulp. The eager
+# one stays for jax.eval_shape, which does not take a jit with compiler_options inside it.
+_jitted_init = jax.jit(_eager_init, static_argnums=0,
+                       compiler_options={"xla_backend_optimization_level": 0})
 
 
 def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
