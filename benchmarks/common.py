@@ -34,15 +34,23 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _widths(text: str) -> int | tuple[int, ...]:
+  values = tuple(int(value) for value in text.split(","))
+  return values[0] if len(values) == 1 else values
 
 
 def model_flags(parser: argparse.ArgumentParser) -> None:
   """The flags that pick the U-Net variant."""
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--features", type=int, default=16)
+  parser.add_argument("--features", type=_widths, default=16,
+                      help="Width of level 0 (doubling per level down), or depth + 1 "
+                           "comma-separated widths, one per level (model.features).")
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--channels", type=int, default=1)
   parser.add_argument("--pooling", default="max")
@@ -278,21 +286,21 @@ def torch_unet(config):
 
     def __init__(self):
       super().__init__()
-      f, d = m.features, m.depth
+      widths = model_lib.from_config(m).widths()
       cin = config.data.channels
       self.down = nn.ModuleList()
       self.pool = nn.ModuleList()
-      for level in range(d):
-        self.down.append(conv_block(cin, f * 2**level))
-        self.pool.append(Pool(f * 2**level))
-        cin = f * 2**level
-      self.bottleneck = conv_block(cin, f * 2**d)
+      for width in widths[:-1]:
+        self.down.append(conv_block(cin, width))
+        self.pool.append(Pool(width))
+        cin = width
+      self.bottleneck = conv_block(cin, widths[-1])
       self.up = nn.ModuleList()
       self.decode = nn.ModuleList()
-      for level in reversed(range(d)):
-        self.up.append(nn.ConvTranspose2d(f * 2**(level + 1), f * 2**level, 2, stride=2))
-        self.decode.append(conv_block(2 * f * 2**level, f * 2**level))
-      self.head = nn.Conv2d(f, 1, 1)
+      for level in reversed(range(m.depth)):
+        self.up.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2))
+        self.decode.append(conv_block(2 * widths[level], widths[level]))
+      self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x):
       skips = []

@@ -66,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   augment.vflip_prob = 0.0  # Up-down flips; off by default.
 
   config.model = model = ml_collections.ConfigDict()
-  model.features = 32  # Width of the first level; doubles at each level down.
+  # Channels of the first level, doubling at each level down; or depth + 1 counts, one per
+  # level (the bottleneck last), --config.model.features='(16,32,64,256,512)'.
+  model.features = ml_collections.FieldReference(32, field_type=object)
   model.depth = 4  # Number of down-sampling steps.
   # Down-sampling: max, avg, conv (strided 3x3) or dilated_conv (strided 3x3, dilation 2).
   model.pooling = "max"

@@ -142,7 +142,8 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
       n += _conv(i, o, k=1, bias=not normed) + (2 * o if normed else 0)
     return n
 
-  widths = [features * 2**level for level in range(depth + 1)]
+  widths = (list(features) if isinstance(features, tuple)
+            else [features * 2**level for level in range(depth + 1)])
   total, channels = 0, in_ch
   for w in widths[:-1]:
     total += block(channels, w) + (_conv(w, w) if pooling in ("conv", "dilated_conv") else 0)
@@ -151,15 +152,15 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
   if bottleneck_heads:  # Two layer norms, query/key/value/out (c x c + c), MLP c -> 2c -> c.
     c = widths[-1]
     total += 2 * 2 * c + 4 * (c * c + c) + (c * 2 * c + 2 * c) + (2 * c * c + c)
-  for w in reversed(widths[:-1]):
-    total += _conv(2 * w, w, k=2) if upsampling == "transpose" else _conv(2 * w, w)
+  for below, w in reversed(list(zip(widths[1:], widths[:-1]))):
+    total += _conv(below, w, k=2) if upsampling == "transpose" else _conv(below, w)
     if attention:  # W_skip (no bias), W_gate, psi.
       inner = max(w // 2, 1)
       total += _conv(w, inner, k=1, bias=False) + _conv(w, inner, k=1) + _conv(inner, 1, k=1)
     total += block(2 * w, w)
   if deep_supervision:  # A 1x1 head on each decoder level but the full resolution.
     total += sum(_conv(w, out, k=1) for w in widths[1:-1])
-  return total + _conv(features, out, k=1)
+  return total + _conv(widths[0], out, k=1)
 
 
 @pytest.mark.parametrize("flags_", [
@@ -172,6 +173,7 @@ def _hand_count(in_ch=1, features=8, depth=3, out=1, *, pooling="max", upsamplin
     {"bottleneck_heads": 4}, {"bottleneck_heads": 1, "depth": 1, "norm": "batch"},
     {"pooling": "conv", "upsampling": "bilinear", "residual": True, "attention": True,
      "norm": "group", "features": 6},
+    {"features": (6, 10, 8, 20)}, {"features": (4, 4, 8, 16), "attention": True, "norm": "batch"},
 ])
 def test_parameter_count_matches_the_hand_count(flags_):
   in_ch = flags_.pop("in_ch", 1)
@@ -200,6 +202,19 @@ def test_widths_double_per_level_and_head_has_out_channels():
     assert params[f"decode_{level}"]["Conv_0"]["kernel"].shape == (3, 3, 2 * w, w)
   assert params["bottleneck"]["Conv_1"]["kernel"].shape == (3, 3, 48, 48)
   assert params["head"]["kernel"].shape == (1, 1, 6, 2)
+
+
+def test_widths_can_be_given_per_level_bottleneck_last():
+  params = _abstract(model_lib.UNet(features=(4, 12, 8), depth=2))["params"]
+  assert params["down_0"]["Conv_1"]["kernel"].shape == (3, 3, 4, 4)
+  assert params["down_1"]["Conv_0"]["kernel"].shape == (3, 3, 4, 12)
+  assert params["bottleneck"]["Conv_0"]["kernel"].shape == (3, 3, 12, 8)
+  assert params["up_1"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 8, 12)
+  assert params["decode_1"]["Conv_0"]["kernel"].shape == (3, 3, 24, 12)
+  assert params["up_0"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 12, 4)
+  doubling = jax.tree.map(lambda x: x.shape, _abstract(model_lib.UNet(features=4, depth=2)))
+  assert jax.tree.map(lambda x: x.shape, _abstract(model_lib.UNet(features=(4, 8, 16),
+                                                                  depth=2))) == doubling
 
 
 # ---------------------------------------------------------------------------
@@ -550,13 +565,16 @@ def test_tumour_logits_are_the_most_likely_categorys():
 
 def test_from_config_reads_saved_json_configs():
   # config.json holds lists for tuples, and older runs lack newer fields.
-  built = model_lib.from_config({"features": 4, "depth": 2, "dilation": [1, 2, 2]})
-  assert built.dilation == (1, 2, 2) and built.residual is False
+  built = model_lib.from_config({"features": [4, 8, 4], "depth": 2, "dilation": [1, 2, 2]})
+  assert built.features == (4, 8, 4) and built.dilation == (1, 2, 2)
+  assert built.residual is False
 
 
 @pytest.mark.parametrize("fields,message", [
     ({"pooling": "median"}, "model.pooling='median'"),
     ({"dilation": (1, 2)}, r"depth \+ 1 = 5 rates"),
+    ({"features": (16, 32)}, r"depth \+ 1 = 5 counts"),
+    ({"features": (16, 32, 0, 64, 64)}, "must be >= 1"),
     ({"dilation": 0}, "rates must be >= 1"),
     ({"dropout": 1.0}, "model.dropout"),
     ({"depth": 0}, "must be >= 1"),
@@ -578,13 +596,16 @@ def test_bad_config_fields_are_clear_errors(fields, message):
 
 # config_flags imports config files with a loader Python deprecates; not our call.
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
-@pytest.mark.parametrize("argument,expected", [("2", 2), ("(1,1,2,2,4)", (1, 1, 2, 2, 4))])
-def test_dilation_takes_a_rate_or_a_tuple_on_the_command_line(monkeypatch, argument, expected):
+@pytest.mark.parametrize("field,argument,expected", [
+    ("dilation", "2", (2,) * 5), ("dilation", "(1,1,2,2,4)", (1, 1, 2, 2, 4)),
+    ("features", "16", (16, 32, 64, 128, 256)), ("features", "(16,32,64,256,256)",
+                                                 (16, 32, 64, 256, 256))])
+def test_dilation_and_features_take_one_value_or_a_tuple_on_the_command_line(
+    monkeypatch, field, argument, expected):
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", lock_config=True, flag_values=flag_values)
-  argv = ["launch.py", f"--config={default.__file__}", f"--config.model.dilation={argument}"]
+  argv = ["launch.py", f"--config={default.__file__}", f"--config.model.{field}={argument}"]
   monkeypatch.setattr(sys, "argv", argv)
   flag_values(argv)
-  assert flag_values.config.model.dilation == expected
-  assert model_lib.from_config(flag_values.config.model).rates() == (
-      expected if isinstance(expected, tuple) else (expected,) * 5)
+  built = model_lib.from_config(flag_values.config.model)
+  assert (built.rates() if field == "dilation" else built.widths()) == expected

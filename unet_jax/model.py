@@ -216,7 +216,9 @@ class UNet(nn.Module):
   padded to a multiple of 2**depth and the logits are cropped back to it.
 
   Attributes:
-    features: Channels of the first level; they double at each level down.
+    features: Channels of the first level, doubling at each level down; or
+      depth + 1 counts, one per level with the bottleneck's last (the
+      encoder and decoder blocks of level i and its up-sampling use count i).
     depth: Number of down-sampling steps.
     pooling: max, avg, conv (strided 3x3) or dilated_conv (strided, dilated 3x3).
     activation: relu, leaky_relu, gelu, silu or elu.
@@ -243,7 +245,7 @@ class UNet(nn.Module):
     dtype: Compute dtype; parameters and logits stay float32.
   """
 
-  features: int = 32
+  features: int | tuple[int, ...] = 32
   depth: int = 4
   pooling: str = "max"
   activation: str = "relu"
@@ -269,7 +271,10 @@ class UNet(nn.Module):
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("norm", self.norm, NORMS)
     _choice("upsampling", self.upsampling, UPSAMPLINGS)
-    if self.depth < 1 or self.features < 1 or self.out_channels < 1:
+    if not isinstance(self.features, int) and len(self.features) != self.depth + 1:
+      raise UserError(f"model.features={self.features} needs one count or depth + 1 = "
+                      f"{self.depth + 1} counts (one per level, the last for the bottleneck)")
+    if self.depth < 1 or min(self.widths()) < 1 or self.out_channels < 1:
       raise UserError("model.depth, model.features and model.out_channels must be >= 1, got "
                       f"{self.depth}, {self.features}, {self.out_channels}")
     if not 0 <= self.dropout < 1:
@@ -279,10 +284,16 @@ class UNet(nn.Module):
                       f"{self.depth + 1} rates (one per level, the last for the bottleneck)")
     if min(self.rates()) < 1:
       raise UserError(f"model.dilation={self.dilation}: rates must be >= 1")
-    width = self.features * 2**self.depth
+    width = self.widths()[-1]
     if self.bottleneck_heads < 0 or (self.bottleneck_heads and width % self.bottleneck_heads):
       raise UserError(f"model.bottleneck_heads={self.bottleneck_heads} must be 0 or divide the "
                       f"bottleneck's {width} channels")
+
+  def widths(self) -> tuple[int, ...]:
+    """The channels of each level, 0 to depth (the bottleneck)."""
+    if isinstance(self.features, int):
+      return tuple(self.features * 2**level for level in range(self.depth + 1))
+    return tuple(self.features)
 
   def rates(self) -> tuple[int, ...]:
     """The dilation rate of each level, 0 to depth (the bottleneck)."""
@@ -298,10 +309,10 @@ class UNet(nn.Module):
     if self.coord_channels:
       images = jnp.concatenate([images, _coordinates(images)], axis=-1)
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))).astype(self.dtype)
-    rates = self.rates()
+    widths, rates = self.widths(), self.rates()
 
     def block(level, name):
-      return ConvBlock(self.features * 2**level, activation=self.activation,
+      return ConvBlock(widths[level], activation=self.activation,
                        leaky_slope=self.leaky_slope, norm=self.norm, dilation=rates[level],
                        residual=self.residual, dtype=self.dtype, name=name)
 
@@ -317,7 +328,7 @@ class UNet(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     for level in reversed(range(self.depth)):
-      x = Up(self.features * 2**level, self.upsampling, self.attention, self.dtype,
+      x = Up(widths[level], self.upsampling, self.attention, self.dtype,
              name=f"up_{level}")(x, skips[level])
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -362,8 +373,9 @@ def from_config(model: ml_collections.ConfigDict) -> UNet:
   if unknown:
     raise UserError(f"config.model has unknown fields {unknown}; known: {sorted(defaults)}")
   fields = {name: model.get(name, default) for name, default in defaults.items()}
-  if isinstance(fields["dilation"], (list, tuple)):  # A saved config.json holds a list.
-    fields["dilation"] = tuple(int(rate) for rate in fields["dilation"])
+  for name in ("features", "dilation"):
+    if isinstance(fields[name], (list, tuple)):  # A saved config.json holds a list.
+      fields[name] = tuple(int(value) for value in fields[name])
   dtype = fields["dtype"] if isinstance(fields["dtype"], str) else jnp.dtype(fields["dtype"]).name
   fields["dtype"] = DTYPES[_choice("dtype", dtype, DTYPES)]
   return UNet(**fields)
