@@ -271,17 +271,16 @@ class UNet(nn.Module):
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("norm", self.norm, NORMS)
     _choice("upsampling", self.upsampling, UPSAMPLINGS)
-    if not isinstance(self.features, int) and len(self.features) != self.depth + 1:
-      raise UserError(f"model.features={self.features} needs one count or depth + 1 = "
-                      f"{self.depth + 1} counts (one per level, the last for the bottleneck)")
+    for name, unit in (("features", "count"), ("dilation", "rate")):
+      value = getattr(self, name)
+      if not isinstance(value, int) and len(value) != self.depth + 1:
+        raise UserError(f"model.{name}={value} needs one {unit} or depth + 1 = "
+                        f"{self.depth + 1} {unit}s (one per level, the last for the bottleneck)")
     if self.depth < 1 or min(self.widths()) < 1 or self.out_channels < 1:
       raise UserError("model.depth, model.features and model.out_channels must be >= 1, got "
                       f"{self.depth}, {self.features}, {self.out_channels}")
     if not 0 <= self.dropout < 1:
       raise UserError(f"model.dropout={self.dropout} is not in [0, 1)")
-    if not isinstance(self.dilation, int) and len(self.dilation) != self.depth + 1:
-      raise UserError(f"model.dilation={self.dilation} needs one rate or depth + 1 = "
-                      f"{self.depth + 1} rates (one per level, the last for the bottleneck)")
     if min(self.rates()) < 1:
       raise UserError(f"model.dilation={self.dilation}: rates must be >= 1")
     width = self.widths()[-1]
