@@ -39,7 +39,8 @@ from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-
 from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _widths(text: str) -> int | tuple[int, ...]:
+def parse_widths(text: str) -> int | tuple[int, ...]:
+  """--features: one width (doubling per level down) or comma-separated widths per level."""
   values = tuple(int(value) for value in text.split(","))
   return values[0] if len(values) == 1 else values
 
@@ -48,7 +49,7 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
   """The flags that pick the U-Net variant."""
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--features", type=_widths, default=16,
+  parser.add_argument("--features", type=parse_widths, default=16,
                       help="Width of level 0 (doubling per level down), or depth + 1 "
                            "comma-separated widths, one per level (model.features).")
   parser.add_argument("--depth", type=int, default=4)

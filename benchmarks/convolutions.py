@@ -20,20 +20,22 @@ import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax 
 import jax
 import numpy as np
 
+from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax.layers import _lax_conv  # pylint: disable=protected-access
 
 OPS = ("fwd", "dx", "dkernel")
 
 
-def unet_layers(size: int, features: int, depth: int) -> list[tuple[int, int, int]]:
+def unet_layers(size: int, widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
   """(spatial size, Cin, Cout) of each distinct 3x3 convolution after the first."""
   layers = set()
-  for level in range(depth + 1):
-    width, s = features * 2**level, size // 2**level
+  depth = len(widths) - 1
+  for level, width in enumerate(widths):
+    s = size // 2**level
     layers.add((s, width, width))  # second conv of each block
     if level:
-      layers.add((s, width // 2, width))  # first conv of an encoder block
+      layers.add((s, widths[level - 1], width))  # first conv of an encoder block
     if level < depth:
       layers.add((s, 2 * width, width))  # first conv of a decoder block (skip concatenated)
   return sorted(layers, reverse=True)
@@ -94,7 +96,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--features", type=int, default=16)
+  parser.add_argument("--features", type=common.parse_widths, default=16,
+                      help="One width (doubling per level down) or one per level (model.features).")
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--reps", type=int, default=10)
   args = parser.parse_args()
@@ -104,7 +107,8 @@ def main():
   xla_conv = functools.partial(_lax_conv, dilation=1)
   impls = {"xla": jax_ops(xla_conv), "onednn": jax_ops(onednn.conv), "torch": torch_ops()}
   layers, totals = [], {name: dict.fromkeys(OPS, 0.0) for name in impls}
-  for size, cin, cout in unet_layers(args.image_size, args.features, args.depth):
+  widths = model_lib.UNet(features=args.features, depth=args.depth).widths()
+  for size, cin, cout in unet_layers(args.image_size, widths):
     ms = time_layer(size, cin, cout, args.batch_size, impls, args.reps)
     layers.append({"size": size, "cin": cin, "cout": cout,
                    **{f"{name}_{op}_ms": ms[name][op] for name in impls for op in OPS}})
