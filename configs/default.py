@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.plateau_patience = 0  # Epochs without a lower val loss before the rate drops (0: off).
   train.plateau_factor = 0.5  # Rate multiplier on a plateau.
   train.grad_clip = 0.0  # Clip gradients to this global norm (0: off).
+  # Sharpness-aware steps: the gradient taken this far (L2) up itself (0: off; a second pass).
+  train.sam_rho = 0.0
   # Evaluate an EMA of the parameters with this decay (0: off); the decay at step t is
   # min(ema_decay, (1 + t) / (ema_warmup + t)): with the default 10 it reaches 0.999 at
   # step 8990; with 2, at step 998, the plain average of all steps till then; 1: no warm-up.

@@ -162,6 +162,40 @@ def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path, warmup, 
                                atol=1e-7)
 
 
+def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config, tmp_path):
+  config = tiny_config
+  config.train.sam_rho, config.train.learning_rate = 0.5, 0.1
+  config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
+  mesh = parallel.make_mesh()
+  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
+  start = jax.device_get(initial.params)
+  batch = next(pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
+                                      config))
+
+  def loss_fn(params):
+    logits, updates = initial.apply_fn({"params": params, "batch_stats": initial.batch_stats},
+                                       batch["image"], train=True, mutable=["batch_stats"])
+    return losses.dice_bce_loss(logits, batch["mask"] > 0).mean(), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(start)
+  scale = 0.5 / np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  worst = jax.tree.map(lambda p, g: p + scale * g, start, grads)
+  worst_grads = jax.grad(lambda p: loss_fn(p)[0])(worst)
+  p_train, _ = steps.jit_steps(config, mesh)
+  state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
+                           parallel.device_batch(batch, mesh))
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+  moved = jax.device_get(state.params)
+  for got, p, g in zip(*map(jax.tree.leaves, (moved, start, worst_grads))):
+    np.testing.assert_allclose(got, p - 0.1 * g, rtol=1e-4, atol=1e-6)
+  plain = jax.tree.map(lambda p, g: p - 0.1 * g, start, grads)
+  assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-6)
+                 for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(plain)))
+  # The statistics are those of the unperturbed parameters.
+  for got, want in zip(*map(jax.tree.leaves, (jax.device_get(state.batch_stats), batch_stats))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
   tiny_config.model.deep_supervision = True
   tiny_config.train.schedule = "constant"  # The cosine warm-up starts at a rate of 0.

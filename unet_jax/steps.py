@@ -92,12 +92,13 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
                ema_decay: float, ema_warmup: float, seed: int,
-               category_weights: tuple[float, ...] = ()
+               category_weights: tuple[float, ...] = (), sam_rho: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics.
 
   The loss is the batch's mean, weighted by each image's category when `category_weights`
-  are given (`losses.category_weights`).
+  are given (`losses.category_weights`). With `sam_rho` > 0 the step is sharpness-aware
+  (`_sharpness_aware_grads`).
   """
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
@@ -114,7 +115,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
       loss = per_image.mean()
     return loss, (logits, updates)
 
-  (loss, (logits, model_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, model_updates)), grads = grad_fn(state.params)
+  if sam_rho > 0:
+    grads = _sharpness_aware_grads(grad_fn, state.params, grads, sam_rho)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
   params = optax.apply_updates(state.params, updates)
@@ -132,6 +136,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(
       model_lib.tumour_logits(logits)[..., None] > 0, batch["mask"] > 0))
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
+
+
+def _sharpness_aware_grads(grad_fn: Any, params: Any, grads: Any, rho: float) -> Any:
+  """SAM (Foret et al., 2021): the gradient at `params` moved `rho` up their own gradient.
+
+  That point is, to first order, the worst within `rho`; descending from it favours flat
+  minima. Costs a second forward and backward pass. The batch-norm statistics and the
+  reported loss stay those of `params`.
+  """
+  scale = rho / (optax.tree.norm(grads) + 1e-12)
+  worst = jax.tree.map(lambda p, g: p + scale * g, params, grads)
+  _, worst_grads = grad_fn(worst)
+  return worst_grads
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
@@ -188,7 +205,8 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
                                       ema_decay=config.train.ema_decay,
                                       ema_warmup=config.train.ema_warmup,
-                                      category_weights=tuple(config.train.category_weights)),
+                                      category_weights=tuple(config.train.category_weights),
+                                      sam_rho=config.train.sam_rho),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.
