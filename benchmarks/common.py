@@ -39,20 +39,25 @@ from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-
 from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def parse_widths(text: str) -> int | tuple[int, ...]:
+def _parse_widths(text: str) -> int | tuple[int, ...]:
   """--features: one width (doubling per level down) or comma-separated widths per level."""
   values = tuple(int(value) for value in text.split(","))
   return values[0] if len(values) == 1 else values
 
 
-def model_flags(parser: argparse.ArgumentParser) -> None:
-  """The flags that pick the U-Net variant."""
+def shape_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that size the U-Net's layers: input size, batch, widths and depth."""
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--features", type=parse_widths, default=16,
+  parser.add_argument("--features", type=_parse_widths, default=16,
                       help="Width of level 0 (doubling per level down), or depth + 1 "
                            "comma-separated widths, one per level (model.features).")
   parser.add_argument("--depth", type=int, default=4)
+
+
+def model_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that pick the U-Net variant."""
+  shape_flags(parser)
   parser.add_argument("--channels", type=int, default=1)
   parser.add_argument("--pooling", default="max")
   parser.add_argument("--activation", default="relu")

@@ -94,11 +94,7 @@ def time_layer(size, cin, cout, batch, impls, reps) -> dict[str, dict[str, float
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--features", type=common.parse_widths, default=16,
-                      help="One width (doubling per level down) or one per level (model.features).")
-  parser.add_argument("--depth", type=int, default=4)
+  common.shape_flags(parser)
   parser.add_argument("--reps", type=int, default=10)
   args = parser.parse_args()
   common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
