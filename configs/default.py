@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.out_channels = 1
   model.coord_channels = False  # Two more input channels: each pixel's row and column.
   model.bottleneck_heads = 0  # >0: self-attention over the bottleneck, with this many heads.
+  # MIMO: this many subnetworks in the one U-Net, an ensemble at about one model's cost;
+  # each trains on its own images, at evaluation they see the same and are averaged.
+  model.subnetworks = 1
   model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   config.train = train = ml_collections.ConfigDict()
@@ -107,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.grad_clip = 0.0  # Clip gradients to this global norm (0: off).
   # Sharpness-aware steps: the gradient taken this far (L2) up itself (0: off; a second pass).
   train.sam_rho = 0.0
+  # model.subnetworks > 1: the fraction of each batch's images all subnetworks see at once.
+  train.shared_input_prob = 0.5
   # Evaluate an EMA of the parameters with this decay (0: off); the decay at step t is
   # min(ema_decay, (1 + t) / (ema_warmup + t)): with the default 10 it reaches 0.999 at
   # step 8990; with 2, at step 998, the plain average of all steps till then; 1: no warm-up.

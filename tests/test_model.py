@@ -18,6 +18,7 @@ import pytest
 
 from configs import default
 from unet_jax import model as model_lib
+from unet_jax import subnetworks
 from unet_jax.errors import UserError
 
 
@@ -480,6 +481,46 @@ def test_bottleneck_attention_lets_every_pixel_see_the_whole_image():
     assert (change.max() > 1e-4) == moves, heads
 
 
+def test_subnetworks_have_their_own_inputs_and_logits_and_are_averaged_at_evaluation():
+  unet = model_lib.UNet(features=4, depth=2, subnetworks=2)
+  variables = _variables(unet, (1, 16, 16, 3))
+  assert variables["params"]["down_0"]["Conv_0"]["kernel"].shape == (3, 3, 6, 4)
+  assert variables["params"]["head"]["kernel"].shape == (1, 1, 4, 2)
+  image = _image((2, 16, 16, 3))
+  members = np.asarray(_apply(unet, variables, np.concatenate([image, image], -1), train=False,
+                              mixed=True))
+  assert members.shape == (2, 16, 16, 2)
+  assert np.abs(members[..., 0] - members[..., 1]).max() > 1e-3
+  averaged = np.asarray(_apply(unet, variables, image, train=False))
+  assert averaged.shape == (2, 16, 16, 1)
+  np.testing.assert_allclose(jax.nn.sigmoid(averaged[..., 0]),
+                             jax.nn.sigmoid(members).mean(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_probability_logits_stay_finite_when_saturated():
+  logits = jnp.array([[-200.0, 0.0, 200.0], [-200.0, 3.0, 200.0]])
+  got = np.asarray(subnetworks.mean_probability_logits(logits))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(jax.nn.sigmoid(got), [0.0, (0.5 + jax.nn.sigmoid(3.0)) / 2, 1.0],
+                             atol=1e-6)
+
+
+def test_mixed_batches_keep_each_image_with_its_mask():
+  n = 16
+  index = np.arange(n, dtype=np.float32)[:, None, None, None]
+  images = np.broadcast_to(index, (n, 4, 4, 1))
+  labels = np.broadcast_to(index.astype(np.int32), (n, 4, 4, 1))
+  key = jax.random.key(0)
+  for shared_prob in (0.0, 0.5, 1.0):
+    mixed, member_labels = map(np.asarray, subnetworks.mix(key, images, labels, 3, shared_prob))
+    assert mixed.shape == (n, 4, 4, 3) and member_labels.shape == (3, n, 4, 4, 1)
+    for member in range(3):
+      np.testing.assert_array_equal(mixed[..., member], member_labels[member][..., 0])
+      assert sorted(member_labels[member][:, 0, 0, 0]) == list(range(n))
+    same = np.mean(member_labels[1][:, 0, 0, 0] == member_labels[0][:, 0, 0, 0])
+    assert shared_prob <= same < shared_prob + 0.2, shared_prob
+
+
 def test_every_flag_together_runs_on_an_odd_size():
   unet = model_lib.UNet(features=6, depth=2, pooling="dilated_conv", activation="elu",
                         dilation=(1, 2, 2), norm="group", upsampling="bilinear", dropout=0.1,
@@ -547,7 +588,8 @@ def test_from_config_passes_every_field():
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
                  dropout=0.1, residual=True, attention=True, deep_supervision=True,
-                 out_channels=2, coord_channels=True, bottleneck_heads=3, dtype="bfloat16")
+                 out_channels=2, coord_channels=True, bottleneck_heads=3, subnetworks=2,
+                 dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)

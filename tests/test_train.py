@@ -196,6 +196,34 @@ def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
+  config = tiny_config
+  # Every image shared: each subnetwork's loss is on the batch's own images.
+  config.model.subnetworks, config.train.shared_input_prob = 2, 1.0
+  config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
+  config.train.learning_rate = 0.1
+  mesh = parallel.make_mesh()
+  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
+  start = jax.device_get(initial.params)
+  batch = next(pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
+                                      config))
+
+  def loss_fn(params):
+    logits, _ = initial.apply_fn({"params": params, "batch_stats": initial.batch_stats},
+                                 np.concatenate([batch["image"]] * 2, axis=-1), train=True,
+                                 mixed=True, mutable=["batch_stats"])
+    return sum(losses.dice_bce_loss(logits[..., m:m + 1], batch["mask"] > 0).mean()
+               for m in range(2)) / 2
+
+  loss, grads = jax.value_and_grad(loss_fn)(start)
+  p_train, _ = steps.jit_steps(config, mesh)
+  state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
+                           parallel.device_batch(batch, mesh))
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+  for got, p, g in zip(*map(jax.tree.leaves, (jax.device_get(state.params), start, grads))):
+    np.testing.assert_allclose(got, p - 0.1 * g, rtol=1e-4, atol=1e-6)
+
+
 def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
   tiny_config.model.deep_supervision = True
   tiny_config.train.schedule = "constant"  # The cosine warm-up starts at a rate of 0.

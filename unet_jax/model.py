@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unet_jax import layers
+from unet_jax import subnetworks as subnetworks_lib
 from unet_jax.errors import UserError
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu")
@@ -242,6 +243,10 @@ class UNet(nn.Module):
       that the convolutions can learn where in the frame tumours lie.
     bottleneck_heads: 0, or a GlobalAttention block with this many heads
       after the bottleneck, so that every position there sees the whole image.
+    subnetworks: 1, or this many MIMO subnetworks (`subnetworks.py`) in the one
+      U-Net, each with its own input channels and logits: the call with `mixed`
+      takes their images side by side and returns their logits side by side;
+      without, each sees the same image and the logits are their mean probability's.
     dtype: Compute dtype; parameters and logits stay float32.
   """
 
@@ -260,6 +265,7 @@ class UNet(nn.Module):
   out_channels: int = 1
   coord_channels: bool = False
   bottleneck_heads: int = 0
+  subnetworks: int = 1
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -276,9 +282,10 @@ class UNet(nn.Module):
       if not isinstance(value, int) and len(value) != self.depth + 1:
         raise UserError(f"model.{name}={value} needs one {unit} or depth + 1 = "
                         f"{self.depth + 1} {unit}s (one per level, the last for the bottleneck)")
-    if self.depth < 1 or min(self.widths()) < 1 or self.out_channels < 1:
-      raise UserError("model.depth, model.features and model.out_channels must be >= 1, got "
-                      f"{self.depth}, {self.features}, {self.out_channels}")
+    if self.depth < 1 or min(self.widths()) < 1 or min(self.out_channels, self.subnetworks) < 1:
+      raise UserError("model.depth, model.features, model.out_channels and model.subnetworks "
+                      f"must be >= 1, got {self.depth}, {self.features}, {self.out_channels}, "
+                      f"{self.subnetworks}")
     if not 0 <= self.dropout < 1:
       raise UserError(f"model.dropout={self.dropout} is not in [0, 1)")
     if min(self.rates()) < 1:
@@ -301,8 +308,11 @@ class UNet(nn.Module):
     return tuple(self.dilation)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool, mixed: bool = False) -> jax.Array:
     height, width = images.shape[1:3]
+    ensembled = self.subnetworks > 1 and not mixed
+    if ensembled:
+      images = jnp.tile(images, (1, 1, 1, self.subnetworks))
     multiple = 2**self.depth
     pad_h, pad_w = -height % multiple, -width % multiple
     if self.coord_channels:
@@ -332,14 +342,19 @@ class UNet(nn.Module):
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
       if self.deep_supervision and level > 0:
-        aux = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype,
+        aux = layers.Conv(self.subnetworks * self.out_channels, (1, 1), dtype=self.dtype,
                           name=f"aux_head_{level}")(x)
         size = [math.ceil(side / 2**level) for side in (height, width)]
         self.sow("intermediates", f"aux_logits_{level}",
                  aux[:, :size[0], :size[1]].astype(jnp.float32))
 
-    logits = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="head")(x)
-    return logits[:, :height, :width].astype(jnp.float32)
+    logits = layers.Conv(self.subnetworks * self.out_channels, (1, 1), dtype=self.dtype,
+                         name="head")(x)
+    logits = logits[:, :height, :width].astype(jnp.float32)
+    if ensembled:
+      logits = subnetworks_lib.mean_probability_logits(
+          subnetworks_lib.split_logits(logits, self.subnetworks))
+    return logits
 
 
 def _coordinates(images: jax.Array) -> jax.Array:

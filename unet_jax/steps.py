@@ -14,6 +14,7 @@ from unet_jax import losses
 from unet_jax import metrics as metrics_lib
 from unet_jax import model as model_lib
 from unet_jax import parallel
+from unet_jax import subnetworks as subnetworks_lib
 
 
 class TrainState(train_state.TrainState):
@@ -92,28 +93,42 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
                ema_decay: float, ema_warmup: float, seed: int,
-               category_weights: tuple[float, ...] = (), sam_rho: float = 0.0
+               category_weights: tuple[float, ...] = (), sam_rho: float = 0.0,
+               subnetworks: int = 1, shared_input_prob: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics.
 
   The loss is the batch's mean, weighted by each image's category when `category_weights`
   are given (`losses.category_weights`). With `sam_rho` > 0 the step is sharpness-aware
-  (`_sharpness_aware_grads`).
+  (`_sharpness_aware_grads`). With `subnetworks` > 1 the batch is mixed for them
+  (`subnetworks.mix`) and the loss is the mean over their images.
   """
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  images, labels = batch["image"], batch["mask"][None]
+  if subnetworks > 1:
+    images, labels = subnetworks_lib.mix(jax.random.fold_in(dropout_key, 1), batch["image"],
+                                         batch["mask"], subnetworks, shared_input_prob)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True, mixed=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats", "intermediates"])
-    masks = losses.targets(batch["mask"], logits.shape[-1])
-    per_image = losses.deep_supervision_loss(logits, _aux_logits(updates), masks, **loss_options)
+    logits = subnetworks_lib.split_logits(logits, subnetworks)
+    aux_logits = {level: subnetworks_lib.split_logits(level_logits, subnetworks)
+                  for level, level_logits in _aux_logits(updates).items()}
+    per_image = jnp.stack([
+        losses.deep_supervision_loss(
+            logits[member], {level: level_logits[member]
+                             for level, level_logits in aux_logits.items()},
+            losses.targets(labels[member], logits.shape[-1]), **loss_options)
+        for member in range(subnetworks)])
     if category_weights:
-      weights = losses.category_weights(batch["mask"], category_weights)
+      weights = jnp.stack([losses.category_weights(member_labels, category_weights)
+                           for member_labels in labels])
       loss = jnp.sum(weights * per_image) / jnp.sum(weights)
     else:
       loss = per_image.mean()
-    return loss, (logits, updates)
+    return loss, (logits.reshape(-1, *logits.shape[2:]), updates)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (logits, model_updates)), grads = grad_fn(state.params)
@@ -134,7 +149,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         batch_stats=batch_stats)
   dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(
-      model_lib.tumour_logits(logits)[..., None] > 0, batch["mask"] > 0))
+      model_lib.tumour_logits(logits)[..., None] > 0, labels.reshape(-1, *labels.shape[2:]) > 0))
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
@@ -206,7 +221,9 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                                       ema_decay=config.train.ema_decay,
                                       ema_warmup=config.train.ema_warmup,
                                       category_weights=tuple(config.train.category_weights),
-                                      sam_rho=config.train.sam_rho),
+                                      sam_rho=config.train.sam_rho,
+                                      subnetworks=config.model.subnetworks,
+                                      shared_input_prob=config.train.shared_input_prob),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.
