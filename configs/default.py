@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Sharpness-aware steps: the gradient taken this far (L2) up itself (0: off; a second pass).
   train.sam_rho = 0.0
   # model.subnetworks > 1: the fraction of each batch's images all subnetworks see at once.
-  train.shared_input_prob = 0.5
+  train.shared_input_fraction = 0.5
   # Evaluate an EMA of the parameters with this decay (0: off); the decay at step t is
   # min(ema_decay, (1 + t) / (ema_warmup + t)): with the default 10 it reaches 0.999 at
   # step 8990; with 2, at step 998, the plain average of all steps till then; 1: no warm-up.

@@ -511,14 +511,14 @@ def test_mixed_batches_keep_each_image_with_its_mask():
   images = np.broadcast_to(index, (n, 4, 4, 1))
   labels = np.broadcast_to(index.astype(np.int32), (n, 4, 4, 1))
   key = jax.random.key(0)
-  for shared_prob in (0.0, 0.5, 1.0):
-    mixed, member_labels = map(np.asarray, subnetworks.mix(key, images, labels, 3, shared_prob))
+  for shared in (0.0, 0.5, 1.0):
+    mixed, member_labels = map(np.asarray, subnetworks.mix(key, images, labels, 3, shared))
     assert mixed.shape == (n, 4, 4, 3) and member_labels.shape == (3, n, 4, 4, 1)
     for member in range(3):
       np.testing.assert_array_equal(mixed[..., member], member_labels[member][..., 0])
       assert sorted(member_labels[member][:, 0, 0, 0]) == list(range(n))
     same = np.mean(member_labels[1][:, 0, 0, 0] == member_labels[0][:, 0, 0, 0])
-    assert shared_prob <= same < shared_prob + 0.2, shared_prob
+    assert shared <= same < shared + 0.2, shared
 
 
 def test_every_flag_together_runs_on_an_odd_size():

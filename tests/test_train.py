@@ -199,7 +199,7 @@ def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config
 def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
   config = tiny_config
   # Every image shared: each subnetwork's loss is on the batch's own images.
-  config.model.subnetworks, config.train.shared_input_prob = 2, 1.0
+  config.model.subnetworks, config.train.shared_input_fraction = 2, 1.0
   config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
   config.train.learning_rate = 0.1
   mesh = parallel.make_mesh()

@@ -94,7 +94,7 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
                ema_decay: float, ema_warmup: float, seed: int,
                category_weights: tuple[float, ...] = (), sam_rho: float = 0.0,
-               subnetworks: int = 1, shared_input_prob: float = 0.0
+               subnetworks: int = 1, shared_input_fraction: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch; returns the new state and batch metrics.
 
@@ -107,7 +107,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   images, labels = batch["image"], batch["mask"][None]
   if subnetworks > 1:
     images, labels = subnetworks_lib.mix(jax.random.fold_in(dropout_key, 1), batch["image"],
-                                         batch["mask"], subnetworks, shared_input_prob)
+                                         batch["mask"], subnetworks, shared_input_fraction)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -223,7 +223,7 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                                       category_weights=tuple(config.train.category_weights),
                                       sam_rho=config.train.sam_rho,
                                       subnetworks=config.model.subnetworks,
-                                      shared_input_prob=config.train.shared_input_prob),
+                                      shared_input_fraction=config.train.shared_input_fraction),
                     in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 
 
 def mix(key: jax.Array, images: jax.Array, labels: jax.Array, count: int,
-        shared_prob: float) -> tuple[jax.Array, jax.Array]:
+        shared: float) -> tuple[jax.Array, jax.Array]:
   """One training batch of `count` subnetworks from a plain one.
 
   Each subnetwork sees every image of the batch once, in an order of its own, except for a
-  `shared_prob` fraction of the images that all of them see at once (input repetition, as
+  fraction `shared` of the images, which all of them see at once (input repetition, as
   in the paper's code: it leaves more of the model's capacity to features they share).
 
   Args:
@@ -24,7 +24,7 @@ def mix(key: jax.Array, images: jax.Array, labels: jax.Array, count: int,
     images: (N, H, W, C) images.
     labels: (N, H, W, 1) label maps.
     count: Number of subnetworks.
-    shared_prob: Fraction of the images that are every subnetwork's at once.
+    shared: Fraction of the images that are every subnetwork's at once.
 
   Returns:
     (N, H, W, count * C) images, subnetwork m's at channels [m * C, (m + 1) * C), and
@@ -33,11 +33,11 @@ def mix(key: jax.Array, images: jax.Array, labels: jax.Array, count: int,
   n = images.shape[0]
   order_key, *member_keys = jax.random.split(key, count + 1)
   order = jax.random.permutation(order_key, n)
-  apart = round(n * (1 - shared_prob))
-  orders = [jnp.concatenate([jax.random.permutation(k, order[:apart]), order[apart:]])
-            for k in member_keys]
-  return (jnp.concatenate([images[member] for member in orders], axis=-1),
-          jnp.stack([labels[member] for member in orders]))
+  apart = round(n * (1 - shared))
+  member_orders = [jnp.concatenate([jax.random.permutation(k, order[:apart]), order[apart:]])
+                   for k in member_keys]
+  return (jnp.concatenate([images[member_order] for member_order in member_orders], axis=-1),
+          jnp.stack([labels[member_order] for member_order in member_orders]))
 
 
 def split_logits(logits: jax.Array, count: int) -> jax.Array:
