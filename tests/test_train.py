@@ -162,15 +162,20 @@ def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path, warmup, 
                                atol=1e-7)
 
 
-def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config, tmp_path):
-  config = tiny_config
-  config.train.sam_rho, config.train.learning_rate = 0.5, 0.1
+def _sgd_at_rate_0_1(config, tmp_path):
+  """Plain SGD at rate 0.1 on `config`: (mesh, initial state, its parameters, first batch)."""
   config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
-  mesh = parallel.make_mesh()
+  config.train.learning_rate = 0.1
   initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
-  start = jax.device_get(initial.params)
   batch = next(pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
                                       config))
+  return parallel.make_mesh(), initial, jax.device_get(initial.params), batch
+
+
+def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config, tmp_path):
+  config = tiny_config
+  config.train.sam_rho = 0.5
+  mesh, initial, start, batch = _sgd_at_rate_0_1(config, tmp_path)
 
   def loss_fn(params):
     logits, updates = initial.apply_fn({"params": params, "batch_stats": initial.batch_stats},
@@ -200,13 +205,7 @@ def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
   config = tiny_config
   # Every image shared: each subnetwork's loss is on the batch's own images.
   config.model.subnetworks, config.train.shared_input_fraction = 2, 1.0
-  config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
-  config.train.learning_rate = 0.1
-  mesh = parallel.make_mesh()
-  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
-  start = jax.device_get(initial.params)
-  batch = next(pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
-                                      config))
+  mesh, initial, start, batch = _sgd_at_rate_0_1(config, tmp_path)
 
   def loss_fn(params):
     logits, _ = initial.apply_fn({"params": params, "batch_stats": initial.batch_stats},
