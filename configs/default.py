@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.out_channels = 1
   model.coord_channels = False  # Two more input channels: each pixel's row and column.
   model.bottleneck_heads = 0  # >0: self-attention over the bottleneck, with this many heads.
+  # >1: space-to-depth, the U-Net at 1/patch_size of data.image_size, each patch's pixels
+  # its input channels, a logit per pixel out: finer input at about the same compute.
+  model.patch_size = 1
   # MIMO: this many subnetworks in the one U-Net, an ensemble at about one model's cost;
   # each trains on its own images, at evaluation they see the same and are averaged.
   model.subnetworks = 1

@@ -481,6 +481,34 @@ def test_bottleneck_attention_lets_every_pixel_see_the_whole_image():
     assert (change.max() > 1e-4) == moves, heads
 
 
+def test_space_to_depth_puts_each_patch_in_the_channels_and_back():
+  x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  patches = model_lib._space_to_depth(x, 2)
+  assert patches.shape == (2, 2, 3, 12)
+  np.testing.assert_array_equal(patches[1, 1, 2], x[1, 2:4, 4:6].reshape(-1))
+  np.testing.assert_array_equal(model_lib._depth_to_space(patches, 2), x)
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_patches_give_a_logit_per_pixel_at_a_coarser_unet(deep_supervision):
+  unet = model_lib.UNet(features=4, depth=2, patch_size=2, deep_supervision=deep_supervision)
+  variables = _variables(unet, (1, 16, 16, 1))
+  assert variables["params"]["down_0"]["Conv_0"]["kernel"].shape == (3, 3, 4, 4)
+  assert variables["params"]["head"]["kernel"].shape == (1, 1, 4, 4)
+  image = _image((2, 13, 19, 1))
+  logits, state = jax.jit(functools.partial(unet.apply, train=False, mutable="intermediates"))(
+      variables, image)
+  assert logits.shape == (2, 13, 19, 1)
+  # Neighbours within one patch get logits of their own, not one shared value.
+  assert np.abs(np.diff(np.asarray(logits)[:, :12:2, :18, 0], axis=-1)).min() > 0
+  if deep_supervision:
+    assert state["intermediates"]["aux_logits_1"][0].shape == (2, 7, 10, 1)
+  # The down-sampling levels see 8 x 10 and 4 x 5 positions, a coarser grid than the image's.
+  shapes = [eq.outvars[0].aval.shape for eq in _equations(unet, (2, 13, 19, 1))
+            if eq.primitive.name == "conv_general_dilated"]
+  assert max(shape[1] for shape in shapes) == 8
+
+
 def test_subnetworks_have_their_own_inputs_and_logits_and_are_averaged_at_evaluation():
   unet = model_lib.UNet(features=4, depth=2, subnetworks=2)
   variables = _variables(unet, (1, 16, 16, 3))
@@ -588,8 +616,8 @@ def test_from_config_passes_every_field():
   changed = dict(features=6, depth=2, pooling="dilated_conv", activation="leaky_relu",
                  leaky_slope=0.2, dilation=(1, 2, 3), norm="group", upsampling="bilinear",
                  dropout=0.1, residual=True, attention=True, deep_supervision=True,
-                 out_channels=2, coord_channels=True, bottleneck_heads=3, subnetworks=2,
-                 dtype="bfloat16")
+                 out_channels=2, coord_channels=True, bottleneck_heads=3, patch_size=2,
+                 subnetworks=2, dtype="bfloat16")
   for name, value in changed.items():
     model[name] = value
   built = model_lib.from_config(model)
@@ -620,6 +648,7 @@ def test_from_config_reads_saved_json_configs():
     ({"dilation": 0}, "rates must be >= 1"),
     ({"dropout": 1.0}, "model.dropout"),
     ({"depth": 0}, "must be >= 1"),
+    ({"patch_size": 0}, "model.patch_size must be >= 1"),
     ({"bottleneck_heads": 3}, "divide the bottleneck's 512 channels"),
 ])
 def test_bad_fields_are_clear_errors(fields, message):

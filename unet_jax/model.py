@@ -243,6 +243,11 @@ class UNet(nn.Module):
       that the convolutions can learn where in the frame tumours lie.
     bottleneck_heads: 0, or a GlobalAttention block with this many heads
       after the bottleneck, so that every position there sees the whole image.
+    patch_size: 1, or the U-Net runs at 1/patch_size of the input's resolution: each
+      patch_size x patch_size patch of pixels enters as the channels of one position
+      (space-to-depth), and each head predicts a logit for every pixel of its patch
+      (depth-to-space), so the logits keep the input's resolution at about the
+      compute of a patch_size times smaller input.
     subnetworks: 1, or this many MIMO subnetworks (`subnetworks.py`) in the one
       U-Net, each with its own input channels and logits: the call with `mixed`
       takes their images side by side and returns their logits side by side;
@@ -265,6 +270,7 @@ class UNet(nn.Module):
   out_channels: int = 1
   coord_channels: bool = False
   bottleneck_heads: int = 0
+  patch_size: int = 1
   subnetworks: int = 1
   dtype: Any = jnp.float32
 
@@ -282,10 +288,12 @@ class UNet(nn.Module):
       if not isinstance(value, int) and len(value) != self.depth + 1:
         raise UserError(f"model.{name}={value} needs one {unit} or depth + 1 = "
                         f"{self.depth + 1} {unit}s (one per level, the last for the bottleneck)")
-    if self.depth < 1 or min(self.widths()) < 1 or min(self.out_channels, self.subnetworks) < 1:
-      raise UserError("model.depth, model.features, model.out_channels and model.subnetworks "
-                      f"must be >= 1, got {self.depth}, {self.features}, {self.out_channels}, "
-                      f"{self.subnetworks}")
+    counts = {"depth": self.depth, "features": min(self.widths()),
+              "out_channels": self.out_channels, "patch_size": self.patch_size,
+              "subnetworks": self.subnetworks}
+    for name, value in counts.items():
+      if value < 1:
+        raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.dropout < 1:
       raise UserError(f"model.dropout={self.dropout} is not in [0, 1)")
     if min(self.rates()) < 1:
@@ -313,11 +321,14 @@ class UNet(nn.Module):
     ensembled = self.subnetworks > 1 and not mixed
     if ensembled:
       images = jnp.tile(images, (1, 1, 1, self.subnetworks))
-    multiple = 2**self.depth
+    multiple = 2**self.depth * self.patch_size
     pad_h, pad_w = -height % multiple, -width % multiple
     if self.coord_channels:
       images = jnp.concatenate([images, _coordinates(images)], axis=-1)
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))).astype(self.dtype)
+    x = _space_to_depth(x, self.patch_size)
+    # Each head: a logit per pixel of its position's patch, per category and subnetwork.
+    head_channels = self.patch_size**2 * self.subnetworks * self.out_channels
     widths, rates = self.widths(), self.rates()
 
     def block(level, name):
@@ -342,19 +353,37 @@ class UNet(nn.Module):
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
       if self.deep_supervision and level > 0:
-        aux = layers.Conv(self.subnetworks * self.out_channels, (1, 1), dtype=self.dtype,
-                          name=f"aux_head_{level}")(x)
+        aux = _depth_to_space(layers.Conv(head_channels, (1, 1), dtype=self.dtype,
+                                          name=f"aux_head_{level}")(x), self.patch_size)
         size = [math.ceil(side / 2**level) for side in (height, width)]
         self.sow("intermediates", f"aux_logits_{level}",
                  aux[:, :size[0], :size[1]].astype(jnp.float32))
 
-    logits = layers.Conv(self.subnetworks * self.out_channels, (1, 1), dtype=self.dtype,
-                         name="head")(x)
-    logits = logits[:, :height, :width].astype(jnp.float32)
+    logits = layers.Conv(head_channels, (1, 1), dtype=self.dtype, name="head")(x)
+    logits = _depth_to_space(logits, self.patch_size)[:, :height, :width].astype(jnp.float32)
     if ensembled:
       logits = subnetworks_lib.mean_probability_logits(
           subnetworks_lib.split_logits(logits, self.subnetworks))
     return logits
+
+
+def _space_to_depth(x: jax.Array, patch: int) -> jax.Array:
+  """(N, H / patch, W / patch, patch * patch * C), each patch's pixels row by row, channels
+  innermost, from (N, H, W, C) with H and W multiples of `patch`."""
+  if patch == 1:
+    return x
+  n, height, width, channels = x.shape
+  x = x.reshape(n, height // patch, patch, width // patch, patch, channels)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // patch, width // patch, -1)
+
+
+def _depth_to_space(x: jax.Array, patch: int) -> jax.Array:
+  """The inverse of `_space_to_depth`."""
+  if patch == 1:
+    return x
+  n, height, width, channels = x.shape
+  x = x.reshape(n, height, width, patch, patch, channels // patch**2)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, height * patch, width * patch, -1)
 
 
 def _coordinates(images: jax.Array) -> jax.Array:
