@@ -213,8 +213,8 @@ class UNet(nn.Module):
   """U-Net returning `out_channels` logits per pixel: one tumour logit (the default), or
   one per category (`tumour_logits` reads the tumour from them).
 
-  Convolutions are "same"-padded and any input size works: the input is
-  padded to a multiple of 2**depth and the logits are cropped back to it.
+  Convolutions are "same"-padded and any input size works: the input is padded
+  to a multiple of 2**depth * patch_size and the logits are cropped back to it.
 
   Attributes:
     features: Channels of the first level, doubling at each level down; or
