@@ -116,19 +116,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
     logits = subnetworks_lib.split_logits(logits, subnetworks)
     aux_logits = {level: subnetworks_lib.split_logits(level_logits, subnetworks)
                   for level, level_logits in _aux_logits(updates).items()}
-    per_image = jnp.stack([
-        losses.deep_supervision_loss(
-            logits[member], {level: level_logits[member]
-                             for level, level_logits in aux_logits.items()},
-            losses.targets(labels[member], logits.shape[-1]), **loss_options)
-        for member in range(subnetworks)])
+
+    def member_loss(member_logits, member_aux_logits, member_labels):
+      masks = losses.targets(member_labels, member_logits.shape[-1])
+      return losses.deep_supervision_loss(member_logits, member_aux_logits, masks,
+                                          **loss_options)
+
+    per_image = jax.vmap(member_loss)(logits, aux_logits, labels)
     if category_weights:
-      weights = jnp.stack([losses.category_weights(member_labels, category_weights)
-                           for member_labels in labels])
+      weights = jax.vmap(lambda l: losses.category_weights(l, category_weights))(labels)
       loss = jnp.sum(weights * per_image) / jnp.sum(weights)
     else:
       loss = per_image.mean()
-    return loss, (logits.reshape(-1, *logits.shape[2:]), updates)
+    return loss, (logits, updates)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (logits, model_updates)), grads = grad_fn(state.params)
@@ -148,8 +148,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   batch_stats = model_updates.get("batch_stats") or state.batch_stats
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         batch_stats=batch_stats)
+  # Every subnetwork's images, as one batch.
+  logits, labels = (x.reshape(-1, *x.shape[2:]) for x in (logits, labels))
   dice = metrics_lib.dice_from_counts(metrics_lib.confusion_counts(
-      model_lib.tumour_logits(logits)[..., None] > 0, labels.reshape(-1, *labels.shape[2:]) > 0))
+      model_lib.tumour_logits(logits)[..., None] > 0, labels > 0))
   return state, {"loss": loss, "dice": dice.mean(), "grad_norm": optax.tree.norm(grads)}
 
 
