@@ -17,7 +17,8 @@ slower than on the Xeon, about 1 h 50 min for the same run. On a CPU with AMX,
 `--config.model.dtype=bfloat16` trains it in about half the time: valid Dice
 0.780 in 23 min 40 s on a 2-core Xeon (seed 1: 0.775; the two averaged with
 `eval.ensemble`: 0.789); on the Zen 4, 29 min 13 s and valid Dice 0.787
-(seeds 1 and 2: 0.780, 0.784; two averaged, about 59 min in all: 0.792-0.7998).
+(seeds 1-4: 0.780, 0.784, 0.777, 0.780; two averaged, 51 min for both
+trained side by side, one per core: 0.786-0.7998, mean 0.792).
 Only an ensemble passed 0.80: eight 50-epoch runs (three of them width 32)
 averaged with `--mode=eval --config.eval.ensemble=RUN2,...` reach 0.805
 (pooled 0.811), from about 6 hours of training.
