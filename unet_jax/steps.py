@@ -124,7 +124,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
 
     per_image = jax.vmap(member_loss)(logits, aux_logits, labels)
     if category_weights:
-      weights = jax.vmap(lambda l: losses.category_weights(l, category_weights))(labels)
+      weights = jax.vmap(functools.partial(losses.category_weights, weights=category_weights))(
+          labels)
       loss = jnp.sum(weights * per_image) / jnp.sum(weights)
     else:
       loss = per_image.mean()
