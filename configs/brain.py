@@ -12,8 +12,8 @@ mean per-image Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at
 128x128; by category, "0" 0.725 and "1" 0.847 (README, Results; every run
 behind each choice in docs/brain_ablations.md). The time depends on the CPU:
 on a 2-core AMD EPYC Zen 4 (AVX-512) 43 min 20 s, valid Dice 0.785 (pooled
-0.793); on a third-generation one (Zen 3, AVX2 only) 50 epochs take about
-1 h 15 min and 30 fit the hour (`--config.train.epochs=30`: 45 min 11 s,
+0.793); on a third-generation one (Zen 3, AVX2 only) 50 epochs would take
+about 1 h 15 min and 30 fit the hour (`--config.train.epochs=30`: 45 min 11 s,
 valid Dice 0.776, pooled 0.787); a first-generation one runs the train step
 3.2x slower than the Xeon, about 1 h 50 min for the 50 epochs. On a CPU with AMX,
 `--config.model.dtype=bfloat16` trains it in about half the time: valid Dice
