@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = train = ml_collections.ConfigDict()
   train.epochs = 30  # Passes over the training split.
+  # Train only the epochs that fit this many minutes of training and final evaluation,
+  # timed on the first epoch (0: off, train.epochs always; Training in the README).
+  train.time_budget_minutes = 0.0
   train.batch_size = 16  # Global batch, split over all devices.
   train.seed = 0  # Seeds initialisation, shuffling, augmentation and dropout.
   train.optimizer = "adam"  # adam, adamw or sgd (Nesterov momentum).

@@ -1,6 +1,7 @@
 """Scaling and surviving: device-count equivalence, multi-process runs, kill -9 resume,
 NaN stops, early stopping and reduce-on-plateau."""
 
+import json
 import os
 import pathlib
 import signal
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import checkpoint, data, optim, parallel, reports, steps, train
+from unet_jax import checkpoint, data, optim, parallel, reports, steps, time_budget, train
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -118,6 +119,32 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a, b)
   epochs = [r["epoch"] for r in reports.read_metrics(killed) if r["split"] == "valid"]
   assert epochs == [1, 2, 3, 4]
+
+
+def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
+    tiny_config, tmp_path, monkeypatch):
+  tiny_config.eval.split = "none"
+  tiny_config.train.epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path / "two"))
+  tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 4, 30.0
+  monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 2)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "budget"))
+
+  assert _final_params(tmp_path / "budget")[0] == _final_params(tmp_path / "two")[0] == 4
+  for a, b in zip(*(jax.tree.leaves(_final_params(tmp_path / run)[1])
+                    for run in ("two", "budget"))):
+    np.testing.assert_array_equal(a, b)
+  assert json.loads((tmp_path / "budget/config.json").read_text())["train"]["epochs"] == 2
+  # Started again, under a budget that would now fit all four, the run keeps its plan.
+  monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 4)
+  assert train.train_and_evaluate(tiny_config, str(tmp_path / "budget")) == {}
+
+
+def test_budget_shorter_than_an_epoch_still_trains_and_evaluates_one(tiny_config, tmp_path):
+  tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 3, 1e-4
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [r["epoch"] for r in reports.read_metrics(tmp_path) if r["split"] == "valid"] == [1]
+  assert summary["checkpoint_step"] == 2
 
 
 def _free_port():

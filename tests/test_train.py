@@ -1,6 +1,7 @@
 """Training end to end on four fake CPU devices, checkpoints and the command line."""
 
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
-                      steps, train)
+                      steps, time_budget, train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -46,6 +47,21 @@ def test_time_left_averages_the_epochs_after_the_compiling_one():
   assert train.time_left([0.0, 100.0, 130.0, 160.0], epochs_left=130) == "about 1 h 5 min left"
   assert train.time_left([0.0, 100.0], epochs_left=3) == "about 5 min left"
   assert train.time_left([0.0, 100.0, 130.0], epochs_left=0) == "about 0 min left"
+
+
+def test_first_epoch_time_leaves_out_the_compiling_span():
+  # Syncs after 10 steps (compiled) at 50 s, then 20 and 25 steps at 60 and 65 s: 1 s a step.
+  syncs = [(10, 50.0), (20, 60.0), (25, 65.0)]
+  assert time_budget.first_epoch_seconds(syncs, 0.0, 25, validation_s=5.0) == 30.0
+  assert time_budget.first_epoch_seconds([(25, 40.0)], 0.0, 25, validation_s=5.0) == 45.0
+
+
+def test_epochs_that_fit_the_budget():
+  # 600 s, 100 gone, 20 kept for the final evaluation: 480 s at 1.1 x 40 s an epoch, 10 more.
+  fit = functools.partial(time_budget.epochs_that_fit, 600.0, 100.0, 40.0, 20.0, 1)
+  assert fit(max_epochs=50) == 11
+  assert fit(max_epochs=5) == 5
+  assert time_budget.epochs_that_fit(60.0, 100.0, 40.0, 20.0, 1, 50) == 1  # over already
 
 
 def test_restored_checkpoint_gives_the_same_validation_numbers(trained):

@@ -82,6 +82,8 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tup
 def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.base` with `config.overrides` applied."""
   base = load_config_file(config.base)
+  # Variants compare at the same epochs; under a time budget the slower would train fewer.
+  base.train.time_budget_minutes = 0.0
   for path, value in _leaves(config.overrides):
     _set(base, path, value, "config.overrides")
   return base

@@ -19,6 +19,7 @@ from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
 from unet_jax import steps
+from unet_jax import time_budget
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -40,6 +41,7 @@ class LoopCounters:
   best_loss: float | None = None
   epochs_since_best_loss: int = 0
   stopped_early: bool = False
+  planned_epochs: int = 0  # The epochs train.time_budget_minutes left room for (0: no plan).
 
   def observe(self, val: dict[str, float], train: ml_collections.ConfigDict) -> tuple[bool, bool]:
     """Takes one validation; returns (lower the learning rate, stop training)."""
@@ -109,6 +111,36 @@ def _check_categories(config: ml_collections.ConfigDict) -> None:
                     f"dataset and as many data.category_ids {got}; use () to weigh images alike")
 
 
+def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, started: float,
+                 epoch_ends: list[float], first_epoch_syncs: list[tuple[int, float]],
+                 epoch_steps: int) -> int:
+  """The epochs `train.time_budget_minutes` leaves room for, timed on the first; logged and saved."""
+  train_cfg, now = config.train, epoch_ends[-1]
+  validation_s = now - first_epoch_syncs[-1][1]
+  epoch_s = time_budget.first_epoch_seconds(first_epoch_syncs, epoch_ends[0], epoch_steps,
+                                            validation_s)
+  # The final evaluation restores a checkpoint and decodes, scores and draws the split:
+  # about twice a validation pass.
+  epochs = time_budget.agreed(time_budget.epochs_that_fit(
+      60 * train_cfg.time_budget_minutes, now - started, epoch_s, 2 * validation_s,
+      epochs_done=1, max_epochs=train_cfg.epochs))
+  logging.info("Time budget %g min: %d of %d epochs fit (the first took %.0f s to start and "
+               "train, an epoch %.0f s)", train_cfg.time_budget_minutes, epochs,
+               train_cfg.epochs, now - started, epoch_s)
+  if epochs < train_cfg.epochs and jax.process_index() == 0:
+    write_config(_with_epochs(config, epochs), workdir)
+  return epochs
+
+
+def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+  """`config` as the run trains it: `train.epochs` the time budget's plan, when there is one."""
+  if epochs == config.train.epochs:
+    return config
+  planned = config.copy_and_resolve_references()
+  planned.train.epochs = epochs
+  return planned
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, then evaluates its best checkpoint.
 
@@ -116,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The evaluation summary of `config.eval.split`; {} when that split does
     not exist or the run had already finished.
   """
+  started = time.perf_counter()
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
@@ -124,10 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
-  total_steps = train_cfg.epochs * epoch_steps
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
-  tx = optim.make_optimizer(config, total_steps, epoch_steps)
+  tx = optim.make_optimizer(config, train_cfg.epochs * epoch_steps, epoch_steps)
   state = jax.device_put(steps.create_train_state(config, image_shape, tx),
                          parallel.replicated(mesh))
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep_latest=train_cfg.keep_checkpoints)
@@ -138,24 +170,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     counters = LoopCounters(**saved_counters)
     reports.truncate_metrics(workdir, start_step)
     logging.info("Resumed from step %d", start_step)
+  budgeted = train_cfg.time_budget_minutes > 0
+  epochs = counters.planned_epochs if budgeted and counters.planned_epochs else train_cfg.epochs
+  if epochs != train_cfg.epochs:
+    logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
+                 epochs)
+    state = state.replace(tx=optim.make_optimizer(config, epochs * epoch_steps, epoch_steps))
+  total_steps = epochs * epoch_steps
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
   if start_step >= total_steps or stopped:
-    logging.info("%s already finished at step %d%s; raise train.epochs%s to train further.",
-                 workdir, start_step, " (stopped early)" if stopped else "",
-                 " or train.early_stopping_patience" if stopped else "")
+    further = ("set train.time_budget_minutes=0 and raise train.epochs" if budgeted else
+               "raise train.epochs") + (" or train.early_stopping_patience" if stopped else "")
+    logging.info("%s already finished at step %d%s; %s to train further.",
+                 workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()
     return {}
   if jax.process_index() == 0:
-    write_config(config, workdir_path)
+    write_config(_with_epochs(config, epochs), workdir_path)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
-               total_steps, train_cfg.epochs, epoch_steps, train_cfg.batch_size,
-               jax.device_count())
+               total_steps, epochs, epoch_steps, train_cfg.batch_size, jax.device_count())
+  planning = budgeted and not start_step
 
   p_train, p_eval = steps.jit_steps(config, mesh)
   batches = pipeline.train_batches(train_source, config, start_step)
   window_start, window, names = time.perf_counter(), [], []
-  epoch_ends = [window_start]
+  epoch_ends, first_epoch_syncs = [window_start], []
   for step in range(start_step, total_steps):
     batch = next(batches)
     state, step_metrics = p_train(state, parallel.device_batch(batch, mesh))
@@ -174,6 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if jax.process_index() == 0:
         reports.append_metrics(workdir, record)
       window_start, window, names = time.perf_counter(), [], []
+      if planning:
+        first_epoch_syncs.append((step + 1, window_start))
     if not end_of_epoch:
       continue
 
@@ -181,8 +223,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lower_rate, stop = counters.observe(val, train_cfg)
     val["lr_scale"] = float(state.lr_scale)
     epoch_ends.append(time.perf_counter())
+    if planning:
+      planning = False
+      epochs = _plan_epochs(config, workdir_path, started, epoch_ends, first_epoch_syncs,
+                            epoch_steps)
+      counters.planned_epochs, total_steps = epochs, epochs * epoch_steps
+      if epochs < train_cfg.epochs:
+        state = state.replace(tx=optim.make_optimizer(config, total_steps, epoch_steps))
     logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f (%s)", epoch, val["loss"],
-                 val["dice"], val["iou"], time_left(epoch_ends, train_cfg.epochs - epoch))
+                 val["dice"], val["iou"], time_left(epoch_ends, epochs - epoch))
     if lower_rate:
       state = state.replace(lr_scale=state.lr_scale * train_cfg.plateau_factor)
       logging.info("validation loss plateaued: learning rate scaled to %.3g",
@@ -196,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if stop:
       logging.info("Early stopping: no better validation Dice for %d epochs (best %.4f).",
                    counters.epochs_since_best_dice, counters.best_dice)
+    if stop or step + 1 == total_steps:
       break
     window_start = time.perf_counter()
   checkpoints.wait()
