@@ -6,16 +6,18 @@ _annotations.coco.json):
     python launch.py --config=configs/brain.py --workdir=runs/brain \
         --config.data.root=/path/to/brain-tumor-coco --config.eval.split=valid
 
-On a 2-core Intel Xeon with AMX: 55 min 32 s for training and evaluation
+On a 2-core Intel Xeon with AMX, 50 epochs: 55 min 32 s for training and evaluation
 (about 9 of them sharing the cores with the test suite); valid (429 slices)
 mean per-image Dice 0.787, IoU 0.685, pooled Dice 0.795, HD95 6.1 px at
 128x128; by category, "0" 0.725 and "1" 0.847 (README, Results; every run
 behind each choice in docs/brain_ablations.md). The time depends on the CPU:
 on a 2-core AMD EPYC Zen 4 (AVX-512) 43 min 20 s, valid Dice 0.785 (pooled
 0.793); on a third-generation one (Zen 3, AVX2 only) 50 epochs would take
-about 1 h 15 min and 30 fit the hour (`--config.train.epochs=30`: 45 min 11 s,
-valid Dice 0.776, pooled 0.787); a first-generation one runs the train step
-3.2x slower than the Xeon, about 1 h 50 min for the 50 epochs. On a CPU with AMX,
+about 1 h 15 min, so the recipe's time budget (`train.time_budget_minutes`,
+58) planned 33 on the first epoch: 46 min 1 s, valid Dice 0.778, pooled 0.790;
+a first-generation one runs the train step 3.2x slower than the Xeon, about
+1 h 50 min for the 50 epochs, and the budget would cut them to about 24
+(`--config.train.time_budget_minutes=0` trains all 50). On a CPU with AMX,
 `--config.model.dtype=bfloat16` trains it in about half the time: valid Dice
 0.780 in 23 min 40 s on a 2-core Xeon (seed 1: 0.775; the two averaged with
 `eval.ensemble`: 0.789); on the Zen 4, 29 min 13 s and valid Dice 0.787

@@ -114,7 +114,7 @@ def _check_categories(config: ml_collections.ConfigDict) -> None:
 def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, started: float,
                  epoch_ends: list[float], first_epoch_syncs: list[tuple[int, float]],
                  epoch_steps: int) -> int:
-  """The epochs `train.time_budget_minutes` leaves room for, timed on the first; logged and saved."""
+  """The epochs `train.time_budget_minutes` leaves room for, timed on the first; logged, saved."""
   train_cfg, now = config.train, epoch_ends[-1]
   validation_s = now - first_epoch_syncs[-1][1]
   epoch_s = time_budget.first_epoch_seconds(first_epoch_syncs, epoch_ends[0], epoch_steps,
@@ -124,9 +124,9 @@ def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
   epochs = time_budget.agreed(time_budget.epochs_that_fit(
       60 * train_cfg.time_budget_minutes, now - started, epoch_s, 2 * validation_s,
       epochs_done=1, max_epochs=train_cfg.epochs))
-  logging.info("Time budget %g min: %d of %d epochs fit (the first took %.0f s to start and "
-               "train, an epoch %.0f s)", train_cfg.time_budget_minutes, epochs,
-               train_cfg.epochs, now - started, epoch_s)
+  logging.info("Time budget %g min: %d of %d epochs fit (%.0f s gone by the end of the first, "
+               "about %.0f s an epoch)", train_cfg.time_budget_minutes, epochs, train_cfg.epochs,
+               now - started, epoch_s)
   if epochs < train_cfg.epochs and jax.process_index() == 0:
     write_config(_with_epochs(config, epochs), workdir)
   return epochs
