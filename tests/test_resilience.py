@@ -154,10 +154,11 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path):
-  # One epoch of 3 steps, global batch 8: 4 images per process.
+  # One epoch of 3 steps, global batch 8: 4 images per process. Under a time budget both
+  # processes take process 0's plan at the end of the epoch, a collective they must both join.
   command = [sys.executable, str(REPO / "launch.py"), "--config=configs/brain.py:smoke",
              "--config.train.epochs=1", "--config.data.synthetic.num_train=24",
-             "--config.eval.split=none"]
+             "--config.eval.split=none", "--config.train.time_budget_minutes=60"]
   subprocess.run([*command, f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=_env(2),
                  check=True, capture_output=True, timeout=300)
   address = f"127.0.0.1:{_free_port()}"
