@@ -140,7 +140,7 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   assert train.train_and_evaluate(tiny_config, str(tmp_path / "budget")) == {}
 
 
-def test_budget_shorter_than_an_epoch_still_trains_and_evaluates_one(tiny_config, tmp_path):
+def test_budget_shorter_than_an_epoch_still_trains_one_epoch_and_evaluates(tiny_config, tmp_path):
   tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 3, 1e-4
   summary = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert [r["epoch"] for r in reports.read_metrics(tmp_path) if r["split"] == "valid"] == [1]

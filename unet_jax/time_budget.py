@@ -1,8 +1,8 @@
 """`train.time_budget_minutes`: the epochs that fit the budget, timed on the first epoch.
 
 The plan is made once, at the end of a run's first epoch, so the learning-rate
-schedule is that of a run given `train.epochs` = the plan from the start (the
-first epoch's rates are the warm-up's, the same for every length).
+schedule is that of a run given `train.epochs` = the plan from the start (with a
+warm-up of an epoch or more, the first epoch's rates are the same for every length).
 """
 
 import math
@@ -12,7 +12,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 # Epochs on a shared 2-core VM drift over a run: on a Zen 3 they took 76-106 s against the
-# first epoch's 84 s, 7% more on average; the plan assumes 10% more.
+# first epoch's 84 s in one run (7% more on average), 66-103 s against 94 s in another
+# (13% less); the plan assumes 10% more.
 DRIFT = 1.1
 
 
