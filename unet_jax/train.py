@@ -132,6 +132,12 @@ def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
   return epochs
 
 
+def _scheduled_over(state: steps.TrainState, config: ml_collections.ConfigDict, epochs: int,
+                    epoch_steps: int) -> steps.TrainState:
+  """`state` with its optimiser's schedule over `epochs` epochs (the optimiser state unchanged)."""
+  return state.replace(tx=optim.make_optimizer(config, epochs * epoch_steps, epoch_steps))
+
+
 def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
   """`config` as the run trains it: `train.epochs` the time budget's plan, when there is one."""
   if epochs == config.train.epochs:
@@ -175,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if epochs != train_cfg.epochs:
     logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
                  epochs)
-    state = state.replace(tx=optim.make_optimizer(config, epochs * epoch_steps, epoch_steps))
+    state = _scheduled_over(state, config, epochs, epoch_steps)
   total_steps = epochs * epoch_steps
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
@@ -229,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             epoch_steps)
       counters.planned_epochs, total_steps = epochs, epochs * epoch_steps
       if epochs < train_cfg.epochs:
-        state = state.replace(tx=optim.make_optimizer(config, total_steps, epoch_steps))
+        state = _scheduled_over(state, config, epochs, epoch_steps)
     logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f (%s)", epoch, val["loss"],
                  val["dice"], val["iou"], time_left(epoch_ends, epochs - epoch))
     if lower_rate:
