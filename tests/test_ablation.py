@@ -29,14 +29,12 @@ def _no_training(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, run_env):
   """`launch.py --config=configs/ablation.py:smoke`: 2 variants, 4 steps each on 16 phantoms."""
   workdir = tmp_path_factory.mktemp("ablation")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(
       [sys.executable, str(REPO / "launch.py"), "--config=configs/ablation.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+       f"--workdir={workdir}"], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

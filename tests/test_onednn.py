@@ -1,7 +1,6 @@
 """oneDNN convolutions: the same mathematics as XLA's, and used only where they are right."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -176,7 +175,7 @@ def test_a_bfloat16_unet_trains_its_convolutions_and_batch_norm_on_onednn(monkey
     assert any(f"@unet_onednn_{target}(" in line and "bf16" in line for line in calls), target
 
 
-def test_without_avx512_bfloat16_models_keep_xla_kernels():
+def test_without_avx512_bfloat16_models_keep_xla_kernels(run_env):
   # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN act as on a CPU without AVX-512, where it
   # creates no bfloat16 primitive: such a model must train on XLA's kernels instead.
   script = textwrap.dedent('''
@@ -211,8 +210,7 @@ def test_without_avx512_bfloat16_models_keep_xla_kernels():
       except UserError as e:
         assert "UNET_JAX_CONV=onednn: oneDNN has no bfloat16 kernels" in str(e), e
       ''')
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "UNET_JAX_CONV": "auto",
-         "ONEDNN_MAX_CPU_ISA": "AVX2"}
+  env = run_env(1, UNET_JAX_CONV="auto", ONEDNN_MAX_CPU_ISA="AVX2")
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -237,8 +235,8 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     onednn.library_path()
 
 
-def test_a_run_on_one_cpu_device_trains_on_onednn_and_exports_without_it(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "UNET_JAX_CONV": "onednn"}
+def test_a_run_on_one_cpu_device_trains_on_onednn_and_exports_without_it(tmp_path, run_env):
+  env = run_env(1, UNET_JAX_CONV="onednn")
   workdir = tmp_path / "run"
   launch = [sys.executable, str(REPO / "launch.py"), f"--workdir={workdir}"]
   for mode in ("--config=configs/brain.py:smoke", "--mode=export"):

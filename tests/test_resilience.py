@@ -2,7 +2,6 @@
 NaN stops, early stopping and reduce-on-plateau."""
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -72,11 +71,6 @@ def test_early_stopping_and_plateau(tiny_config, tmp_path):
   assert len([r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]) == 3
 
 
-def _env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu"}
-
-
 def _final_params(workdir):
   """The latest checkpoint's parameters, restored onto this process's first device."""
   ocp = checkpoint.ocp
@@ -95,13 +89,13 @@ SMOKE = ["--config=configs/brain.py:smoke", "--config.train.epochs=4",
          "--config.eval.split=none"]  # no final evaluation: the parameters are compared
 
 
-def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
+def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path, run_env):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
-  subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=_env(4), check=True,
+  subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=run_env(4), check=True,
                  capture_output=True, timeout=300)
 
-  proc = subprocess.Popen([*command, f"--workdir={killed}"], cwd=REPO, env=_env(4),
+  proc = subprocess.Popen([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not (killed / "checkpoints" / "4").is_dir() and time.time() < deadline:
@@ -109,7 +103,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / "eval").exists(), "the run finished before it was killed"
-  subprocess.run([*command, f"--workdir={killed}"], cwd=REPO, env=_env(4), check=True,
+  subprocess.run([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4), check=True,
                  capture_output=True, timeout=300)
 
   step_a, params_a = _final_params(straight)
@@ -153,18 +147,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, run_env):
   # One epoch of 3 steps, global batch 8: 4 images per process. Under a time budget both
   # processes take process 0's plan at the end of the epoch, a collective they must both join.
   command = [sys.executable, str(REPO / "launch.py"), "--config=configs/brain.py:smoke",
              "--config.train.epochs=1", "--config.data.synthetic.num_train=24",
              "--config.eval.split=none", "--config.train.time_budget_minutes=60"]
-  subprocess.run([*command, f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=_env(2),
+  subprocess.run([*command, f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=run_env(2),
                  check=True, capture_output=True, timeout=300)
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen([*command, f"--workdir={tmp_path / 'two'}",
                              f"--coordinator_address={address}", "--num_processes=2",
-                             f"--process_id={i}"], cwd=REPO, env=_env(1),
+                             f"--process_id={i}"], cwd=REPO, env=run_env(1),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -198,10 +198,11 @@ def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config
                                        batch["image"], train=True, mutable=["batch_stats"])
     return losses.dice_bce_loss(logits, batch["mask"] > 0).mean(), updates["batch_stats"]
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(start)
+  # Jitted: op by op, the reference would compile each of the U-Net's ops on its own.
+  (loss, batch_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(start)
   scale = 0.5 / np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
   worst = jax.tree.map(lambda p, g: p + scale * g, start, grads)
-  worst_grads = jax.grad(lambda p: loss_fn(p)[0])(worst)
+  worst_grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(worst)
   p_train, _ = steps.jit_steps(config, mesh)
   state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
                            parallel.device_batch(batch, mesh))
@@ -230,7 +231,7 @@ def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
     return sum(losses.dice_bce_loss(logits[..., m:m + 1], batch["mask"] > 0).mean()
                for m in range(2)) / 2
 
-  loss, grads = jax.value_and_grad(loss_fn)(start)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(start)
   p_train, _ = steps.jit_steps(config, mesh)
   state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
                            parallel.device_batch(batch, mesh))
@@ -326,27 +327,29 @@ def test_category_weights_make_the_loss_a_weighted_mean(tiny_config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def _launch(*args):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def launch(run_env):
+  """launch.py with the given flags, in a process of its own: the completed process."""
+  def run(*args):
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO,
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+  return run
 
 
-def test_eval_mode_uses_the_saved_config_with_overrides(trained):
+def test_eval_mode_uses_the_saved_config_with_overrides(trained, launch):
   _, workdir, _ = trained
-  result = _launch("--mode=eval", f"--workdir={workdir}", "--config.eval.split=valid",
+  result = launch("--mode=eval", f"--workdir={workdir}", "--config.eval.split=valid",
                    "--config.eval.checkpoint=latest")
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((workdir / "eval/valid/summary.json").read_text())
   assert summary["n_images"] == 8 and summary["checkpoint_step"] == 2
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-  result = _launch("--config=configs/brain.py", f"--workdir={tmp_path}",
+def test_command_line_errors_are_one_line(tmp_path, launch):
+  result = launch("--config=configs/brain.py", f"--workdir={tmp_path}",
                    f"--config.data.root={tmp_path / 'missing'}")
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: data.root")
   assert "configs/brain.py:demo" in result.stderr
-  result = _launch("--config=configs/brain.py", f"--workdir={tmp_path}", "--config.model.widht=3")
+  result = launch("--config=configs/brain.py", f"--workdir={tmp_path}", "--config.model.widht=3")
   assert result.returncode != 0 and "widht" in result.stderr
