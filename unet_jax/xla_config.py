@@ -31,7 +31,7 @@ import platform
 CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 # The jaxlib releases these flags were measured on and are known to parse
 # (XLA aborts the process on an unknown flag, so other releases get none).
-_FLAGS_JAXLIB = ((0, 10), (0, 13))
+_FLAGS_JAXLIB = ((0, 10), (0, 11))
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
