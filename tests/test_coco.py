@@ -290,6 +290,9 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
     ({"segmentation": "abc"}, "neither polygons nor RLE"),
     ({"segmentation": {"size": [8, 8], "counts": [1, 2]}}, "do not add up"),
     ({"segmentation": {"size": [8, 8], "counts": 5}}, "must be a list or a string"),
+    ({"segmentation": {"size": [8, 8], "counts": "`0"}}, "do not add up"),  # [16] of 64 pixels
+    ({"segmentation": {"size": [8, 8], "counts": "P`"}}, "not valid COCO RLE"),  # truncated
+    ({"segmentation": {"size": [8, 8], "counts": "0 1"}}, "not valid COCO RLE"),
     ({}, "no segmentation and no"),
 ])
 def test_unreadable_geometry_names_the_annotation(tmp_path, annotation, problem):
