@@ -246,13 +246,41 @@ def test_file_name_leaving_the_dataset_is_refused(tmp_path, name):
     coco.CocoSource(root, "train", 8)
 
 
-def test_symlink_out_of_the_dataset_is_refused(tmp_path):
+def test_symlinked_images_are_read_and_dot_dot_names_refused(tmp_path):
   root = _export(tmp_path / "data", {0: "a.png"}, [])
-  Image.new("L", (8, 8)).save(tmp_path / "secret.png")
+  (tmp_path / "blobs").mkdir()
+  Image.new("L", (8, 8), 255).save(tmp_path / "blobs" / "1f3a", "PNG")
   os.remove(root / "train" / "a.png")
-  os.symlink(tmp_path / "secret.png", root / "train" / "a.png")
+  os.symlink(tmp_path / "blobs" / "1f3a", root / "train" / "a.png")
+  assert coco.CocoSource(root, "train", 8)[0]["image"].min() == 1.0
+  json_path = root / "train" / coco.ANNOTATIONS_FILE
+  json_path.write_text(json_path.read_text().replace('"a.png"', '"a.png/../../a.png"'))
   with pytest.raises(UserError, match="leaves the dataset folder"):
     coco.CocoSource(root, "train", 8)
+
+
+def test_file_name_listed_twice_is_refused(tmp_path):
+  root = _export(tmp_path, {3: "a.png", 7: "a.png"}, [])
+  with pytest.raises(UserError, match=r"_annotations\.coco\.json: file_name 'a\.png' is listed "
+                                      r"twice \(image ids 3 and 7\)"):
+    coco.CocoSource(root, "train", 8)
+
+
+def test_cache_dir_keeps_subsets_of_one_name_apart(tmp_path):
+  root = _single_file(tmp_path)
+  all_json = json.loads((root / "all.json").read_text())
+  for image, split in zip(all_json["images"], ["valid", "test", "train", "train"]):
+    image["split"] = split
+  (root / "all.json").write_text(json.dumps(all_json))
+  config = _data_config(root, annotations="all.json", subset_key="extra.split",
+                        cache_dir=str(tmp_path / "cache"))
+  data.build_source(config, "train", "unused")[0]  # caches img0.png
+  config.subset_key = "split"
+  cached = data.build_source(config, "train", "unused")
+  config.cache_dir = ""
+  plain = data.build_source(config, "train", "unused")
+  assert cached.file_names == plain.file_names == ["img2.png", "img3.png"]
+  np.testing.assert_array_equal(cached[0]["image"], plain[0]["image"])
 
 
 def test_bad_files_name_the_file_and_the_problem(tmp_path):

@@ -18,6 +18,7 @@ tumour where it is not 0.
 """
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from typing import Any, Sequence
@@ -130,6 +131,22 @@ def load_subset(root: str | os.PathLike, split: str, layout: Layout = Layout()) 
   return Subset(json_path, image_dir.resolve(), images, annotations, categories)
 
 
+def duplicate_file_names(subset: Subset) -> list[str]:
+  """One line per image entry whose file_name an earlier entry of the subset already lists."""
+  # Merging two entries of one file could be right (a split export joined back) or hide a
+  # mistake (a copied entry, two folders flattened); only the author of the file can tell.
+  seen: dict[str, Any] = {}
+  problems = []
+  for image in subset.images:
+    name = os.path.normpath(image["file_name"])
+    if name in seen:
+      problems.append(f"{subset.json_path}: file_name {image['file_name']!r} is listed twice "
+                      f"(image ids {seen[name]!r} and {image['id']!r}); give each image one entry")
+    else:
+      seen[name] = image["id"]
+  return problems
+
+
 def log_problems(problems: list[str], where: pathlib.Path) -> None:
   """Logs fixable annotation problems: the first few in full, then a count."""
   for problem in problems[:_MAX_WARNINGS]:
@@ -142,14 +159,18 @@ def log_problems(problems: list[str], where: pathlib.Path) -> None:
 def image_path(subset: Subset, file_name: str) -> pathlib.Path:
   """An image's path, refusing names that leave the image folder and missing files.
 
+  The name is checked as written, so an image may be a symlink to a file
+  elsewhere (Hugging Face Hub snapshots, DVC, git-annex).
+
   Raises:
-    UserError: the name is absolute, leaves the folder (also by a symlink),
-      or names no file.
+    UserError: the name is absolute, climbs out of the folder with "..", or
+      names no file.
   """
-  path = (subset.image_dir / file_name).resolve()
-  if os.path.isabs(file_name) or not path.is_relative_to(subset.image_dir):
+  name = os.path.normpath(file_name)
+  if os.path.isabs(name) or name.split(os.sep)[0] == os.pardir:
     raise UserError(f"{subset.json_path}: file_name {file_name!r} leaves the dataset folder "
                     f"{subset.image_dir}; refused")
+  path = subset.image_dir / name
   if not path.is_file():
     raise UserError(f"{path}: image file not found (listed in {subset.json_path})")
   return path
@@ -208,6 +229,9 @@ class CocoSource:
     if channels not in (1, 3):
       raise UserError(f"data.channels must be 1 or 3 for COCO images, got {channels}")
     subset = load_subset(root, split, layout)
+    duplicates = duplicate_file_names(subset)
+    if duplicates:
+      raise UserError(duplicates[0])
     self.json_path, self.image_dir, self.split = subset.json_path, subset.image_dir, split
     self.image_size, self.channels = image_size, channels
     self.category_ids = tuple(category_ids)
@@ -226,9 +250,10 @@ class CocoSource:
                     for image in subset.images]
     log_problems(problems, self.json_path)
     stat = self.json_path.stat()
+    listing = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
     self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "
                         f"{self.image_dir} {split} {image_size} {channels} "
-                        f"labels {list(map(str, self.category_ids))}")
+                        f"labels {list(map(str, self.category_ids))} {listing}")
 
   def __len__(self) -> int:
     return len(self._file_names)
