@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from unet_jax import evaluate, export, parallel, predict, serving, steps
+from unet_jax import evaluate, export, parallel, predict, serving, steps, train
 from unet_jax.errors import UserError
 
 
@@ -88,6 +88,23 @@ def test_exported_model_matches_the_in_process_model(run, tmp_path):
   np.testing.assert_allclose(model(images), steps.predict_step(state, images), atol=1e-6)
   mask = model.predict_file(_phantom(workdir))
   assert mask.shape == (32, 32) and mask.dtype == bool
+
+
+def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(tiny_config, tmp_path):
+  tiny_config.train.ema_decay = 0.9
+  train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  state, _ = evaluate.restore_state(tiny_config, str(tmp_path / "run"), parallel.make_mesh())
+  images = np.random.default_rng(1).random((3, 32, 32, 1)).astype(np.float32)
+  model = serving.load(export.export(tiny_config, str(tmp_path / "run"),
+                                     str(tmp_path / "export"), platforms=("cpu",)))
+  np.testing.assert_allclose(model(images), steps.predict_step(state, images), atol=1e-6)
+  live = steps.predict_step(state.replace(ema_params=None), images)
+  assert not np.allclose(model(images), live, atol=1e-6)
+  # No probability reaches a threshold of 1, yet every image holds a tumour.
+  tiny_config.eval.update(threshold=1.0, never_empty=True)
+  model = serving.load(export.export(tiny_config, str(tmp_path / "run"),
+                                     str(tmp_path / "export"), platforms=("cpu",)))
+  assert model.predict_file(_phantom(tmp_path / "run")).any()
 
 
 def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(run, tmp_path):

@@ -17,6 +17,7 @@ from unet_jax import evaluate
 from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax import parallel
+from unet_jax import steps
 
 MODEL_FILE = "model.jax_exported"
 META_FILE = "model.json"
@@ -34,7 +35,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   decoding.check_decoder(config.eval.decode)  # model.json names it for serving.
   out = pathlib.Path(output_dir) if output_dir else pathlib.Path(workdir) / "export"
   state, step = evaluate.restore_state(config, workdir, parallel.make_mesh())
-  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  variables = jax.device_get(steps.eval_variables(state))
   model = model_lib.from_config(config.model)
 
   def probabilities(images):
@@ -56,6 +57,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
       "output": "tumour probability per pixel, (N, height, width)",
       "decode": config.eval.decode,
       "threshold": config.eval.threshold,
+      "never_empty": config.eval.never_empty,
       "checkpoint_step": step,
       "platforms": list(platforms),
   }

@@ -7,7 +7,8 @@
 
 This module deliberately imports nothing of the model code (only the numpy
 `decoding`), so the folder can be copied next to any jax installation. It
-applies model.json's decode rule, not evaluation's post-processing.
+applies model.json's decode rule and `never_empty`, not evaluation's other
+post-processing (the largest blob, the box).
 """
 
 import json
@@ -45,7 +46,8 @@ class ExportedModel:
     if resized.shape[-1] != spec["channels"]:
       resized = np.repeat(resized, spec["channels"], axis=-1)
     prob = _resize(self(resized[None])[0], (array.shape[1], array.shape[0]))
-    return decoding.decode(prob, self.meta.get("decode", "threshold"), self.meta["threshold"])
+    return decoding.decode(prob, self.meta.get("decode", "threshold"), self.meta["threshold"],
+                           self.meta.get("never_empty", False))
 
 
 def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
