@@ -7,6 +7,7 @@ import os
 import grain
 import ml_collections
 import numpy as np
+from PIL import ExifTags
 from PIL import Image
 from pycocotools import mask as mask_utils
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from configs import brain
 from unet_jax import data
 from unet_jax.data import coco
+from unet_jax.data import images
 from unet_jax.errors import UserError
 
 CATEGORIES = [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}]
@@ -163,6 +165,41 @@ def test_image_kinds_read_as_channels(tmp_path, mode, pixel, grey, channels):
     np.testing.assert_allclose(image, grey, atol=0.01)
   if mode == "RGB" and channels == 3:
     np.testing.assert_allclose(image[0, 0], [1, 0, 0])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  root = _export(tmp_path, {0: "a.png", 1: "b.png"}, [], size=(8, 4))
+  exif = Image.Exif()
+  exif[ExifTags.Base.Orientation] = 6  # shown turned 90 degrees clockwise
+  stored = np.zeros((8, 4), np.uint8)  # 4 wide, 8 high as stored
+  stored[0, 0] = 255
+  for name in ("a.png", "b.png"):
+    Image.fromarray(stored).save(root / "train" / name, exif=exif)
+  shown = images.read_image(root / "train" / "a.png", 1)[..., 0]
+  assert shown.shape == (4, 8) and shown[0, 7] == 1 and shown.sum() == 1
+  image, size = images.load_image(root / "train" / "b.png", 1, 8)
+  assert size == (8, 4) and image.shape == (8, 8, 1)
+  assert coco.CocoSource(root, "train", 8)[0]["image"].shape == (8, 8, 1)
+  (root / "train" / coco.ANNOTATIONS_FILE).write_text(
+      (root / "train" / coco.ANNOTATIONS_FILE).read_text().replace('"width": 8, "height": 4',
+                                                                   '"width": 4, "height": 8'))
+  with pytest.raises(UserError, match=r"a\.png: image is 8x4 but"):
+    coco.CocoSource(root, "train", 8)[0]
+
+
+@pytest.mark.parametrize("mode, pixel, expected", [
+    ("I", 200, 200 / 65535), ("I", 65535, 1.0), ("F", 0.25, 0.25),
+    ("I", 70000, "integer pixels span \\[70000, 70000\\]"),
+    ("F", 2.0, "float pixels span \\[2, 2\\]; float images must already be scaled")])
+def test_wide_images_are_scaled_by_their_type(tmp_path, mode, pixel, expected):
+  path = tmp_path / "slice.tif"
+  Image.new(mode, (8, 8), pixel).save(path)
+  for read in (lambda: images.read_image(path, 1), lambda: images.load_image(path, 1, 4)[0]):
+    if isinstance(expected, str):
+      with pytest.raises(UserError, match=rf"slice\.tif: .*{expected}"):
+        read()
+    else:
+      np.testing.assert_allclose(read(), expected, rtol=1e-6)
 
 
 def _single_file(tmp_path, image_dir=""):

@@ -114,3 +114,24 @@ def test_bad_files_name_the_file(tmp_path):
     source[1]
   with pytest.raises(UserError, match="channels must be 1 or 3"):
     folders.FolderSource(root, "train", 8, channels=4)
+
+
+def _mask_file(path, mode, values, palette=None):
+  """Writes a 16x16 mask: values[0] everywhere, values[k] on row block k."""
+  mask = Image.new(mode, (16, 16), values[0])
+  for k, value in enumerate(values[1:], start=1):
+    mask.paste(value, (0, 4 * k, 16, 4 * k + 2))
+  if palette:
+    mask.putpalette(palette)
+  mask.save(path)
+
+
+@pytest.mark.parametrize("mode, values, rows", [
+    ("L", (0, 2), 2), ("L", (0, 1, 2, 4), 6), ("I;16", (0, 3), 2), ("L", (0, 255, 100), 2),
+    ("P", (0, 1), 2), ("RGB", (0, (128, 0, 0)), 2)])
+def test_label_and_palette_masks_are_foreground_where_not_zero(tmp_path, mode, values, rows):
+  root = _lgg(tmp_path, patients=PATIENTS[:1])
+  source = folders.FolderSource(root, "train", 16, val_fraction=0, test_fraction=0)
+  palette = [0, 0, 0, 128, 0, 0] if mode == "P" else None  # index 1 is dark red
+  _mask_file(root / source.file_names[0].replace(".tif", "_mask.tif"), mode, values, palette)
+  assert source.mask(0).sum() == rows * 16 and source[0]["mask"].sum() == rows * 16

@@ -5,11 +5,11 @@ import contextlib
 import os
 
 import numpy as np
+from PIL import ExifTags
 from PIL import Image
+from PIL import ImageOps
 
 from unet_jax.errors import UserError
-
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
 
 @contextlib.contextmanager
@@ -31,12 +31,38 @@ def _check_channels(channels: int) -> None:
     raise UserError(f"data.channels must be 1 or 3, got {channels}")
 
 
-def _as_float(img: Image.Image, channels: int) -> np.ndarray:
-  """float32 (H, W, channels) in [0, 1] of an open image."""
-  if img.mode in _SIXTEEN_BIT:
+def _wide(mode: str) -> bool:
+  """Whether an image mode holds more than 8 bits per pixel (read without `convert`)."""
+  return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def _upright(img: Image.Image) -> None:
+  """Turns an open image, in place, as its EXIF orientation says it is displayed."""
+  ImageOps.exif_transpose(img, in_place=True)
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+  """The (width, height) of an open image as displayed, before it is decoded."""
+  width, height = img.size
+  if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+    return height, width
+  return width, height
+
+
+def _as_float(img: Image.Image, channels: int, path: str | os.PathLike) -> np.ndarray:
+  """float32 (H, W, channels) in [0, 1] of an open image (see `read_image` for the scale)."""
+  if _wide(img.mode):
     array = np.asarray(img, dtype=np.float32)
-    top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
-    array = np.minimum(array / top, 1.0)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if img.mode == "F":
+      if not (0 <= low and high <= 1):
+        raise UserError(f"{path}: 32-bit float pixels span [{low:g}, {high:g}]; float images "
+                        "must already be scaled to [0, 1]")
+    else:
+      if not (0 <= low and high <= 65535):
+        raise UserError(f"{path}: 32-bit integer pixels span [{low:g}, {high:g}]; integer "
+                        "images must be 8 or 16 bits (0-65535)")
+      array /= 65535.0
   else:
     array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
   if array.ndim == 2:
@@ -50,18 +76,21 @@ def _as_float(img: Image.Image, channels: int) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
-  """Reads an image file as float32 (H, W, channels) in [0, 1].
+  """Reads an image file as float32 (H, W, channels) in [0, 1], as it is displayed.
 
   Grey, RGB, RGBA, palette and 16-bit images are accepted; grey is repeated
-  to 3 channels and colour is converted to luminance as `channels` asks.
+  to 3 channels and colour is converted to luminance as `channels` asks. The
+  EXIF orientation is applied. The scale is the file's type, never its content:
+  8-bit / 255, 16-bit and 32-bit integer / 65535 (values past 65535 are an
+  error), 32-bit float as it is (values outside [0, 1] are an error).
 
   Raises:
-    UserError: the file is missing or is not a readable image.
+    UserError: the file is missing, not a readable image, or out of its scale.
   """
   _check_channels(channels)
   with _opened(path) as img:
-    img.load()
-    return _as_float(img, channels)
+    _upright(img)
+    return _as_float(img, channels, path)
 
 
 def load_image(path: str | os.PathLike, channels: int,
@@ -73,19 +102,20 @@ def load_image(path: str | os.PathLike, channels: int,
   decoded straight at a reduced scale when that is still at least `size`.
 
   Returns:
-    The image and the file's own (width, height).
+    The image and the file's (width, height) as displayed (EXIF orientation applied).
 
   Raises:
-    UserError: the file is missing or is not a readable image.
+    UserError: the file is missing, not a readable image, or out of its scale.
   """
   _check_channels(channels)
   with _opened(path) as img:
-    stored = img.size
-    if img.mode in _SIXTEEN_BIT:
-      img.load()
-      return resize_image(_as_float(img, channels), size), stored
+    stored = _upright_size(img)
+    if _wide(img.mode):
+      _upright(img)
+      return resize_image(_as_float(img, channels, path), size), stored
     mode = "L" if channels == 1 else "RGB"
     img.draft(mode, (size, size))
+    _upright(img)
     img = img.convert(mode)
     if img.size != (size, size):
       img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -94,18 +124,26 @@ def load_image(path: str | os.PathLike, channels: int,
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-  """Reads a mask image as uint8 (H, W) in {0, 1}.
+  """Reads a mask image as uint8 (H, W) in {0, 1}, as it is displayed.
 
-  Masks stored as 0/255 (or any 8-bit grey) are foreground from 128 up; masks
-  stored as 0/1 are taken as they are.
+  Palette masks are foreground where their index is not 0. Other masks are
+  foreground where not 0 when their largest value is below half their type's
+  range (label maps: 0/1, 0/2, 0/1/2/4), else above that half (0/255 masks,
+  with or without anti-aliased edges). A mask with any value not 0 is never
+  read as empty.
 
   Raises:
     UserError: the file is missing or is not a readable image.
   """
   with _opened(path, "mask") as img:
-    img.load()
-    array = np.asarray(img.convert("L") if img.mode not in ("L", "1") else img)
-  threshold = 127 if array.max(initial=0) > 1 else 0
+    _upright(img)
+    if img.mode == "P":
+      return (np.asarray(img) != 0).astype(np.uint8)
+    if img.mode.startswith("I"):
+      array, half = np.asarray(img), 32767
+    else:
+      array, half = np.asarray(img if img.mode in ("L", "1") else img.convert("L")), 127
+  threshold = half if array.max(initial=0) > half else 0
   return (array > threshold).astype(np.uint8)
 
 
