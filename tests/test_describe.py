@@ -62,6 +62,22 @@ def test_coco_rows_per_annotation_with_negatives(tmp_path):
   assert summary["foreground_category_ids"] == [2]
 
 
+def test_coco_problems_are_listed_and_the_rest_described(tmp_path):
+  root = tmp_path / "data"
+  test_coco._export(root, {0: "a.png", 1: "b.png", 2: "b.png"}, [
+      {"image_id": 0, "category_id": 1, "segmentation": {"size": [8, 8], "counts": [1, 2]}},
+      {"image_id": 0, "category_id": 2, "bbox": [6, 6, 2, 2]},
+  ])
+  config = brain.get_config()
+  config.data.root = str(root)
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert [(r["file_name"], r["area"]) for r in _rows(tmp_path / "out")] == [
+      ("a.png", "0"), ("a.png", "4"), ("b.png", "0"), ("b.png", "0")]
+  assert summary["num_problems"] == 2
+  assert "file_name 'b.png' is listed twice (image ids 1 and 2)" in summary["problems"][0]
+  assert "annotation 0 of a.png: RLE counts do not add up" in summary["problems"][1]
+
+
 def test_one_annotation_file_layout(tmp_path):
   config = brain.get_config()
   config.data.root = str(test_coco._single_file(tmp_path / "data"))

@@ -75,6 +75,7 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
   for subset_name in coco.subset_names(root, layout):
     subset = coco.load_subset(root, subset_name, layout)
     categories.update({str(k): v for k, v in subset.categories.items()})
+    problems.extend(coco.duplicate_file_names(subset))
     for image in subset.images:
       try:
         coco.image_path(subset, image["file_name"])
@@ -85,7 +86,11 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       foreground = []
       for annotation in subset.annotations[image["id"]]:
         where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
-        shape = coco_json.shape_of(annotation, height, width, where, problems)
+        try:
+          shape = coco_json.shape_of(annotation, height, width, where, problems)
+        except UserError as e:
+          problems.append(str(e))
+          shape = None
         rle = coco_json.to_rle(shape, height, width) if shape else None
         segmentation = annotation.get("segmentation", [])
         described.add(annotation.get("category_id"),
