@@ -11,13 +11,13 @@ from unet_jax.errors import UserError
 
 
 class FakeSource:
-  """Ten 8x8 images whose pixels hold their index; a square tumour in each."""
+  """`size` (10) 8x8 images whose pixels hold their index; a square tumour in each."""
 
-  def __init__(self):
-    self.reads = 0
+  def __init__(self, size=10):
+    self.reads, self.size = 0, size
 
   def __len__(self):
-    return 10
+    return self.size
 
   def __getitem__(self, index):
     self.reads += 1
@@ -28,7 +28,7 @@ class FakeSource:
 
   @property
   def file_names(self):
-    return [f"img{i}.png" for i in range(10)]
+    return [f"img{i}.png" for i in range(self.size)]
 
   fingerprint = "fake source v1"
 
@@ -49,6 +49,23 @@ def test_epochs_are_seeded_permutations(tiny_config):
   assert names == _names(pipeline.train_batches(FakeSource(), tiny_config), 6)
   tiny_config.train.seed = 1
   assert names != _names(pipeline.train_batches(FakeSource(), tiny_config), 6)
+
+
+def test_processes_split_each_epoch_s_whole_global_batches(tiny_config, monkeypatch):
+  # Eleven images, global batch 4, two processes of 2 images a batch: 2 batches an epoch
+  # each (not 3 and 2), the epochs' 8 images apart; the 3 left over in neither.
+  tiny_config.train.batch_size, tiny_config.train.epochs = 4, 2
+  tiny_config.augment.enabled = False
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+  shares = []
+  for process in (0, 1):
+    monkeypatch.setattr(pipeline.jax, "process_index", lambda process=process: process)
+    shares.append(_names(pipeline.train_batches(FakeSource(11), tiny_config), 10))
+  assert [len(share) for share in shares] == [4, 4]
+  for epoch in (0, 1):
+    images = [name for share in shares for batch in share[2 * epoch:2 * epoch + 2]
+              for name in batch]
+    assert len(images) == len(set(images)) == 8
 
 
 def test_resume_continues_the_same_batches(tiny_config):

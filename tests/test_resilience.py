@@ -3,6 +3,7 @@ NaN stops, early stopping and reduce-on-plateau."""
 
 import json
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,42 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   # Started again, under a budget that would now fit all four, the run keeps its plan.
   monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 4)
   assert train.train_and_evaluate(tiny_config, str(tmp_path / "budget")) == {}
+
+
+def test_resuming_under_a_config_that_trains_something_else_is_refused(tiny_config, tmp_path):
+  tiny_config.train.epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  before = (tmp_path / "config.json").read_text()
+  tiny_config.train.epochs, tiny_config.train.learning_rate = 3, 0.1
+  with pytest.raises(UserError, match=r"config.json: the run was trained with "
+                     r"train.learning_rate=0.001, the config has 0.1; resume it with"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == before
+  # Its length, patience and evaluation may change.
+  tiny_config.train.learning_rate, tiny_config.train.early_stopping_patience = 1e-3, 5
+  tiny_config.eval.tta = True
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [r["epoch"] for r in reports.read_metrics(tmp_path) if r["split"] == "valid"] == [1, 2, 3]
+
+
+def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_started_again(tiny_config,
+                                                                             tmp_path):
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  summary = json.loads((tmp_path / "eval/test/summary.json").read_text())
+  shutil.rmtree(tmp_path / "eval")
+  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == summary
+  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == {}  # Now nothing is left.
+
+
+def test_fewer_epochs_than_the_plan_end_the_run_there(tiny_config, tmp_path, monkeypatch):
+  tiny_config.eval.split = "none"
+  tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 3, 30.0
+  monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 3)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # As if stopped in the third epoch.
+  tiny_config.train.epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert _final_params(tmp_path)[0] == 4
 
 
 def test_budget_shorter_than_an_epoch_still_trains_one_epoch_and_evaluates(tiny_config, tmp_path):

@@ -143,6 +143,17 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained):
     evaluate.evaluate(config, str(workdir))
 
 
+def test_checkpoint_of_a_model_computing_otherwise_is_a_clear_error(trained):
+  config, workdir, _ = trained
+  config.model.activation = "gelu"  # The same parameters, another function.
+  with pytest.raises(UserError, match=r"config.json: checkpoint does not match the config: "
+                     r"trained with model.activation='relu', the config has 'gelu'"):
+    evaluate.evaluate(config, str(workdir))
+  config.model.activation, config.model.dtype = "relu", "bfloat16"  # Only the compute dtype.
+  config.eval.split = "valid"
+  assert evaluate.evaluate(config, str(workdir))["n_images"] == 8
+
+
 def test_checkpoint_with_parameters_the_config_lacks_is_a_clear_error(tmp_path, tiny_config):
   tiny_config.train.ema_decay = 0.9
   tiny_config.train.epochs = 1

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from unet_jax import data as data_lib
-from unet_jax import evaluate
 from unet_jax import model as model_lib
 from unet_jax import reports
 from unet_jax import train
@@ -132,10 +131,7 @@ def _run_variant(name: str, config: ml_collections.ConfigDict, workdir: pathlib.
     logging.info("Variant %s finished before; skipped.", name)
     return
   start = time.perf_counter()
-  train.train_and_evaluate(config, str(workdir))
-  summary = workdir / "eval" / config.eval.split / "summary.json"
-  if not summary.is_file() and data_lib.has_split(config.data, config.eval.split, str(workdir)):
-    evaluate.evaluate(config, str(workdir))  # Training had finished, its evaluation had not.
+  train.train_and_evaluate(config, str(workdir))  # Evaluates a run trained before, if need be.
   wall = time.perf_counter() - start + (result or {}).get("wall_s", 0.0)
   if jax.process_index() == 0:
     (workdir / RESULT_FILE).write_text(json.dumps({"variant": name, "wall_s": wall}) + "\n")

@@ -100,7 +100,7 @@ class Checkpoints:
 
   def _mismatch(self, step: int, what: str) -> None:
     raise UserError(f"{self.directory}/{step}: checkpoint does not match the config: {what} "
-                    "(was model.* or train.ema_decay changed?)")
+                    "(was model.*, train.ema_decay, train.optimizer or train.grad_clip changed?)")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -28,6 +28,7 @@ THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[steps.TrainState, int]:
   """The train state of the checkpoint named by `config.eval.checkpoint`, and its step."""
+  saved_config.check_same_model(config, workdir)
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
   step = checkpoints.resolve(config.eval.checkpoint)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -44,7 +45,7 @@ def ensemble_members(config: ml_collections.ConfigDict, mesh) -> list[tuple[str,
   Each run is restored with its own saved config (width, depth, dtype may
   differ); its images must be those of this run: same size and channels.
   """
-  workdirs = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
+  workdirs = _ensemble_workdirs(config)
   member_configs = []
   for workdir in workdirs:  # All checked before any is restored.
     try:
@@ -59,6 +60,17 @@ def ensemble_members(config: ml_collections.ConfigDict, mesh) -> list[tuple[str,
     member_configs.append(member_config)
   return [(workdir, *restore_state(member_config, workdir, mesh))
           for workdir, member_config in zip(workdirs, member_configs)]
+
+
+def _ensemble_workdirs(config: ml_collections.ConfigDict) -> list[str]:
+  return [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
+
+
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """eval/<split>/; an ensemble's eval/<split>_ensemble/, beside the run's own, not over them."""
+  split = config.eval.split
+  return pathlib.Path(workdir) / "eval" / (
+      f"{split}_ensemble" if _ensemble_workdirs(config) else split)
 
 
 def averaged(predict):
@@ -210,6 +222,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   category_ids = tuple(config.data.category_ids) if is_coco else ()
   summary = {
       "split": split,
+      "data_root": str(data_lib.data_root(config.data, workdir).resolve()),
       "n_images": len(source),
       "checkpoint_step": step,
       "decode": config.eval.decode,
@@ -226,8 +239,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
-  # An ensemble's results go beside the run's own, not over them.
-  out = pathlib.Path(workdir) / "eval" / (f"{split}_ensemble" if members else split)
+  out = output_dir(config, workdir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

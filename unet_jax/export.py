@@ -47,9 +47,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   with onednn.xla_convolutions():  # The artifact runs without our custom call.
     exported = jax.export.export(jax.jit(probabilities), platforms=platforms)(spec)
 
-  serialized = exported.serialize()
-  out.mkdir(parents=True, exist_ok=True)
-  (out / MODEL_FILE).write_bytes(serialized)
   meta = {
       "input": {"height": size, "width": size, "channels": channels, "dtype": "float32",
                 "scale": "pixel values divided by the type's maximum (255 or 65535), in [0, 1]",
@@ -61,6 +58,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
       "checkpoint_step": step,
       "platforms": list(platforms),
   }
-  (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).write_bytes(exported.serialize())
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
   logging.info("Exported checkpoint %d of %s to %s", step, workdir, out)
   return out

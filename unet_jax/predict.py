@@ -93,8 +93,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
       prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
       mask = evaluate.binarise(prob, threshold, config.eval)
       stem = _output_stem(path, taken)
-      Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
-      Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
+      if jax.process_index() == 0:  # Every process has every prediction: one writes them.
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
+        Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
       rows.append({"file": path.name, "tumour_pixels": int(mask.sum()),
                    "tumour_fraction": round(float(mask.mean()), 6),
                    "max_probability": round(float(prob.max()), 6), "error": ""})

@@ -7,6 +7,7 @@ over today's defaults, so a run saved before a field existed still loads.
 
 import json
 import pathlib
+from typing import Any, Callable
 
 import ml_collections
 
@@ -14,6 +15,16 @@ from configs import default
 from unet_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
+
+# What a resumed run may change: its length and patience, how often it logs and saves, its
+# evaluation and where its data lives; not what it trains or how.
+RESUME_MAY_CHANGE = ("train.epochs", "train.time_budget_minutes", "train.early_stopping_patience",
+                     "train.plateau_patience", "train.log_every_steps", "train.keep_checkpoints",
+                     "train.checkpoint_every_epochs", "eval.", "data.root", "data.num_workers",
+                     "data.prefetch", "data.cache_dir")
+# What decides the function a checkpoint computes, beside its parameters' shapes (its
+# compute dtype may change: the parameters are float32 either way).
+_MODEL_FIELDS = ("model.", "data.image_size", "data.channels")
 
 
 def _overlay(base: ml_collections.ConfigDict, saved: dict) -> None:
@@ -40,6 +51,54 @@ def load(workdir: str) -> ml_collections.ConfigDict:
   config = default.get_config()
   _overlay(config, saved)
   return config
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _first_difference(config: ml_collections.ConfigDict, workdir: str,
+                      compared: Callable[[str], bool]) -> str | None:
+  """"KEY=SAVED, the config has NOW" for the first compared field that differs from the
+  config saved in `workdir` (None when all agree or nothing is saved there)."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    saved = _flat(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: malformed JSON ({e})") from None
+  now = _flat(json.loads(json.dumps(config.to_dict(), default=list)))
+  differ = [key for key, value in saved.items() if compared(key) and now.get(key, value) != value]
+  if not differ:
+    return None
+  more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+  return f"{differ[0]}={saved[differ[0]]!r}, the config has {now[differ[0]]!r}{more}"
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume the run in `workdir` under a config that trains something else."""
+  difference = _first_difference(config, workdir, lambda key: not key.startswith(RESUME_MAY_CHANGE))
+  if difference:
+    raise UserError(f"{pathlib.Path(workdir) / CONFIG_FILE}: the run was trained with "
+                    f"{difference}; resume it with its own values or use another --workdir (a "
+                    "resumed run may change only its length, patience, logging, checkpointing, "
+                    "eval.* and data.root)")
+
+
+def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to restore the run in `workdir` into a model that computes something else."""
+  difference = _first_difference(config, workdir,
+                                 lambda key: key.startswith(_MODEL_FIELDS) and key != "model.dtype")
+  if difference:
+    raise UserError(f"{pathlib.Path(workdir) / CONFIG_FILE}: checkpoint does not match the "
+                    f"config: trained with {difference} (without --config, a run's own is used)")
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:

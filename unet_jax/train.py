@@ -18,18 +18,18 @@ from unet_jax import evaluate
 from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
+from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax import time_budget
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
-from unet_jax.saved_config import CONFIG_FILE
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  tmp = workdir / (CONFIG_FILE + ".tmp")
+  tmp = workdir / (saved_config.CONFIG_FILE + ".tmp")
   tmp.write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
-  tmp.replace(workdir / CONFIG_FILE)
+  tmp.replace(workdir / saved_config.CONFIG_FILE)
 
 
 @dataclasses.dataclass
@@ -172,12 +172,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   counters = LoopCounters()
   start_step = checkpoints.latest_step() or 0
   if start_step:
+    saved_config.check_resumable(config, workdir)
     state, saved_counters = checkpoints.restore(start_step, state)
     counters = LoopCounters(**saved_counters)
-    reports.truncate_metrics(workdir, start_step)
+    if jax.process_index() == 0:
+      reports.truncate_metrics(workdir, start_step)
     logging.info("Resumed from step %d", start_step)
   budgeted = train_cfg.time_budget_minutes > 0
-  epochs = counters.planned_epochs if budgeted and counters.planned_epochs else train_cfg.epochs
+  epochs = train_cfg.epochs
+  if budgeted and counters.planned_epochs:  # Kept, unless train.epochs is now lower.
+    epochs = min(counters.planned_epochs, train_cfg.epochs)
   if epochs != train_cfg.epochs:
     logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
                  epochs)
@@ -191,7 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("%s already finished at step %d%s; %s to train further.",
                  workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()
-    return {}
+    if _evaluated(config, workdir):
+      return {}
+    logging.info("Its final evaluation had not finished: evaluating.")
+    return _final_evaluation(config, workdir)
   if jax.process_index() == 0:
     write_config(_with_epochs(config, epochs), workdir_path)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
@@ -199,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   planning = budgeted and not start_step
 
   p_train, p_eval = steps.jit_steps(config, mesh)
-  batches = pipeline.train_batches(train_source, config, start_step)
+  batches = pipeline.train_batches(train_source, _with_epochs(config, epochs), start_step)
   window_start, window, names = time.perf_counter(), [], []
   epoch_ends, first_epoch_syncs = [window_start], []
   for step in range(start_step, total_steps):
@@ -256,7 +263,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     window_start = time.perf_counter()
   checkpoints.wait()
   checkpoints.close()
+  return _final_evaluation(config, workdir)
 
+
+def _evaluated(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether the run's final evaluation is written, or there is none to write."""
+  return (evaluate.output_dir(config, workdir) / "summary.json").is_file() or not (
+      data_lib.has_split(config.data, config.eval.split, workdir))
+
+
+def _final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if data_lib.has_split(config.data, config.eval.split, workdir):
     return evaluate.evaluate(config, workdir)
   logging.info("No %r split in the dataset; skipped the final evaluation.", config.eval.split)

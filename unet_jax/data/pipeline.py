@@ -63,8 +63,12 @@ def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0
     augment_lib.check(config.augment)
     dataset = dataset.random_map(functools.partial(augment_lib.augment, config=config.augment),
                                  seed=config.train.seed + 1)
+  # Whole global batches only, before each process takes its share: every process then has
+  # the same number of batches in an epoch, and a global batch never spans two epochs.
+  global_batch = config.train.batch_size
+  dataset = dataset[:len(dataset) // global_batch * global_batch]
   dataset = dataset[jax.process_index()::jax.process_count()]
-  dataset = dataset.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
+  dataset = dataset.batch(local_batch_size(global_batch))
   dataset = dataset.repeat(config.train.epochs)
   return _to_iterator(dataset[start_step:], config)
 
