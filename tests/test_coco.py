@@ -15,7 +15,7 @@ import pytest
 from configs import brain
 from unet_jax import data
 from unet_jax.data import coco
-from unet_jax.data import images
+from unet_jax import images
 from unet_jax.errors import UserError
 
 CATEGORIES = [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}]

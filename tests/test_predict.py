@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -127,3 +129,12 @@ def test_unknown_decode_stops_evaluation_with_one_line(run):
   config.eval.decode = "otsu"
   with pytest.raises(UserError, match="eval.decode='otsu' is not one of"):
     evaluate.evaluate(config, str(workdir))
+
+
+def test_serving_runs_without_the_model_code():
+  script = ("import sys; import unet_jax.serving; "
+            "print(sorted(m for m in ('flax', 'optax', 'orbax', 'grain', 'ml_collections', "
+            "'pycocotools', 'unet_jax.model', 'unet_jax.data') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == "[]"

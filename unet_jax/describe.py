@@ -32,11 +32,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from unet_jax import data as data_lib
+from unet_jax import images as images_lib
 from unet_jax.data import brats
 from unet_jax.data import coco
 from unet_jax.data import coco_json
 from unet_jax.data import folders
-from unet_jax.data import images as images_lib
 from unet_jax.data import splits
 from unet_jax.errors import UserError
 

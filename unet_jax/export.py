@@ -49,7 +49,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
 
   meta = {
       "input": {"height": size, "width": size, "channels": channels, "dtype": "float32",
-                "scale": "pixel values divided by the type's maximum (255 or 65535), in [0, 1]",
+                "scale": "by the image type: 8-bit / 255, 16- and 32-bit integer / 65535, "
+                         "float as it is; in [0, 1]",
                 "resize": "bilinear to height x width"},
       "output": "tumour probability per pixel, (N, height, width)",
       "decode": config.eval.decode,

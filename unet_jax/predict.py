@@ -12,9 +12,9 @@ from PIL import Image
 from scipy import ndimage
 
 from unet_jax import evaluate
+from unet_jax import images as images_lib
 from unet_jax import parallel
 from unet_jax import steps
-from unet_jax.data import images as images_lib
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

@@ -5,8 +5,9 @@
     probs = model(images)            # (N, H, W, C) float32 in [0, 1] -> (N, H, W)
     mask = model.predict_file("scan.png")   # bool mask at the file's own size
 
-This module deliberately imports nothing of the model code (only the numpy
-`decoding`), so the folder can be copied next to any jax installation. It
+This module deliberately imports nothing of the model code (only `decoding`
+and `images`: numpy and Pillow), so the folder can be copied next to any jax
+installation. An image file is read and resized exactly as in training. It
 applies model.json's decode rule and `never_empty`, not evaluation's other
 post-processing (the largest blob, the box).
 """
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import decoding
+from unet_jax import images
 
 
 class ExportedModel:
@@ -35,23 +37,10 @@ class ExportedModel:
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
     """The mask (model.json's decode rule) of one image file, at the file's own size."""
     spec = self.meta["input"]
-    with Image.open(path) as img:
-      if img.mode.startswith("I;16"):
-        array = np.asarray(img, np.float32) / 65535.0
-      else:
-        array = np.asarray(img.convert("L" if spec["channels"] == 1 else "RGB"), np.float32) / 255.0
-    planes = array[..., None] if array.ndim == 2 else array
-    resized = np.stack([_resize(planes[..., c], (spec["width"], spec["height"]))
-                        for c in range(planes.shape[-1])], axis=-1)
-    if resized.shape[-1] != spec["channels"]:
-      resized = np.repeat(resized, spec["channels"], axis=-1)
-    prob = _resize(self(resized[None])[0], (array.shape[1], array.shape[0]))
-    return decoding.decode(prob, self.meta.get("decode", "threshold"), self.meta["threshold"],
-                           self.meta.get("never_empty", False))
-
-
-def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(Image.fromarray(np.asarray(plane, np.float32)).resize(size, Image.Resampling.BILINEAR))
+    image, size = images.load_image(path, spec["channels"], spec["height"])
+    prob = Image.fromarray(self(image[None])[0]).resize(size, Image.Resampling.BILINEAR)
+    return decoding.decode(np.asarray(prob), self.meta.get("decode", "threshold"),
+                           self.meta["threshold"], self.meta.get("never_empty", False))
 
 
 def load(folder: str | pathlib.Path) -> ExportedModel:

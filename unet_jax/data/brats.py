@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_jax.data import images as images_lib
+from unet_jax import images as images_lib
 from unet_jax.data import splits
 from unet_jax.errors import UserError
 

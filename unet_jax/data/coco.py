@@ -27,8 +27,8 @@ from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from unet_jax import images as images_lib
 from unet_jax.data import coco_json
-from unet_jax.data import images as images_lib
 from unet_jax.data import splits
 from unet_jax.errors import UserError
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax.data import images as images_lib
+from unet_jax import images as images_lib
 from unet_jax.data import splits
 from unet_jax.errors import UserError
 
