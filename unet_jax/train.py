@@ -25,7 +25,6 @@ from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
 
-
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   tmp = workdir / (saved_config.CONFIG_FILE + ".tmp")
   tmp.write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
