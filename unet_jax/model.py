@@ -353,14 +353,15 @@ class UNet(nn.Module):
       x = block(level, f"decode_{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
       if self.deep_supervision and level > 0:
-        aux = _depth_to_space(layers.Conv(head_channels, (1, 1), dtype=self.dtype,
+        aux = _depth_to_space(layers.Conv(head_channels, (1, 1), dtype=jnp.float32,
                                           name=f"aux_head_{level}")(x), self.patch_size)
         size = [math.ceil(side / 2**level) for side in (height, width)]
         self.sow("intermediates", f"aux_logits_{level}",
-                 aux[:, :size[0], :size[1]].astype(jnp.float32))
+                 aux[:, :size[0], :size[1]])
 
-    logits = layers.Conv(head_channels, (1, 1), dtype=self.dtype, name="head")(x)
-    logits = _depth_to_space(logits, self.patch_size)[:, :height, :width].astype(jnp.float32)
+    # The heads in float32 (a 1x1 conv: nothing to save), so the logits are float32-precise.
+    logits = layers.Conv(head_channels, (1, 1), dtype=jnp.float32, name="head")(x)
+    logits = _depth_to_space(logits, self.patch_size)[:, :height, :width]
     if ensembled:
       logits = subnetworks_lib.mean_probability_logits(
           subnetworks_lib.split_logits(logits, self.subnetworks))
