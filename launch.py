@@ -5,6 +5,7 @@
 """
 
 import os
+import re
 import sys
 
 from unet_jax import xla_config  # pylint: disable=g-bad-import-order
@@ -37,9 +38,12 @@ _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (required)
 
 
 class _OnlyOurInfo(logging.logging.Filter):
-  """Keeps library INFO chatter (orbax, grain, jax) out of the run's log."""
+  """Keeps library INFO chatter (orbax, grain, jax) out of the run's log, and orbax's
+  warning that the checkpoints evaluation opens read-only are read-only."""
 
   def filter(self, record):
+    if "/orbax/" in record.pathname and record.getMessage().startswith("Given directory is read"):
+      return False
     return record.levelno > logging.logging.INFO or not any(
         lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/", "/jaxlib/"))
 
@@ -105,6 +109,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required in this mode")
+  try:
+    "train" in _CONFIG.value  # ml_collections reports a config file it failed to load on use.
+  except OSError as e:
+    sys.exit(f"error: --config: {_one_line(e)}")
+  for name, folder in (("workdir", _WORKDIR.value), ("output", _OUTPUT.value)):
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+      sys.exit(f"error: --{name}={folder} is a file; give a folder")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
@@ -118,6 +129,28 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag, --config file, variant or field one line, not a
+  traceback (ml_collections puts one in its messages)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+    sys.exit(f"error: {_one_line(e)}")
+
+
+def _one_line(error: BaseException) -> str:
+  """The line of a flag or config error that says what is wrong."""
+  if isinstance(error, flags.Error) and "Traceback" not in str(error):
+    return str(error).splitlines()[0]
+  cause = error
+  while cause.__cause__ or cause.__context__:
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, KeyError):  # A --config.* field the config does not have.
+    hint = re.search(r'Did you mean "\w+"', str(error))
+    return f"the config has no field {cause}" + (f" ({hint.group(0).lower()}?)" if hint else "")
+  return [line.strip() for line in str(cause).splitlines() if line.strip()][-1]
+
+
 if __name__ == "__main__":
   sys.argv = _argv_with_saved_config(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

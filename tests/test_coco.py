@@ -135,9 +135,14 @@ def test_zero_area_polygons_are_ignored_with_a_warning(tmp_path, caplog):
   assert source.mask(0).sum() > 0  # the one real triangle is kept
   assert caplog.text.count("zero-area polygon ignored") == 2
   caplog.clear()
-  outside = _one(tmp_path, {"image_id": 0, "category_id": 1,
-                            "segmentation": [[20, 20, 30, 20, 30, 30]]})
+  outside = coco.CocoSource(_export(tmp_path / "two", {0: "a.png", 1: "b.png"}, [
+      {"image_id": 0, "category_id": 1, "segmentation": [[20, 20, 30, 20, 30, 30]]},
+      {"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]), "train", 8)
   assert outside.mask(0).sum() == 0 and "lies outside the 8x8 image; ignored" in caplog.text
+  # With every annotation dropped, the split has nothing to learn: refused before training.
+  with pytest.raises(UserError, match=r"none of its annotations is usable, so train has no "
+                     r"tumour to learn or score \(.*lies outside the 8x8 image; ignored\)"):
+    _one(tmp_path, {"image_id": 0, "category_id": 1, "segmentation": [[20, 20, 30, 20, 30, 30]]})
 
 
 def test_image_without_annotation_is_a_negative(tmp_path):

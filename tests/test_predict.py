@@ -74,9 +74,18 @@ def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path):
     assert Image.open(out / f"{stem}_overlay.png").size == size
     row = table[f"{stem}.{'tif' if stem == 'deep' else 'jpg' if stem == 'photo' else 'png'}"]
     assert int(row["tumour_pixels"]) == (np.asarray(mask) > 0).sum()
+    assert row["mask_file"] == f"{stem}_mask.png"
   # 16-bit and 8-bit versions of one slice give the same mask.
   np.testing.assert_array_equal(np.asarray(Image.open(out / "deep_mask.png")),
                                 np.asarray(Image.open(out / "grey_mask.png")))
+
+
+def test_predict_refuses_to_write_among_the_images(run, tmp_path):
+  config, workdir = run
+  Image.open(_phantom(workdir)).save(tmp_path / "scan.png")
+  with pytest.raises(UserError, match="is where the images are"):
+    predict.predict(config, str(workdir), str(tmp_path / "scan.png"), str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png"]
 
 
 def test_exported_model_matches_the_in_process_model(run, tmp_path):
@@ -90,6 +99,8 @@ def test_exported_model_matches_the_in_process_model(run, tmp_path):
   np.testing.assert_allclose(model(images), steps.predict_step(state, images), atol=1e-6)
   mask = model.predict_file(_phantom(workdir))
   assert mask.shape == (32, 32) and mask.dtype == bool
+  with pytest.raises(ValueError, match=r"the model takes \(N, 32, 32, 1\); predict_file"):
+    model(images[:, :16])
 
 
 def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(tiny_config, tmp_path):

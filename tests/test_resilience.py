@@ -171,6 +171,16 @@ def test_fewer_epochs_than_the_plan_end_the_run_there(tiny_config, tmp_path, mon
   assert _final_params(tmp_path)[0] == 4
 
 
+def test_a_missing_test_image_stops_the_run_before_training(tiny_config, tmp_path):
+  root = tmp_path / "export"
+  shutil.copytree(data.data_root(tiny_config.data, str(tmp_path / "phantoms")), root)
+  (root / "test" / "phantom_test_00003.png").unlink()
+  tiny_config.data.root, tiny_config.data.synthetic.enabled = str(root), False
+  with pytest.raises(UserError, match="phantom_test_00003.png: image file not found"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_budget_shorter_than_an_epoch_still_trains_one_epoch_and_evaluates(tiny_config, tmp_path):
   tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 3, 1e-4
   summary = train.train_and_evaluate(tiny_config, str(tmp_path))

@@ -362,5 +362,21 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: data.root")
   assert "configs/brain.py:demo" in result.stderr
-  result = launch("--config=configs/brain.py", f"--workdir={tmp_path}", "--config.model.widht=3")
-  assert result.returncode != 0 and "widht" in result.stderr
+  (tmp_path / "a_file").touch()
+  for args, line in (
+      (["--config=configs/brain.py", "--config.model.widht=3"],
+       "error: the config has no field 'widht'"),
+      (["--config=configs/brain.py", "--config.train.epoch=3"],
+       "error: the config has no field 'epoch' (did you mean \"epochs\"?)"),
+      (["--config=configs/nope.py"],
+       "error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+      (["--config=configs/brain.py:demoo"], "error: configs/brain.py: unknown variant 'demoo'"),
+      (["--config=configs/brain.py", "--config.train.epochs=abc"],
+       "error: flag --config.train.epochs=abc: invalid literal"),
+      (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file'}"],
+       f"error: --workdir={tmp_path / 'a_file'} is a file; give a folder"),
+      (["--config=configs/brain.py:smoke", "--config.train.batch_size=0"],
+       "error: batch size 0: use 1 or more")):
+    result = launch(f"--workdir={tmp_path / 'run'}", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]

@@ -18,7 +18,8 @@ from unet_jax import steps
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-CSV_FIELDS = ("file", "tumour_pixels", "tumour_fraction", "max_probability", "error")
+CSV_FIELDS = ("file", "mask_file", "tumour_pixels", "tumour_fraction", "max_probability",
+              "error")
 
 
 def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -65,6 +66,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
                     "has those; pass --config.eval.threshold)", config.eval.threshold)
   files = list_inputs(input_path)
   out = pathlib.Path(output_dir)
+  if out.resolve() in {f.parent.resolve() for f in files}:
+    raise UserError(f"--output={output_dir} is where the images are: the masks would mix with "
+                    "them (and could overwrite one); give another folder")
   out.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh()
   state, step = evaluate.restore_state(config, workdir, mesh)
@@ -96,7 +100,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
       if jax.process_index() == 0:  # Every process has every prediction: one writes them.
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
         Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
-      rows.append({"file": path.name, "tumour_pixels": int(mask.sum()),
+      rows.append({"file": path.name, "mask_file": f"{stem}_mask.png",
+                   "tumour_pixels": int(mask.sum()),
                    "tumour_fraction": round(float(mask.mean()), 6),
                    "max_probability": round(float(prob.max()), 6), "error": ""})
 

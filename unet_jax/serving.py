@@ -1,13 +1,14 @@
-"""Runs an exported model (from `--mode=export`) with jax, numpy and Pillow only.
+"""Runs an exported model (from `--mode=export`) with jax, numpy and Pillow.
 
     from unet_jax import serving
     model = serving.load("runs/demo/export")
-    probs = model(images)            # (N, H, W, C) float32 in [0, 1] -> (N, H, W)
+    probs = model(images)            # (N, H, W, C) float32 in [0, 1], model.json's size
     mask = model.predict_file("scan.png")   # bool mask at the file's own size
 
 This module deliberately imports nothing of the model code (only `decoding`
-and `images`: numpy and Pillow), so the folder can be copied next to any jax
-installation. An image file is read and resized exactly as in training. It
+and `images`, themselves numpy and Pillow), so it, those two and the export
+folder run beside any jax installation. A file is read and resized exactly as
+in training. It
 applies model.json's decode rule and `never_empty`, not evaluation's other
 post-processing (the largest blob, the box).
 """
@@ -32,7 +33,13 @@ class ExportedModel:
     self._exported = jax.export.deserialize(bytearray((folder / "model.jax_exported").read_bytes()))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    return np.asarray(self._exported.call(np.asarray(images, np.float32)))
+    """(N, height, width, channels) in [0, 1], at model.json's size -> (N, height, width)."""
+    spec = self.meta["input"]
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != (spec["height"], spec["width"], spec["channels"]):
+      raise ValueError(f"images of shape {images.shape}: the model takes (N, {spec['height']}, "
+                       f"{spec['width']}, {spec['channels']}); predict_file resizes a file")
+    return np.asarray(self._exported.call(images))
 
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
     """The mask (model.json's decode rule) of one image file, at the file's own size."""

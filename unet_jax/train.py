@@ -161,6 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
+  if config.eval.split != config.data.val_split and data_lib.has_split(
+      config.data, config.eval.split, workdir):
+    # Its files and annotations checked now, not after the hours of training.
+    data_lib.build_source(config.data, config.eval.split, workdir)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 

@@ -249,6 +249,10 @@ class CocoSource:
     self._counts = [label_counts(subset, image, self.category_ids, problems)
                     for image in subset.images]
     log_problems(problems, self.json_path)
+    if problems and not any(self._counts):
+      more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+      raise UserError(f"{self.json_path}: none of its annotations is usable, so {split} has no "
+                      f"tumour to learn or score ({problems[0]}{more})")
     stat = self.json_path.stat()
     listing = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
     self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "

@@ -19,8 +19,14 @@ from unet_jax.data import augment as augment_lib
 from unet_jax.errors import UserError
 
 
+def _check_positive(batch_size: int) -> None:
+  if batch_size < 1:
+    raise UserError(f"batch size {batch_size}: use 1 or more")
+
+
 def local_batch_size(global_batch_size: int) -> int:
   """The batch each process reads; the global batch must split evenly."""
+  _check_positive(global_batch_size)
   devices, processes = jax.device_count(), jax.process_count()
   if global_batch_size % devices:
     raise UserError(f"batch size {global_batch_size} does not divide evenly over "
@@ -29,6 +35,7 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  _check_positive(global_batch_size)
   steps = num_examples // global_batch_size
   if steps == 0:
     raise UserError(f"the training split has {num_examples} images, fewer than one "
