@@ -145,6 +145,15 @@ def test_zero_area_polygons_are_ignored_with_a_warning(tmp_path, caplog):
     _one(tmp_path, {"image_id": 0, "category_id": 1, "segmentation": [[20, 20, 30, 20, 30, 30]]})
 
 
+def test_annotation_of_an_undeclared_category_is_ignored_with_a_warning(tmp_path, caplog):
+  caplog.set_level(logging.WARNING)
+  source = coco.CocoSource(_export(tmp_path, {0: "a.png", 1: "b.png"}, [
+      {"image_id": 0, "category_id": 7, "bbox": [1, 1, 4, 4]},
+      {"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]), "train", 8)
+  assert source.mask(0).sum() == 0 and source.mask(1).sum() == 16
+  assert "category_id 7 is not among the file's categories; ignored" in caplog.text
+
+
 def test_image_without_annotation_is_a_negative(tmp_path):
   root = _export(tmp_path, {0: "a.png", 1: "b.png"},
                  [{"image_id": 0, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4]],

@@ -184,6 +184,10 @@ def shapes_of(subset: Subset, image: dict[str, Any], category_ids: Sequence[Any]
     if category_ids and annotation.get("category_id") not in category_ids:
       continue
     where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
+    if subset.categories and annotation.get("category_id") not in subset.categories:
+      problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not among "
+                      "the file's categories; ignored")
+      continue
     shape = coco_json.shape_of(annotation, image["height"], image["width"], where, problems)
     if shape is not None:
       shapes.append(shape)
