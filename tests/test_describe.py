@@ -106,6 +106,18 @@ def test_lgg_rows_per_slice_with_the_mask_as_rle(tmp_path):
   assert all(len(subsets) == 1 for subsets in by_patient.values())
 
 
+def test_lgg_unreadable_mask_is_listed_and_the_rest_described(tmp_path):
+  config = lgg.get_config()
+  root = test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:2])
+  broken = sorted(root.rglob("*_mask.tif"))[0]
+  broken.write_bytes(b"not a tiff")
+  config.data.root = str(root)
+  config.data.val_fraction, config.data.test_fraction = 0.0, 0.0
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert len(_rows(tmp_path / "out")) == 5
+  assert summary["num_problems"] == 1 and str(broken) in summary["problems"][0]
+
+
 def test_brats_rows_per_slice(tmp_path):
   pytest.importorskip("h5py")
   import test_brats  # pylint: disable=g-import-not-at-top

@@ -105,7 +105,8 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       yield described
 
 
-def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path) -> Iterator[_Image]:
+def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
+                  problems: list[str]) -> Iterator[_Image]:
   fmt = data_lib.data_format(data_config)
   subsets = data_lib.group_subsets(data_config, root)
   if fmt == "lgg":
@@ -113,10 +114,14 @@ def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path) ->
   else:
     slices = [(volume, name, name) for volume, name in brats.scan(root)]
   for group, file_name, mask_name in slices:
-    if fmt == "lgg":
-      mask = images_lib.read_mask(root / mask_name)
-    else:
-      mask = brats.read_mask(root / mask_name, data_config.mask_channels)
+    try:
+      if fmt == "lgg":
+        mask = images_lib.read_mask(root / mask_name)
+      else:
+        mask = brats.read_mask(root / mask_name, data_config.mask_channels)
+    except UserError as e:  # Listed among the problems; the other slices are described.
+      problems.append(str(e))
+      continue
     described = _Image(subsets[group], file_name, mask.shape[1], mask.shape[0])
     described.foreground = int(mask.sum())
     if described.foreground:
@@ -211,7 +216,7 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if fmt == "coco":
     images = _coco_images(data_config, root, categories, problems)
   else:
-    images = _slice_images(data_config, root)
+    images = _slice_images(data_config, root, problems)
     categories["1"] = "tumour"
   stats: dict[str, _Stats] = collections.defaultdict(_Stats)
   total = _Stats()
