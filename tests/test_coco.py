@@ -338,15 +338,16 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
   root = _export(tmp_path, {0: "a.png"}, [])
   json_path = root / "train" / coco.ANNOTATIONS_FILE
 
+  # Each caught when the source is made, before any training: headers are read then.
   (root / "train" / "a.png").write_bytes(b"not a png")
   with pytest.raises(UserError, match=r"a\.png: not a readable image"):
-    coco.CocoSource(root, "train", 8)[0]
+    coco.CocoSource(root, "train", 8)
   os.remove(root / "train" / "a.png")
   with pytest.raises(UserError, match=r"a\.png: image file not found"):
     coco.CocoSource(root, "train", 8)
   Image.new("L", (6, 8)).save(root / "train" / "a.png")
   with pytest.raises(UserError, match=r"a\.png: image is 6x8 but"):
-    coco.CocoSource(root, "train", 8)[0]
+    coco.CocoSource(root, "train", 8)
 
   json_path.write_text("{not json")
   with pytest.raises(UserError, match="malformed JSON"):

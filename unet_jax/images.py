@@ -49,6 +49,16 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
   return width, height
 
 
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+  """An image file's (width, height) as displayed, from its header alone.
+
+  Raises:
+    UserError: the file is missing or not a readable image.
+  """
+  with _opened(path) as img:
+    return _upright_size(img)
+
+
 def _as_float(img: Image.Image, channels: int, path: str | os.PathLike) -> np.ndarray:
   """float32 (H, W, channels) in [0, 1] of an open image (see `read_image` for the scale)."""
   if _wide(img.mode):
