@@ -161,8 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
-  if config.eval.split != config.data.val_split and data_lib.has_split(
-      config.data, config.eval.split, workdir):
+  evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
+  if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
     data_lib.build_source(config.data, config.eval.split, workdir)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
                  epochs)
     state = _scheduled_over(state, config, epochs, epoch_steps)
-  total_steps = epochs * epoch_steps
+  total_steps, planned = epochs * epoch_steps, _with_epochs(config, epochs)
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
   if start_step >= total_steps or stopped:
@@ -198,18 +198,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("%s already finished at step %d%s; %s to train further.",
                  workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()
-    if _evaluated(config, workdir):
+    if not evaluates or (evaluate.output_dir(config, workdir) / "summary.json").is_file():
       return {}
     logging.info("Its final evaluation had not finished: evaluating.")
-    return _final_evaluation(config, workdir)
+    return evaluate.evaluate(config, workdir)
   if jax.process_index() == 0:
-    write_config(_with_epochs(config, epochs), workdir_path)
+    write_config(planned, workdir_path)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
                total_steps, epochs, epoch_steps, train_cfg.batch_size, jax.device_count())
   planning = budgeted and not start_step
 
   p_train, p_eval = steps.jit_steps(config, mesh)
-  batches = pipeline.train_batches(train_source, _with_epochs(config, epochs), start_step)
+  batches = pipeline.train_batches(train_source, planned, start_step)
   window_start, window, names = time.perf_counter(), [], []
   epoch_ends, first_epoch_syncs = [window_start], []
   for step in range(start_step, total_steps):
@@ -266,17 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     window_start = time.perf_counter()
   checkpoints.wait()
   checkpoints.close()
-  return _final_evaluation(config, workdir)
-
-
-def _evaluated(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Whether the run's final evaluation is written, or there is none to write."""
-  return (evaluate.output_dir(config, workdir) / "summary.json").is_file() or not (
-      data_lib.has_split(config.data, config.eval.split, workdir))
-
-
-def _final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  if data_lib.has_split(config.data, config.eval.split, workdir):
+  if evaluates:
     return evaluate.evaluate(config, workdir)
   logging.info("No %r split in the dataset; skipped the final evaluation.", config.eval.split)
   return {}
