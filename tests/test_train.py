@@ -154,12 +154,18 @@ def test_checkpoint_of_a_model_computing_otherwise_is_a_clear_error(trained):
   assert evaluate.evaluate(config, str(workdir))["n_images"] == 8
 
 
-def test_checkpoint_with_parameters_the_config_lacks_is_a_clear_error(tmp_path, tiny_config):
+def test_evaluation_restores_whatever_optimiser_and_ema_the_run_trained_with(
+    tmp_path, tiny_config):
   tiny_config.train.ema_decay = 0.9
-  tiny_config.train.epochs = 1
+  tiny_config.eval.split = "valid"
   train.train_and_evaluate(tiny_config, str(tmp_path))
-  tiny_config.train.ema_decay = 0.0
-  with pytest.raises(UserError, match="ema_params/.* is in the checkpoint but not in the model"):
+  trained_as = evaluate.evaluate(tiny_config, str(tmp_path))["metrics"]
+  tiny_config.train.update(ema_decay=0.0, optimizer="sgd", grad_clip=1.0)
+  assert evaluate.evaluate(tiny_config, str(tmp_path))["metrics"] == trained_as
+  # Checkpoints moved without their run's config.json are restored as the config says.
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(UserError, match="checkpoints/2: checkpoint does not match the config: "
+                                      "opt_state/.* is missing in the checkpoint"):
     evaluate.evaluate(tiny_config, str(tmp_path))
 
 

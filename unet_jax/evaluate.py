@@ -32,7 +32,13 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tupl
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
   step = checkpoints.resolve(config.eval.checkpoint)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  target = steps.abstract_train_state(config, image_shape, optim.make_optimizer(config, 1, 1),
+  # The optimiser state and the EMA are laid out as the run trained them, whatever train.*
+  # says now: evaluation needs neither, but the checkpoint holds them.
+  target_config = config.copy_and_resolve_references()
+  if (pathlib.Path(workdir) / saved_config.CONFIG_FILE).is_file():
+    target_config.train = saved_config.load(workdir).train
+  target = steps.abstract_train_state(target_config, image_shape,
+                                      optim.make_optimizer(target_config, 1, 1),
                                       parallel.replicated(mesh))
   state, _ = checkpoints.restore(step, target)
   checkpoints.close()
