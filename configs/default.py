@@ -134,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.dice_per_image = True  # Dice per image (True) or over the whole batch (False).
   train.log_every_steps = 10  # Train loss is written to metrics.jsonl this often.
   train.keep_checkpoints = 2  # Latest checkpoints kept (the best is always kept).
-  train.checkpoint_every_epochs = 1  # Save this often (and always at the end).
+  # Save this often (and always at the end, and at each best validation Dice so far).
+  train.checkpoint_every_epochs = 1
 
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.split = "test"  # Split evaluated by --mode=eval and after training.

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
                       steps, time_budget, train)
 from unet_jax.data import pipeline
@@ -167,6 +168,24 @@ def test_evaluation_restores_whatever_optimiser_and_ema_the_run_trained_with(
   with pytest.raises(UserError, match="checkpoints/2: checkpoint does not match the config: "
                                       "opt_state/.* is missing in the checkpoint"):
     evaluate.evaluate(tiny_config, str(tmp_path))
+
+
+def test_every_best_epoch_is_saved_whatever_the_cadence(tmp_path, tiny_config):
+  tiny_config.train.update(epochs=3, checkpoint_every_epochs=100, keep_checkpoints=10)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  val = [r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]
+  bests = [r["step"] for k, r in enumerate(val) if r["dice"] >= max(v["dice"] for v in val[:k + 1])]
+  saved = checkpoint_lib.Checkpoints(tmp_path, read_only=True)
+  assert set(bests) | {val[-1]["step"]} == set(saved.manager.all_steps())
+  assert saved.resolve("best") == bests[-1] == reports.best_validation(val)["step"]
+
+
+def test_best_validation_is_the_latest_of_equal_ones():
+  records = [{"split": "valid", "epoch": e, "step": 2 * e, "dice": d}
+             for e, d in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6))]
+  records.insert(1, {"split": "train", "epoch": 2, "step": 3, "loss": 0.1})
+  assert reports.best_validation(records)["epoch"] == 3
+  assert reports.best_validation(records[1:2]) is None
 
 
 def test_finished_run_is_not_trained_again(trained):

@@ -155,10 +155,9 @@ def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
                 flags: list[str]) -> dict[str, Any]:
   """One row of the table, read from the variant's metrics.jsonl, eval summary and result."""
   records = reports.read_metrics(workdir)
-  val = [r for r in records if r["split"] == "valid"]
   # The first train window includes compiling the step.
   speeds = [r["img_per_s"] for r in records if r["split"] == "train"][1:]
-  best = max(val, key=lambda r: r["dice"]) if val else {}
+  best = reports.best_validation(records) or {}
   summary = _read_json(workdir / "eval" / config.eval.split / "summary.json")
   result = _read_json(workdir / RESULT_FILE) or {}
   return {

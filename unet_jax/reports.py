@@ -37,6 +37,12 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
   tmp.replace(path)
 
 
+def best_validation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The validation record of highest Dice; of equal ones the latest, as Orbax's best step."""
+  val = [r for r in records if r["split"] == "valid"]
+  return max(reversed(val), key=lambda r: r["dice"]) if val else None
+
+
 def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
   """Train/val loss and val Dice per epoch, best epoch marked; returns the PNG path."""
   records = read_metrics(workdir)
@@ -45,6 +51,7 @@ def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
     if r["split"] == "train":
       train_loss.setdefault(r["epoch"], []).append(r["loss"])
   val = [r for r in records if r["split"] == "valid"]
+  best = best_validation(records)
 
   fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 4))
   epochs = sorted(train_loss)
@@ -54,8 +61,7 @@ def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
   loss_ax.legend()
   dice_ax.plot([r["epoch"] for r in val], [r["dice"] for r in val], "s-", color="C1",
                label="validation Dice")
-  if val:
-    best = max(val, key=lambda r: r["dice"])
+  if best:
     dice_ax.axvline(best["epoch"], color="grey", linestyle="--",
                     label=f"best: epoch {best['epoch']}, Dice {best['dice']:.3f}")
   dice_ax.set(title="Validation Dice (mean per image)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))

@@ -252,7 +252,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state.replace(lr_scale=state.lr_scale * train_cfg.plateau_factor)
       logging.info("validation loss plateaued: learning rate scaled to %.3g",
                    float(state.lr_scale))
-    if epoch % train_cfg.checkpoint_every_epochs == 0 or step + 1 == total_steps or stop:
+    # Every epoch that equals or beats the best is saved, whatever the cadence: Orbax's best
+    # is the latest of equal ones, as the learning curve marks it.
+    best_yet = val["dice"] >= counters.best_dice
+    if (epoch % train_cfg.checkpoint_every_epochs == 0 or best_yet or step + 1 == total_steps
+        or stop):
       checkpoints.save(step + 1, state, {checkpoint_lib.BEST_METRIC: val["dice"]},
                        dataclasses.asdict(counters))
     if jax.process_index() == 0:
