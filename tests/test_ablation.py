@@ -61,18 +61,19 @@ def test_smoke_sweep_trains_every_variant_on_one_dataset(smoke):
 
 def test_smoke_table_reads_the_runs(smoke):
   rows = _csv_rows(smoke)
-  assert list(rows[0]) == ["variant", "pooling", "activation", "params", "best_epoch",
-                           "val_dice", "val_iou", "test_dice", "img_per_s", "wall_s"]
+  assert list(rows[0]) == ["variant", "pooling", "activation", "params", "epochs",
+                           "best_epoch", "val_dice", "val_iou", "test_dice", "img_per_s", "wall_s"]
   assert sorted(r["variant"] for r in rows) == ["avg_gelu", "max_relu"]
   assert [float(r["val_dice"]) for r in rows] == sorted(
       (float(r["val_dice"]) for r in rows), reverse=True)
   for row in rows:
     run = smoke / row["variant"]
     records = reports.read_metrics(run)
-    best = max((r for r in records if r["split"] == "valid"), key=lambda r: r["dice"])
+    best = max(reversed([r for r in records if r["split"] == "valid"]), key=lambda r: r["dice"])
     assert float(row["val_dice"]) == pytest.approx(best["dice"])
     assert float(row["val_iou"]) == pytest.approx(best["iou"])
     assert int(row["best_epoch"]) == best["epoch"]
+    assert int(row["epochs"]) == 2
     summary = json.loads((run / "eval/test/summary.json").read_text())
     assert float(row["test_dice"]) == pytest.approx(summary["metrics"]["dice"]["mean"])
     speeds = [r["img_per_s"] for r in records if r["split"] == "train"]
@@ -197,15 +198,16 @@ def test_table_from_run_files(tmp_path):
   assert [r["variant"] for r in rows] == ["good", "bad", "unfinished"]
   good = rows[0]
   assert good["dilation"] == (1, 2, 2) and good["best_epoch"] == 2
+  assert good["epochs"] == 2
   assert good["val_dice"] == 0.7 and good["val_iou"] == pytest.approx(0.6)
   assert good["test_dice"] == 0.6 and good["img_per_s"] == 20.0 and good["wall_s"] == 125.0
   assert rows[2]["val_dice"] is None and rows[2]["img_per_s"] is None
   ablation.write_tables(rows, tmp_path, "# title")
   md = (tmp_path / ablation.MD_FILE).read_text().splitlines()
   assert md[0] == "# title"
-  assert md[2] == ("| variant | dilation | params | best_epoch | val_dice | val_iou | test_dice "
-                   "| train img/s | wall (m:s) |")
+  assert md[2] == ("| variant | dilation | params | epochs | best_epoch | val_dice | val_iou "
+                   "| test_dice | train img/s | wall (m:s) |")
   assert md[4].startswith("| good | (1,2,2) | ") and md[4].endswith(
-      "| 2 | 0.7000 | 0.6000 | 0.6000 | 20.0 | 2:05 |")
-  assert md[6].startswith("| unfinished | 1 |") and md[6].endswith("|  |  |  |  |  |  |")
+      "| 2 | 2 | 0.7000 | 0.6000 | 0.6000 | 20.0 | 2:05 |")
+  assert md[6].startswith("| unfinished | 1 |") and md[6].endswith("|  |  |  |  |  |  |  |")
   assert _csv_rows(tmp_path)[0]["dilation"] == "(1,2,2)"

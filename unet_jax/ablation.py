@@ -164,6 +164,7 @@ def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
       "variant": name,
       **{flag: config.model[flag] for flag in flags},
       "params": count_params(config),
+      "epochs": max((r["epoch"] for r in records if r["split"] == "valid"), default=None),
       "best_epoch": best.get("epoch"),
       "val_dice": best.get("dice"),
       "val_iou": best.get("iou"),
@@ -221,9 +222,10 @@ def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -
   return "\n".join([
       f"# Ablation: {len(config.sweep)} variants of {config.base}",
       "",
-      f"Data {base.data.root}; {base.train.epochs} epochs, global batch "
-      f"{base.train.batch_size}, {base.data.image_size} px, seed {base.train.seed}, on "
-      f"{jax.device_count()} {jax.devices()[0].platform} device(s). Best validation Dice "
+      f"Data {base.data.root}; global batch {base.train.batch_size}, "
+      f"{base.data.image_size} px, seed {base.train.seed}, on {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s); epochs: those each variant trained (up to "
+      f"{base.train.epochs}, or more if it had finished before). Best validation Dice "
       f"first (its epoch's IoU beside it); {base.eval.split}_dice: mean per-image Dice of the "
       f"best checkpoint on the {base.eval.split} split. Train img/s: median over the log "
       "windows after the first (which includes compilation); wall: training and evaluation.",
