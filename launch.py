@@ -6,6 +6,7 @@
 
 import os
 import re
+import shutil
 import sys
 
 from unet_jax import xla_config  # pylint: disable=g-bad-import-order
@@ -118,6 +119,9 @@ def main(argv):
       sys.exit(f"error: --{name}={folder} is a file; give a folder")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value or ""
+  made = [path for path in (workdir, os.path.join(workdir, "compile_cache"))
+          if workdir and not os.path.exists(path)]
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
     xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value))
@@ -126,7 +130,16 @@ def main(argv):
   try:
     RUNNERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UserError as e:
+    _remove_unused(made, workdir)
     sys.exit(f"error: {e}")
+
+
+def _remove_unused(made: list[str], workdir: str) -> None:
+  """Removes the folders a failed command made (workdir, its compilation cache) if the workdir
+  holds nothing else: an error before any output leaves no trace."""
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {"compile_cache"}:
+    for path in reversed(made):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

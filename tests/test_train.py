@@ -387,6 +387,10 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: data.root")
   assert "configs/brain.py:demo" in result.stderr
+  assert tmp_path.is_dir() and not (tmp_path / "compile_cache").exists()  # the user's folder
+  result = launch("--config=configs/brain.py", f"--workdir={tmp_path / 'new'}",
+                  f"--config.data.root={tmp_path / 'missing'}")
+  assert result.returncode != 0 and not (tmp_path / "new").exists()  # nothing left behind
   (tmp_path / "a_file").touch()
   for args, line in (
       (["--config=configs/brain.py", "--config.model.widht=3"],
