@@ -124,7 +124,9 @@ def main(argv):
           if workdir and not os.path.exists(path)]
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
-    xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value))
+    # predict and export write to --output alone: the run's folder may be read-only.
+    use_cache = _MODE.value in ("train", "eval") or "UNET_JAX_CACHE_DIR" in os.environ
+    xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value) if use_cache else "off")
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
   try:

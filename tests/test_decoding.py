@@ -1,4 +1,4 @@
-"""The expected-Dice decoding of probability maps."""
+"""Decoding probability maps: the expected-Dice mask and the post-processing."""
 
 import numpy as np
 import pytest
@@ -50,3 +50,23 @@ def test_no_fixed_threshold_beats_it_in_expected_dice():
 def test_unknown_decoder_is_a_user_error():
   with pytest.raises(UserError, match="eval.decode='otsu'"):
     decoding.check_decoder("otsu")
+
+
+def test_largest_component_keeps_the_biggest_blob():
+  mask = np.zeros((10, 10), bool)
+  mask[0:2, 0:2] = True
+  mask[5:9, 5:9] = True
+  mask[9, 0] = True
+  kept = decoding.largest_component(mask)
+  assert kept.sum() == 16 and kept[5:9, 5:9].all()
+  assert not decoding.largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_fill_boxes_fills_each_blobs_bounding_box():
+  mask = np.zeros((10, 10), bool)
+  mask[1, 1:4] = mask[2:4, 2] = True  # A T: its box is rows 1-3, columns 1-3.
+  mask[7, 7] = True
+  filled = decoding.fill_boxes(mask)
+  expected = np.zeros((10, 10), bool)
+  expected[1:4, 1:4] = expected[7, 7] = True
+  np.testing.assert_array_equal(filled, expected)

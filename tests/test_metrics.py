@@ -83,26 +83,6 @@ def test_mean_iou_averages_background_and_tumour():
   assert scores["miou"][0] == pytest.approx((1 / 2 + 98 / 99) / 2)
 
 
-def test_largest_component_keeps_the_biggest_blob():
-  mask = np.zeros((10, 10), bool)
-  mask[0:2, 0:2] = True
-  mask[5:9, 5:9] = True
-  mask[9, 0] = True
-  kept = metrics.largest_component(mask)
-  assert kept.sum() == 16 and kept[5:9, 5:9].all()
-  assert not metrics.largest_component(np.zeros((4, 4), bool)).any()
-
-
-def test_fill_boxes_fills_each_blobs_bounding_box():
-  mask = np.zeros((10, 10), bool)
-  mask[1, 1:4] = mask[2:4, 2] = True  # A T: its box is rows 1-3, columns 1-3.
-  mask[7, 7] = True
-  filled = metrics.fill_boxes(mask)
-  expected = np.zeros((10, 10), bool)
-  expected[1:4, 1:4] = expected[7, 7] = True
-  np.testing.assert_array_equal(filled, expected)
-
-
 @pytest.mark.parametrize("decode,never_empty,largest,fill,expected_pixels", [
     ("threshold", False, False, False, 0),  # Nothing above 0.9.
     ("threshold", True, False, False, 3),  # The region above half the peak: both blobs.

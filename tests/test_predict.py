@@ -2,6 +2,8 @@
 
 import csv
 import json
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -149,3 +151,84 @@ def test_serving_runs_without_the_model_code():
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
   assert result.stdout.strip() == "[]"
+
+
+def test_export_and_predict_compute_as_evaluation_tta_post_processing_and_ensemble(
+    run, tmp_path):
+  config, workdir = run
+  other_config = config.copy_and_resolve_references()
+  other_config.train.seed = 1
+  other = tmp_path / "other"
+  train.train_and_evaluate(other_config, str(other))
+  config.eval.update(tta=True, tta_up_down=False, decode="expected_dice",
+                     largest_component=True, fill_box=True, ensemble=str(other))
+  folder = export.export(config, str(workdir), str(tmp_path / "export"), platforms=("cpu",))
+  meta = json.loads((folder / "model.json").read_text())
+  assert meta["largest_component"] and meta["fill_box"] and meta["tta"].startswith("left-right")
+  assert meta["ensemble"] == [{"workdir": str(other), "checkpoint_step": 2}]
+
+  mesh = parallel.make_mesh()
+  states = [evaluate.restore_state(config, str(w), mesh)[0] for w in (workdir, other)]
+  images = np.random.default_rng(1).random((3, 32, 32, 1)).astype(np.float32)
+  expected = sum(steps.predict_step(s, images, tta=True, up_down=False) for s in states) / 2
+  model = serving.load(folder)
+  np.testing.assert_allclose(model(images), expected, atol=1e-6)
+  assert model(images[:0]).shape == (0, 32, 32)
+
+  phantoms = sorted((workdir / "phantoms" / "test").glob("*.png"))[:4]
+  predict.predict(config, str(workdir), str(phantoms[0].parent), str(tmp_path / "out"))
+  for phantom in phantoms:
+    predicted = np.asarray(Image.open(tmp_path / "out" / f"{phantom.stem}_mask.png")) > 0
+    np.testing.assert_array_equal(model.predict_file(phantom), predicted)
+    # One box: the post-processing was applied.
+    rows, cols = np.flatnonzero(predicted.any(1)), np.flatnonzero(predicted.any(0))
+    assert predicted.sum() == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+
+
+def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
+  config, workdir = run
+  inputs, out = tmp_path / "in", tmp_path / "out"
+  (inputs / "sub").mkdir(parents=True)
+  image = Image.open(_phantom(workdir))
+  for name in ("a.png", "c.png", ".hidden.png", "._a.png", "sub/d.png"):
+    image.save(inputs / name)
+  (inputs / "b.png").write_bytes(b"not a png")
+  (inputs / "notes.txt").write_text("notes")
+  pages = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+  pages[0].save(inputs / "stack.tif", save_all=True, append_images=pages[1:])
+  rows = predict.predict(config, str(workdir), str(inputs), str(out))
+  assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png", "stack.tif"]
+  assert [bool(r["error"]) for r in rows] == [False, True, False, True]
+  assert "a TIFF of 2 pages" in rows[3]["error"]
+  assert sorted(p.name for p in out.iterdir()) == [
+      "a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png", "predictions.csv"]
+  predict.predict(config, str(workdir), str(inputs), str(out))  # Its own output: written over.
+
+  # A folder of other files that predict would overwrite is refused before anything is written.
+  truths = tmp_path / "truths"
+  truths.mkdir()
+  image.save(truths / "a_mask.png")
+  with pytest.raises(UserError, match="holds a_mask.png, which predict would overwrite"):
+    predict.predict(config, str(workdir), str(inputs), str(truths))
+  assert [p.name for p in truths.iterdir()] == ["a_mask.png"]
+  # Nothing readable: the CSV says why, and the command fails.
+  with pytest.raises(UserError, match="none of the 1 files could be read"):
+    predict.predict(config, str(workdir), str(inputs / "b.png"), str(tmp_path / "none"))
+  assert "not a readable image" in (tmp_path / "none" / "predictions.csv").read_text()
+
+
+def test_predict_and_export_write_nothing_into_the_run(run, tmp_path, run_env):
+  _, workdir = run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("compile_cache"))
+  before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+  env = {k: v for k, v in run_env().items() if k != "UNET_JAX_CACHE_DIR"}
+  for args in (["--mode=predict", f"--input={_phantom(copy)}", f"--output={tmp_path / 'out'}"],
+               ["--mode=export", f"--output={tmp_path / 'export'}"]):
+    result = subprocess.run([sys.executable, "launch.py", f"--workdir={copy}", *args],
+                            cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+  assert (tmp_path / "out" / f"{_phantom(copy).stem}_mask.png").is_file()
+  assert (tmp_path / "export" / export.MODEL_FILE).is_file()

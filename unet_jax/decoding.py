@@ -1,9 +1,11 @@
-"""Probability map -> binary mask: by a threshold, or the mask of highest expected Dice.
+"""Probability map -> binary mask: by a threshold, or the mask of highest expected Dice, then
+the post-processing (the largest blob, each blob's box).
 
-numpy only, so `serving` can use it without the model code.
+numpy and scipy only, so `serving` can use it without the model code.
 """
 
 import numpy as np
+from scipy import ndimage
 
 from unet_jax.errors import UserError
 
@@ -16,24 +18,31 @@ def check_decoder(name: str) -> None:
     raise UserError(f"eval.decode={name!r} is not one of {list(DECODERS)}")
 
 
-def decode(probs: np.ndarray, rule: str, threshold: float | None,
-           never_empty: bool = False) -> np.ndarray:
-  """The mask `rule` (one of DECODERS) reads from a probability map.
+def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: bool = False,
+           largest_blob: bool = False, fill_box: bool = False) -> np.ndarray:
+  """The mask `rule` (one of DECODERS) reads from a probability map, post-processed.
 
   Args:
-    probs: Probabilities, any shape.
+    probs: Probabilities, any shape ((H, W) for the post-processing).
     rule: "threshold" (probs above `threshold`) or "expected_dice".
     threshold: Used by "threshold" only.
     never_empty: Never return an empty mask: for data where every image
       holds a tumour.
+    largest_blob: Keep only the largest 8-connected blob.
+    fill_box: Replace each blob by its bounding box.
   """
   check_decoder(rule)
   if rule == "expected_dice":
-    return expected_dice_mask(probs, allow_empty=not never_empty)
-  mask = probs > threshold
-  if never_empty and not mask.any():
-    # The data promise a tumour in every image: take the likeliest region.
-    mask = probs >= probs.max() / 2
+    mask = expected_dice_mask(probs, allow_empty=not never_empty)
+  else:
+    mask = probs > threshold
+    if never_empty and not mask.any():
+      # The data promise a tumour in every image: take the likeliest region.
+      mask = probs >= probs.max() / 2
+  if largest_blob:
+    mask = largest_component(mask)
+  if fill_box:
+    mask = fill_boxes(mask)
   return mask
 
 
@@ -64,3 +73,22 @@ def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarra
   if not (allow_empty and empty_chance >= expected[best]):
     mask[order[:best + 1]] = True
   return mask.reshape(np.shape(probs))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+  """Keeps only the largest 8-connected component of a binary (H, W) mask."""
+  labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+  if count <= 1:
+    return mask.astype(bool)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  return labels == sizes.argmax()
+
+
+def fill_boxes(mask: np.ndarray) -> np.ndarray:
+  """Each 8-connected component of a binary (H, W) mask replaced by its bounding box."""
+  labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+  filled = np.zeros(mask.shape, bool)
+  for box in ndimage.find_objects(labels):
+    filled[box] = True
+  return filled

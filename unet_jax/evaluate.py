@@ -79,6 +79,18 @@ def output_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
       f"{split}_ensemble" if _ensemble_workdirs(config) else split)
 
 
+def restore_predictor(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(predict, state, step, ensemble): the jitted `predict(state, images)` with `eval.tta`, the
+  run's train state (with `eval.ensemble`, every run's, their probabilities averaged), its
+  checkpoint step and `ensemble_members`."""
+  state, step = restore_state(config, workdir, mesh)
+  predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
+  members = ensemble_members(config, mesh)
+  if members:
+    state, predict = (state, *(member[1] for member in members)), averaged(predict)
+  return predict, state, step, members
+
+
 def averaged(predict):
   """`predict` over a tuple of train states: the mean of their probabilities."""
   return lambda states, images: sum(predict(state, images) for state in states) / len(states)
@@ -111,12 +123,8 @@ def binarise(probs: np.ndarray, threshold: float | None,
 
   `post` is config.eval; `threshold` serves decode="threshold" only.
   """
-  mask = decoding.decode(probs, post.decode, threshold, post.never_empty)
-  if post.largest_component:
-    mask = metrics_lib.largest_component(mask)
-  if post.fill_box:
-    mask = metrics_lib.fill_boxes(mask)
-  return mask
+  return decoding.decode(probs, post.decode, threshold, post.never_empty,
+                         post.largest_component, post.fill_box)
 
 
 def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: str, mesh) -> float:
@@ -211,11 +219,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   split = config.eval.split
   source = data_lib.build_source(config.data, split, workdir)
-  state, step = restore_state(config, workdir, mesh)
-  predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
-  members = ensemble_members(config, mesh)
-  if members:
-    state, predict = (state, *(member[1] for member in members)), averaged(predict)
+  predict, state, step, members = restore_predictor(config, workdir, mesh)
   # The expected-Dice mask needs no threshold, so none is tuned for it.
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None

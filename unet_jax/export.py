@@ -27,19 +27,27 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
            platforms: tuple[str, ...] = ("cpu", "cuda")) -> pathlib.Path:
   """Exports `eval.checkpoint` of the run: (N, H, W, C) images in [0, 1] -> (N, H, W) probabilities.
 
-  The batch dimension is symbolic, so any batch size runs.
+  As evaluation computes them: with `eval.tta`'s flips, and averaged with the
+  runs of `eval.ensemble`. The batch dimension is symbolic, so any batch size runs.
 
   Returns:
     The folder holding model.jax_exported and model.json.
   """
   decoding.check_decoder(config.eval.decode)  # model.json names it for serving.
   out = pathlib.Path(output_dir) if output_dir else pathlib.Path(workdir) / "export"
-  state, step = evaluate.restore_state(config, workdir, parallel.make_mesh())
-  variables = jax.device_get(steps.eval_variables(state))
-  model = model_lib.from_config(config.model)
+  mesh = parallel.make_mesh()
+  state, step = evaluate.restore_state(config, workdir, mesh)
+  ensemble = evaluate.ensemble_members(config, mesh)
+  members = [(s.apply_fn, jax.device_get(steps.eval_variables(s)))
+             for s in (state, *(member for _, member, _ in ensemble))]
+
+  def mean_probabilities(images):
+    return sum(jax.nn.sigmoid(model_lib.tumour_logits(apply(variables, images, train=False)))
+               for apply, variables in members) / len(members)
 
   def probabilities(images):
-    return jax.nn.sigmoid(model_lib.tumour_logits(model.apply(variables, images, train=False)))
+    return steps.flip_averaged(mean_probabilities, images, config.eval.tta,
+                               config.eval.tta_up_down)
 
   size, channels = config.data.image_size, config.data.channels
   (batch,) = jax.export.symbolic_shape("batch")
@@ -53,10 +61,15 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
                          "float as it is; in [0, 1]",
                 "resize": "bilinear to height x width"},
       "output": "tumour probability per pixel, (N, height, width)",
+      "tta": ("left-right" + (" and up-down" if config.eval.tta_up_down else "") + " flips, "
+              "averaged inside the model") if config.eval.tta else "none",
       "decode": config.eval.decode,
       "threshold": config.eval.threshold,
       "never_empty": config.eval.never_empty,
+      "largest_component": config.eval.largest_component,
+      "fill_box": config.eval.fill_box,
       "checkpoint_step": step,
+      "ensemble": [{"workdir": w, "checkpoint_step": s} for w, _, s in ensemble],
       "platforms": list(platforms),
   }
   if jax.process_index() == 0:

@@ -17,6 +17,11 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
   """Opens an image, turning every way of failing into a one-line UserError."""
   try:
     with Image.open(path) as img:
+      # A TIFF stack or volume would silently be read as its first page. (Other formats'
+      # extra frames, a JPEG's embedded preview say, are not slices.)
+      if img.format == "TIFF" and img.n_frames > 1:
+        raise UserError(f"{path}: a TIFF of {img.n_frames} pages (a stack or volume); "
+                        "only single 2-D images are read: save each slice as its own file")
       yield img
   except FileNotFoundError:
     raise UserError(f"{path}: {what} file not found") from None

@@ -115,25 +115,6 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
   return float(np.percentile(np.concatenate([to_target, to_pred]), 95))
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-  """Keeps only the largest 8-connected component of a binary (H, W) mask."""
-  labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-  if count <= 1:
-    return mask.astype(bool)
-  sizes = np.bincount(labels.ravel())
-  sizes[0] = 0
-  return labels == sizes.argmax()
-
-
-def fill_boxes(mask: np.ndarray) -> np.ndarray:
-  """Each 8-connected component of a binary (H, W) mask replaced by its bounding box."""
-  labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
-  filled = np.zeros(mask.shape, bool)
-  for box in ndimage.find_objects(labels):
-    filled[box] = True
-  return filled
-
-
 def summarise(values: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict[str, float]:
   """Mean, median, standard deviation and a 95% bootstrap interval of the mean over images."""
   values = np.asarray(values, dtype=np.float64)

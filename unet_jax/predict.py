@@ -14,7 +14,6 @@ from scipy import ndimage
 from unet_jax import evaluate
 from unet_jax import images as images_lib
 from unet_jax import parallel
-from unet_jax import steps
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -23,16 +22,37 @@ CSV_FIELDS = ("file", "mask_file", "tumour_pixels", "tumour_fraction", "max_prob
 
 
 def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
-  """The image file itself, or the image files directly inside a folder, sorted."""
+  """The image file itself, or the image files directly inside a folder, sorted; hidden files
+  (".name", macOS's "._name") are left out, and what else is left out is logged."""
   path = pathlib.Path(input_path)
   if path.is_file():
     return [path]
-  if path.is_dir():
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if files:
-      return files
+  if not path.is_dir():
+    raise UserError(f"{path}: no such file or folder")
+  entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+  files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+  others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+  if others:
+    logging.warning("%s: %d entries are not image files (%s) and are left out: %s%s", path,
+                    len(others), ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]),
+                    ", ..." if len(others) > 5 else "")
+  if not files:
     raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-  raise UserError(f"{path}: no such file or folder")
+  return files
+
+
+def _check_output(out: pathlib.Path, files: list[pathlib.Path], stems: list[str]) -> None:
+  """Refuses an output folder where predict would mix with, or overwrite, other files."""
+  if out.resolve() in {f.parent.resolve() for f in files}:
+    raise UserError(f"--output={out} is where the images are: the masks would mix with "
+                    "them (and could overwrite one); give another folder")
+  if (out / "predictions.csv").is_file():  # An earlier prediction's folder: written over.
+    return
+  for name in ("predictions.csv", *(f"{stem}_{kind}.png" for stem in stems
+                                    for kind in ("mask", "overlay"))):
+    if (out / name).exists():
+      raise UserError(f"--output={out} holds {name}, which predict would overwrite; give an "
+                      "empty or new folder")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -44,10 +64,15 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _output_stem(path: pathlib.Path, taken: set[str]) -> str:
-  stem = path.stem if path.stem not in taken else path.name.replace(".", "_")
-  taken.add(stem)
-  return stem
+def output_stems(files: list[pathlib.Path]) -> list[str]:
+  """Each file's output name: its stem, or its name with dots as underscores when an earlier
+  file took the stem (scan.jpg and scan.png: scan, scan_png)."""
+  taken, stems = set(), []
+  for path in files:
+    stem = path.stem if path.stem not in taken else path.name.replace(".", "_")
+    taken.add(stem)
+    stems.append(stem)
+  return stems
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
@@ -55,61 +80,73 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   """Predicts every image at `input_path` with the run's `eval.checkpoint`.
 
   Writes OUT/<name>_mask.png (0/255, original size), OUT/<name>_overlay.png
-  and OUT/predictions.csv. A file that cannot be read is reported in the CSV
-  and the log, and skipped.
+  and OUT/predictions.csv (one row per file, in order). A file that cannot be
+  read is reported in the CSV and the log, and skipped.
 
   Returns:
     The CSV rows.
+
+  Raises:
+    UserError: no file could be read (after writing the CSV that says why).
   """
   if config.eval.decode == "threshold" and config.eval.tune_threshold:
     logging.warning("predict uses eval.threshold=%g, not a tuned one (eval/<split>/summary.json "
                     "has those; pass --config.eval.threshold)", config.eval.threshold)
   files = list_inputs(input_path)
+  stems = output_stems(files)
   out = pathlib.Path(output_dir)
-  if out.resolve() in {f.parent.resolve() for f in files}:
-    raise UserError(f"--output={output_dir} is where the images are: the masks would mix with "
-                    "them (and could overwrite one); give another folder")
-  out.mkdir(parents=True, exist_ok=True)
+  _check_output(out, files, stems)
   mesh = parallel.make_mesh()
-  state, step = evaluate.restore_state(config, workdir, mesh)
-  predict_fn = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
+  predict_fn, state, step, ensemble = evaluate.restore_predictor(config, workdir, mesh)
+  out.mkdir(parents=True, exist_ok=True)
   size, threshold = config.data.image_size, config.eval.threshold
-  logging.info("Predicting %d images with checkpoint %d of %s", len(files), step, workdir)
+  logging.info("Predicting %d images with checkpoint %d of %s%s", len(files), step, workdir,
+               f" and {len(ensemble)} more runs averaged" if ensemble else "")
 
-  rows, taken = [], set()
+  rows = []
   for start in range(0, len(files), config.eval.batch_size):
-    loaded = []
-    for path in files[start:start + config.eval.batch_size]:
+    batch_files = list(zip(files, stems))[start:start + config.eval.batch_size]
+    loaded, errors = {}, {}  # path -> (image, model input); path -> why it was skipped
+    for path, _ in batch_files:
       try:
         # The model sees the image exactly as training prepared it.
         model_input, _ = images_lib.load_image(path, config.data.channels, size)
-        loaded.append((path, images_lib.read_image(path, config.data.channels), model_input))
+        loaded[path] = images_lib.read_image(path, config.data.channels), model_input
       except UserError as e:
         logging.warning("skipped: %s", e)
-        rows.append({"file": path.name, "error": str(e)})
-    if not loaded:
-      continue
-    batch = np.stack([model_input for _, _, model_input in loaded])
-    sharded, count = parallel.put_global_batch(batch, mesh)
-    probs = parallel.to_host(predict_fn(state, sharded))[:count]
-    for (path, image, _), prob in zip(loaded, probs):
-      height, width = image.shape[:2]
-      prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
-      mask = evaluate.binarise(prob, threshold, config.eval)
-      stem = _output_stem(path, taken)
-      if jax.process_index() == 0:  # Every process has every prediction: one writes them.
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
-        Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
-      rows.append({"file": path.name, "mask_file": f"{stem}_mask.png",
-                   "tumour_pixels": int(mask.sum()),
-                   "tumour_fraction": round(float(mask.mean()), 6),
-                   "max_probability": round(float(prob.max()), 6), "error": ""})
+        errors[path] = str(e)
+    if loaded:
+      sharded, count = parallel.put_global_batch(
+          np.stack([model_input for _, model_input in loaded.values()]), mesh)
+      probs = dict(zip(loaded, parallel.to_host(predict_fn(state, sharded))[:count]))
+    for path, stem in batch_files:
+      rows.append({"file": path.name, "error": errors[path]} if path in errors else
+                  _write_prediction(path, stem, loaded[path][0], probs[path], out, threshold,
+                                    config))
 
   if jax.process_index() == 0:
     with open(out / "predictions.csv", "w", newline="") as f:
       writer = csv.DictWriter(f, CSV_FIELDS, restval="")
       writer.writeheader()
       writer.writerows(rows)
-  logging.info("Wrote %d predictions (%d skipped) to %s", sum(not r.get("error") for r in rows),
-               sum(bool(r.get("error")) for r in rows), out)
+  written = sum(not r.get("error") for r in rows)
+  logging.info("Wrote %d predictions (%d skipped) to %s", written, len(rows) - written, out)
+  if not written:
+    raise UserError(f"{input_path}: none of the {len(rows)} files could be read "
+                    f"({out / 'predictions.csv'} says why)")
   return rows
+
+
+def _write_prediction(path: pathlib.Path, stem: str, image: np.ndarray, prob: np.ndarray,
+                      out: pathlib.Path, threshold: float, config: ml_collections.ConfigDict
+                      ) -> dict[str, Any]:
+  """Decodes one image's probabilities at its own size, writes its mask and overlay; its row."""
+  height, width = image.shape[:2]
+  prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
+  mask = evaluate.binarise(prob, threshold, config.eval)
+  if jax.process_index() == 0:  # Every process has every prediction: one writes them.
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
+    Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
+  return {"file": path.name, "mask_file": f"{stem}_mask.png", "tumour_pixels": int(mask.sum()),
+          "tumour_fraction": round(float(mask.mean()), 6),
+          "max_probability": round(float(prob.max()), 6), "error": ""}

@@ -5,12 +5,11 @@
     probs = model(images)            # (N, H, W, C) float32 in [0, 1], model.json's size
     mask = model.predict_file("scan.png")   # bool mask at the file's own size
 
-This module deliberately imports nothing of the model code (only `decoding`
-and `images`, themselves numpy and Pillow), so it, those two and the export
-folder run beside any jax installation. A file is read and resized exactly as
-in training. It
-applies model.json's decode rule and `never_empty`, not evaluation's other
-post-processing (the largest blob, the box).
+This module deliberately imports nothing of the model code (only `decoding`,
+`images` and `errors`, themselves numpy, scipy and Pillow), so it, those three
+and the export folder run beside any jax installation. A file is read and
+resized exactly as in training, and decoded as model.json says, post-processing
+included: as evaluation and `--mode=predict` decode it.
 """
 
 import json
@@ -39,6 +38,8 @@ class ExportedModel:
     if images.ndim != 4 or images.shape[1:] != (spec["height"], spec["width"], spec["channels"]):
       raise ValueError(f"images of shape {images.shape}: the model takes (N, {spec['height']}, "
                        f"{spec['width']}, {spec['channels']}); predict_file resizes a file")
+    if not len(images):  # The artifact's symbolic batch is at least 1.
+      return np.zeros((0, spec["height"], spec["width"]), np.float32)
     return np.asarray(self._exported.call(images))
 
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
@@ -46,8 +47,10 @@ class ExportedModel:
     spec = self.meta["input"]
     image, size = images.load_image(path, spec["channels"], spec["height"])
     prob = Image.fromarray(self(image[None])[0]).resize(size, Image.Resampling.BILINEAR)
-    return decoding.decode(np.asarray(prob), self.meta.get("decode", "threshold"),
-                           self.meta["threshold"], self.meta.get("never_empty", False))
+    meta = self.meta
+    return decoding.decode(np.asarray(prob), meta.get("decode", "threshold"), meta["threshold"],
+                           meta.get("never_empty", False), meta.get("largest_component", False),
+                           meta.get("fill_box", False))
 
 
 def load(folder: str | pathlib.Path) -> ExportedModel:

@@ -127,7 +127,11 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   if cache_dir in ("", "off"):
     return None
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-  os.makedirs(cache_dir, exist_ok=True)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+  except OSError as e:
+    logging.warning("no compilation cache: cannot make %s (%s)", cache_dir, e.strerror)
+    return None
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
