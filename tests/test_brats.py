@@ -67,7 +67,7 @@ def test_modalities_and_mask_channels_are_chosen(tmp_path):
     data.build_source(config, "train", "x")
   config.channels, config.modalities = 1, (5,)
   with pytest.raises(UserError, match=r"slice_\d\.h5: image of shape \(16, 16, 4\) does not fit"):
-    data.build_source(config, "train", "x")[0]
+    data.build_source(config, "train", "x")
   with pytest.raises(UserError, match="distinct channel indices"):
     brats.BratsSource(tmp_path, "train", 16, modalities=(0, 0))
 
@@ -92,23 +92,62 @@ def test_normalise_is_robust_min_max_over_brain_pixels():
   assert (out[10:] == 0).all() and 0.4 < out[5, 0, 0] < 0.6
 
 
+def _write(path, **datasets):
+  with h5py.File(path, "w") as f:
+    for name, value in datasets.items():
+      f[name] = value
+
+
+@pytest.mark.parametrize("datasets, problem", [
+    ({"image": np.zeros((16, 16, 4))}, r"lacks its 'mask' dataset"),
+    ({"mask": np.zeros((16, 16, 3))}, r"lacks its 'image' dataset"),
+    ({"image": np.zeros((16, 16, 4)), "mask": np.zeros((3, 16, 16))},
+     r"image of shape \(16, 16, 4\) and mask of shape \(3, 16, 16\) are not \(H, W, channels\)"),
+    ({"image": np.zeros((4, 16, 16)), "mask": np.zeros((16, 16, 3))}, r"image .* are not \(H, W"),
+    ({"image": np.zeros((16, 16, 4)), "mask": np.zeros((16, 16))},
+     r"mask of shape \(16, 16\) has no channels data.mask_channels=\(0, 1, 2\)"),
+    ({"image": np.zeros((16, 16, 2)), "mask": np.zeros((16, 16, 3))},
+     r"image of shape \(16, 16, 2\) does not fit data.modalities=\(0, 1, 2, 3\)"),
+])
+def test_bad_test_slice_stops_the_source_before_training(tmp_path, datasets, problem):
+  root = _brats(tmp_path)
+  config = _config(root, val_fraction=0.2, test_fraction=0.2)
+  name = data.build_source(config, "test", "x").file_names[-1]
+  _write(root / name, **datasets)
+  data.build_source(config, "train", "x")  # Only the split's own slices are checked.
+  with pytest.raises(UserError, match=rf"{name}: {problem}"):
+    data.build_source(config, "test", "x")
+
+
 def test_bad_files_name_the_file(tmp_path):
   root = _brats(tmp_path, volumes=[1])
   folder = root / "BraTS2020_training_data" / "content" / "data"
   (folder / "volume_1_slice_0.h5").write_bytes(b"not hdf5")
-  source = brats.BratsSource(root, "train", 16, val_fraction=0, test_fraction=0)
   with pytest.raises(UserError, match=r"volume_1_slice_0\.h5: not a readable HDF5 file"):
-    source[0]
-  with h5py.File(folder / "volume_1_slice_1.h5", "w") as f:
-    f["image"] = np.zeros((16, 16, 4))
-  with pytest.raises(UserError, match=r"volume_1_slice_1\.h5: lacks a 'image' or 'mask' dataset"):
+    brats.BratsSource(root, "train", 16, val_fraction=0, test_fraction=0)
+  _slice(folder / "volume_1_slice_0.h5", 1, 0)
+  source = brats.BratsSource(root, "train", 16, val_fraction=0, test_fraction=0)
+  (folder / "volume_1_slice_1.h5").unlink()
+  with pytest.raises(UserError, match=r"volume_1_slice_1\.h5: slice file not found"):
     source[1]
   (tmp_path / "copy").mkdir()
-  (tmp_path / "copy" / "volume_1_slice_1.h5").write_bytes(b"")
+  (tmp_path / "copy" / "volume_1_slice_0.h5").write_bytes(b"")
   with pytest.raises(UserError, match="the same slice as"):
     brats.scan(tmp_path)
   with pytest.raises(UserError, match="no volume_<v>_slice_<s>.h5 files"):
     brats.scan(tmp_path / "copy" / "empty")
+
+
+def test_hidden_files_are_not_slices(tmp_path):
+  root = _brats(tmp_path / ".cache" / "kagglehub", volumes=[1, 2])  # A hidden root is fine.
+  folder = root / "BraTS2020_training_data" / "content" / "data"
+  (folder / "._volume_1_slice_0.h5").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+  (folder / ".ipynb_checkpoints").mkdir()
+  _slice(folder / ".ipynb_checkpoints" / "volume_1_slice_0.h5", 1, 0)
+  assert [name.rsplit("/", 1)[1] for _, name in brats.scan(root)] == [
+      "volume_1_slice_0.h5", "volume_1_slice_1.h5", "volume_2_slice_0.h5", "volume_2_slice_1.h5"]
+  source = data.build_source(_config(root, val_fraction=0, test_fraction=0), "train", "x")
+  assert len(source) == 4 and source[3]["mask"].sum() == 36
 
 
 def test_missing_h5py_says_how_to_install_it(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 from pycocotools import mask as mask_utils
 import pytest
 
@@ -116,6 +117,61 @@ def test_lgg_unreadable_mask_is_listed_and_the_rest_described(tmp_path):
   summary = describe.describe(config, str(tmp_path / "out"))
   assert len(_rows(tmp_path / "out")) == 5
   assert summary["num_problems"] == 1 and str(broken) in summary["problems"][0]
+
+
+def test_lgg_image_training_would_refuse_is_listed(tmp_path):
+  config = lgg.get_config()
+  root = test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:2])
+  truncated = sorted(root.rglob("*_10.tif"))[0]
+  truncated.write_bytes(truncated.read_bytes()[:-100])
+  config.data.root = str(root)
+  config.data.val_fraction, config.data.test_fraction = 0.0, 0.0
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert len(_rows(tmp_path / "out")) == 5
+  assert summary["num_problems"] == 1
+  assert f"{truncated}: truncated" in summary["problems"][0]
+
+
+def test_every_mask_unreadable_names_the_problem(tmp_path):
+  config = lgg.get_config()
+  root = test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:1])
+  for mask in root.rglob("*_mask.tif"):
+    mask.write_bytes(b"not a tiff")
+  config.data.root = str(root)
+  config.data.val_fraction, config.data.test_fraction = 0.0, 0.0
+  with pytest.raises(ValueError, match=r"no images found; 3 problems, the first: .*_1_mask\.tif: "
+                                       "not a readable image"):
+    describe.describe(config, str(tmp_path / "out"))
+
+
+def _brats_config(tmp_path, volumes):
+  pytest.importorskip("h5py")
+  import test_brats  # pylint: disable=g-import-not-at-top
+  config = brats_config.get_config()
+  config.data.root = str(test_brats._brats(tmp_path / "data", volumes=volumes))
+  config.data.val_fraction, config.data.test_fraction = 0.0, 0.0
+  return config, sorted(pathlib.Path(config.data.root).rglob("*.h5")), test_brats._write
+
+
+def test_brats_2d_masks_name_the_problem(tmp_path):
+  config, paths, write = _brats_config(tmp_path, volumes=[1])
+  for path in paths:
+    write(path, image=np.zeros((16, 16, 4)), mask=np.zeros((16, 16), np.uint8))
+  with pytest.raises(ValueError, match=r"no images found; 2 problems, the first: .*slice_0\.h5: "
+                                       r"mask of shape \(16, 16\) has no channels"):
+    describe.describe(config, str(tmp_path / "out"))
+
+
+def test_brats_slices_training_would_refuse_are_listed(tmp_path):
+  config, paths, write = _brats_config(tmp_path, volumes=[1, 2])
+  write(paths[0], image=np.zeros((16, 16, 4)), mask=np.zeros((3, 16, 16), np.uint8))
+  write(paths[1], mask=np.zeros((16, 16, 3), np.uint8))
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert len(_rows(tmp_path / "out")) == 2 and summary["all"]["image_sizes"] == {"16x16": 2}
+  assert summary["num_problems"] == 2
+  assert f"{paths[0]}: image of shape (16, 16, 4) and mask of shape (3, 16, 16)" in (
+      summary["problems"][0])
+  assert f"{paths[1]}: lacks its 'image' dataset" in summary["problems"][1]
 
 
 def test_brats_rows_per_slice(tmp_path):

@@ -101,19 +101,61 @@ def test_bad_layouts_name_the_file(tmp_path):
     folders.scan(tmp_path / "kaggle_3m" / PATIENTS[2] / "nothing-here")
 
 
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:-100])
+
+
+def _not_an_image(path):
+  path.write_bytes(b"II*\x00 broken tiff")
+
+
+def _resize(path):
+  Image.new("L", (16, 8)).save(path)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
-def test_bad_files_name_the_file(tmp_path):
+@pytest.mark.parametrize("damaged, damage, named, problem", [
+    ("image", _truncate, "image", r"truncated: \d+ bytes, but its pixel data ends at byte \d+"),
+    ("mask", _truncate, "mask", "truncated"),
+    ("image", _not_an_image, "image", "not a readable image"),
+    ("mask", _not_an_image, "mask", "not a readable image"),
+    ("mask", _resize, "mask", "mask is 16x8 but its image is 16x16"),
+    ("image", _resize, "mask", "mask is 16x16 but its image is 16x8"),
+])
+def test_bad_test_slice_stops_the_source_before_training(tmp_path, damaged, damage, named,
+                                                         problem):
+  root = _lgg(tmp_path)
+  config = _config(root, val_fraction=0.2, test_fraction=0.2)
+  image = data.build_source(config, "test", "x").file_names[-1]
+  names = {"image": image, "mask": image.replace(".tif", "_mask.tif")}
+  damage(root / names[damaged])
+  data.build_source(config, "train", "x")  # Only the split's own slices are checked.
+  with pytest.raises(UserError, match=rf"{names[named]}: {problem}"):
+    data.build_source(config, "test", "x")
+
+
+def test_a_file_damaged_after_the_check_is_named_when_read(tmp_path):
   root = _lgg(tmp_path, patients=PATIENTS[:1])
   source = folders.FolderSource(root, "train", 8, val_fraction=0, test_fraction=0)
-  name = root / source.file_names[0]
-  name.write_bytes(b"II*\x00 broken tiff")
-  with pytest.raises(UserError, match=rf"{name.name}: not a readable image"):
-    source[0]
-  Image.new("L", (16, 8)).save(root / source.file_names[1])
+  _resize(root / source.file_names[1])
   with pytest.raises(UserError, match=r"_2_mask\.tif: mask is 16x16 but its image is 16x8"):
     source[1]
   with pytest.raises(UserError, match="channels must be 1 or 3"):
     folders.FolderSource(root, "train", 8, channels=4)
+
+
+def test_hidden_files_are_not_slices(tmp_path):
+  root = _lgg(tmp_path / ".cache" / "kagglehub", PATIENTS[:2])  # A hidden root is fine.
+  folder = root / PATIENTS[0]
+  for name in (f"._{PATIENTS[0]}_1.tif", f"._{PATIENTS[0]}_1_mask.tif"):
+    (folder / name).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+  (folder / ".ipynb_checkpoints").mkdir()
+  Image.new("RGB", (16, 16)).save(folder / ".ipynb_checkpoints" / "x_1.tif")
+  Image.new("L", (16, 16)).save(folder / ".ipynb_checkpoints" / "x_1_mask.tif")
+  assert [image.rsplit("/", 1)[1] for _, image, _ in folders.scan(root)] == [
+      f"{p}_{n}.tif" for p in PATIENTS[:2] for n in (1, 2, 10)]
+  source = data.build_source(_config(root, val_fraction=0, test_fraction=0), "train", "x")
+  assert len(source) == 6 and source[1]["mask"].sum() == 8
 
 
 def _mask_file(path, mode, values, palette=None):

@@ -14,8 +14,10 @@ writes into OUT:
                           configured categories, per image with any)
     dataset_summary.png   images per subset, annotations per category, mask-area histogram
 
-Only annotation files and masks are read (COCO images never are), and neither
-jax nor grain is imported.
+Only annotation files and masks are read (COCO images never are; of LGG and
+BraTS slices, the image header or h5 metadata too, checked as training checks
+them), and neither jax nor grain is imported. Problems are listed in the
+summary and the rest is described.
 """
 
 import collections
@@ -105,6 +107,15 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       yield described
 
 
+def _checked_mask(data_config: ml_collections.ConfigDict, root: pathlib.Path, file_name: str,
+                  mask_name: str) -> np.ndarray:
+  """A slice's (H, W) mask, once the slice passed the checks training makes of it."""
+  if data_lib.data_format(data_config) == "lgg":
+    folders.check_pair(root, file_name, mask_name)
+    return images_lib.read_mask(root / mask_name)
+  return brats.read_mask(root / mask_name, data_config.modalities, data_config.mask_channels)
+
+
 def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
                   problems: list[str]) -> Iterator[_Image]:
   fmt = data_lib.data_format(data_config)
@@ -115,10 +126,7 @@ def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
     slices = [(volume, name, name) for volume, name in brats.scan(root)]
   for group, file_name, mask_name in slices:
     try:
-      if fmt == "lgg":
-        mask = images_lib.read_mask(root / mask_name)
-      else:
-        mask = brats.read_mask(root / mask_name, data_config.mask_channels)
+      mask = _checked_mask(data_config, root, file_name, mask_name)
     except UserError as e:  # Listed among the problems; the other slices are described.
       problems.append(str(e))
       continue
@@ -227,11 +235,12 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.writerows(image.rows)
       stats[image.subset].add(image)
       total.add(image)
-  if not total.images:
-    raise UserError(f"data.root {root}: no images found")
-  stats = {name: stats[name] for name in splits.ordered(stats)}
   for problem in problems[:10]:
     logging.warning("%s", problem)
+  if not total.images:
+    first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
+    raise UserError(f"data.root {root}: no images found{first}")
+  stats = {name: stats[name] for name in splits.ordered(stats)}
   foreground = list(data_config.category_ids) if fmt == "coco" else []
   summary = {
       "format": fmt, "root": str(root), "foreground_category_ids": foreground or "all",

@@ -54,13 +54,41 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
   return width, height
 
 
-def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+_TIFF_OFFSETS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), the tile pair.
+
+
+def _as_tuple(value) -> tuple:
+  return value if isinstance(value, tuple) else (value,)
+
+
+def _check_tiff_length(img: Image.Image, path: str | os.PathLike) -> None:
+  """Refuses a TIFF shorter than its header says its pixel data reaches (a truncated copy)."""
+  for offsets_tag, counts_tag in _TIFF_OFFSETS:
+    offsets, counts = img.tag_v2.get(offsets_tag), img.tag_v2.get(counts_tag)
+    if offsets and counts:
+      end = max(int(o) + int(c) for o, c in zip(_as_tuple(offsets), _as_tuple(counts)))
+      length = os.path.getsize(path)
+      if end > length:
+        raise UserError(f"{path}: truncated: {length} bytes, but its pixel data ends at byte "
+                        f"{end}")
+
+
+def displayed_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
   """An image file's (width, height) as displayed, from its header alone.
 
+  A TIFF is also checked to be as long as its header says (a truncated copy
+  fails here, not when its pixels are read).
+
+  Args:
+    path: The file.
+    what: What the file is ("image", "mask"), for the error message.
+
   Raises:
-    UserError: the file is missing or not a readable image.
+    UserError: the file is missing, not a readable image, or a truncated TIFF.
   """
-  with _opened(path) as img:
+  with _opened(path, what) as img:
+    if img.format == "TIFF":
+      _check_tiff_length(img, path)
     return _upright_size(img)
 
 

@@ -7,10 +7,13 @@
 the mask is the union of `data.mask_channels` (all three: the whole tumour).
 Each slice's channels are scaled to [0, 1] on their own, by robust min-max
 over the non-zero (brain) pixels; the background stays 0. Volumes, not
-slices, are split into train, valid and test (seeded). Needs h5py, the
+slices, are split into train, valid and test (seeded). Hidden files and
+folders (macOS "._<name>" companions) are not slices. Needs h5py, the
 optional extra: pip install -e '.[brats]'.
 """
 
+from collections.abc import Iterator
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -20,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from unet_jax import images as images_lib
+from unet_jax.data import listing
 from unet_jax.data import splits
 from unet_jax.errors import UserError
 
@@ -48,7 +52,7 @@ def scan(root: str | os.PathLike) -> list[tuple[str, str]]:
   """
   root = pathlib.Path(root)
   found: dict[tuple[int, int], pathlib.Path] = {}
-  for path in root.rglob("volume_*_slice_*.h5"):
+  for path in listing.visible_files(root, "volume_*_slice_*.h5"):
     match = _NAME.fullmatch(path.name)
     if not match:
       continue
@@ -77,36 +81,85 @@ def normalise(image: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
   return out
 
 
-def _read(path: pathlib.Path, names: Sequence[str]) -> list[np.ndarray]:
+def _dataset(fid: Any, name: str, path: pathlib.Path) -> Any:
+  try:
+    return h5py_module().h5d.open(fid, name.encode())
+  except KeyError:
+    raise UserError(f"{path}: lacks its {name!r} dataset") from None
+
+
+@contextlib.contextmanager
+def _checked(path: pathlib.Path, modalities: Sequence[int],
+             mask_channels: Sequence[int]) -> Iterator[tuple[Any, Any]]:
+  """The low-level ids of a slice file's "image" and "mask" datasets, their shapes checked.
+
+  Low-level h5py opens a file and reads its datasets' metadata in half the
+  time of `h5py.File`, which counts when every slice is checked.
+
+  Raises:
+    UserError: unreadable file, a missing dataset, or shapes that do not fit.
+  """
   h5py = h5py_module()
   try:
-    with h5py.File(path, "r") as f:
-      datasets = [f.get(name) for name in names]
-      if not all(isinstance(d, h5py.Dataset) for d in datasets):
-        raise UserError(f"{path}: lacks a {' or '.join(map(repr, names))} dataset")
-      return [np.asarray(d[()]) for d in datasets]
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
   except FileNotFoundError:
     raise UserError(f"{path}: slice file not found") from None
   except OSError as e:
     raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+  try:
+    image, mask = _dataset(fid, "image", path), _dataset(fid, "mask", path)
+    _check_shapes(path, image.shape, mask.shape, modalities, mask_channels)
+    yield image, mask
+  except OSError as e:
+    raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+  finally:
+    fid.close()
 
 
-def _merged(mask: np.ndarray, mask_channels: Sequence[int], path: pathlib.Path) -> np.ndarray:
+def _check_shapes(path: pathlib.Path, image: tuple[int, ...], mask: tuple[int, ...],
+                  modalities: Sequence[int], mask_channels: Sequence[int]) -> None:
+  """Checks stored shapes: image (H, W, C), mask (H, W, K) or (H, W), the channels asked for."""
+  if len(image) != 3 or len(mask) not in (2, 3) or image[:2] != mask[:2]:
+    raise UserError(f"{path}: image of shape {image} and mask of shape {mask} are not "
+                    "(H, W, channels) of one H, W; store slices channels-last")
+  if max(modalities) >= image[-1]:
+    raise UserError(f"{path}: image of shape {image} does not fit "
+                    f"data.modalities={tuple(modalities)}")
+  if max(mask_channels) >= (mask[-1] if len(mask) == 3 else 1):
+    raise UserError(f"{path}: mask of shape {mask} has no channels "
+                    f"data.mask_channels={tuple(mask_channels)}")
+
+
+def _read(dataset_id: Any) -> np.ndarray:
+  return np.asarray(h5py_module().Dataset(dataset_id)[()])
+
+
+def _merged(mask: np.ndarray, mask_channels: Sequence[int]) -> np.ndarray:
   if mask.ndim == 2:
     mask = mask[..., None]
-  if mask.ndim != 3 or max(mask_channels) >= mask.shape[-1]:
-    raise UserError(f"{path}: mask of shape {mask.shape} has no channels "
-                    f"data.mask_channels={tuple(mask_channels)}")
   return (mask[..., list(mask_channels)] > 0).any(-1).astype(np.uint8)
 
 
-def read_mask(path: pathlib.Path, mask_channels: Sequence[int]) -> np.ndarray:
-  """The uint8 (H, W) union of a slice's `mask_channels`, without reading its image.
+def check_slice(path: pathlib.Path, modalities: Sequence[int],
+                mask_channels: Sequence[int]) -> None:
+  """Checks a slice file from its metadata alone, without reading pixels.
 
   Raises:
-    UserError: unreadable file, no mask dataset, or too few channels.
+    UserError: unreadable file, a missing dataset, or shapes that do not fit.
   """
-  return _merged(_read(path, ("mask",))[0], mask_channels, path)
+  with _checked(path, modalities, mask_channels):
+    pass
+
+
+def read_mask(path: pathlib.Path, modalities: Sequence[int],
+              mask_channels: Sequence[int]) -> np.ndarray:
+  """The uint8 (H, W) union of a slice's `mask_channels`, the slice checked, its image unread.
+
+  Raises:
+    UserError: as `check_slice`.
+  """
+  with _checked(path, modalities, mask_channels) as (_, mask):
+    return _merged(_read(mask), mask_channels)
 
 
 def read_slice(path: pathlib.Path, modalities: Sequence[int],
@@ -114,14 +167,11 @@ def read_slice(path: pathlib.Path, modalities: Sequence[int],
   """Reads one slice: the chosen modalities (H, W, M) as stored and the uint8 (H, W) mask.
 
   Raises:
-    UserError: unreadable file, missing datasets, or shapes that do not fit.
+    UserError: as `check_slice`, or pixels that cannot be read.
   """
-  image, mask = _read(path, ("image", "mask"))
-  mask = _merged(mask, mask_channels, path)
-  if image.ndim != 3 or image.shape[:2] != mask.shape or max(modalities) >= image.shape[-1]:
-    raise UserError(f"{path}: image of shape {image.shape} does not fit a {mask.shape} mask "
-                    f"and data.modalities={tuple(modalities)}")
-  return image[..., list(modalities)], mask
+  with _checked(path, modalities, mask_channels) as (image, mask):
+    image, mask = _read(image), _read(mask)
+  return image[..., list(modalities)], _merged(mask, mask_channels)
 
 
 def _check_indices(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -136,7 +186,8 @@ class BratsSource:
   """One subset of the BraTS2020 h5 slices: {"image", "mask", "file_name"} records.
 
   A grain `RandomAccessDataSource`; `file_name` is the slice's path relative
-  to the root. Files are opened on access, never held in memory.
+  to the root. Every slice of the subset is checked from its metadata when the
+  source is made (`check_slice`); pixels are read on access, never held in memory.
   """
 
   def __init__(self, root: str | os.PathLike, split: str, image_size: int,
@@ -157,10 +208,13 @@ class BratsSource:
     if not self._file_names:
       raise UserError(f"data.root {self.root}: no volumes in split {split!r}; the BraTS splits "
                       f"are {', '.join(splits.SUBSETS)} (data.val_fraction, data.test_fraction)")
+    # Metadata only (~0.3 ms a slice): a damaged file stops the run now, not at its end.
+    for name in self._file_names:
+      check_slice(self.root / name, self.modalities, self.mask_channels)
     self.volumes = sorted({v for v, s in assignment.items() if s == split}, key=int)
-    listing = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
+    names_digest = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
     self.fingerprint = (f"brats {self.root} {split} {image_size} {self.modalities} "
-                        f"{self.mask_channels} {self.percentiles} {listing}")
+                        f"{self.mask_channels} {self.percentiles} {names_digest}")
 
   def __len__(self) -> int:
     return len(self._file_names)
