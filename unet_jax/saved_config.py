@@ -22,6 +22,8 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.time_budget_minutes", "train.early_s
                      "train.plateau_patience", "train.log_every_steps", "train.keep_checkpoints",
                      "train.checkpoint_every_epochs", "eval.", "data.root", "data.num_workers",
                      "data.prefetch", "data.cache_dir")
+RESUME_HINT = ("resume it with its own values or use another --workdir (a resumed run may change "
+               "only its length, patience, logging, checkpointing, eval.* and data.root)")
 # What decides the function a checkpoint computes, beside its parameters' shapes (its
 # compute dtype may change: the parameters are float32 either way).
 _MODEL_FIELDS = ("model.", "data.image_size", "data.channels")
@@ -82,14 +84,25 @@ def _first_difference(config: ml_collections.ConfigDict, workdir: str,
   return f"{differ[0]}={saved[differ[0]]!r}, the config has {now[differ[0]]!r}{more}"
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume the run in `workdir` under a config that trains something else."""
-  difference = _first_difference(config, workdir, lambda key: not key.startswith(RESUME_MAY_CHANGE))
+def check_resumable(config: ml_collections.ConfigDict, workdir: str,
+                    may_change: tuple[str, ...] = RESUME_MAY_CHANGE,
+                    hint: str = RESUME_HINT) -> None:
+  """Refuses to resume the run in `workdir` under a config that trains something else.
+
+  Args:
+    config: the config to resume it with.
+    workdir: the run; nothing is checked when it has no saved config.
+    may_change: the fields that may differ from the saved config: dotted names, or prefixes
+      ending in "." for a whole group.
+    hint: what the user can do instead, the end of the error.
+
+  Raises:
+    UserError: a field outside `may_change` differs, naming it and both values.
+  """
+  difference = _first_difference(config, workdir, lambda key: not key.startswith(may_change))
   if difference:
     raise UserError(f"{pathlib.Path(workdir) / CONFIG_FILE}: the run was trained with "
-                    f"{difference}; resume it with its own values or use another --workdir (a "
-                    "resumed run may change only its length, patience, logging, checkpointing, "
-                    "eval.* and data.root)")
+                    f"{difference}; {hint}")
 
 
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
