@@ -17,6 +17,7 @@ from configs import brain
 from unet_jax import ablation
 from unet_jax import reports
 from unet_jax import train
+from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -56,13 +57,16 @@ def test_smoke_sweep_trains_every_variant_on_one_dataset(smoke):
     assert saved["model"] == {**saved["model"], **fields.to_dict()}
     assert not (smoke / name / "phantoms").exists()
     assert (smoke / name / "eval/test/summary.json").is_file()
-    assert (smoke / name / ablation.RESULT_FILE).is_file()
+    summary = json.loads((smoke / name / "eval/test/summary.json").read_text())
+    result = json.loads((smoke / name / ablation.RESULT_FILE).read_text())
+    assert result["eval_dice"] == summary["metrics"]["dice"]["mean"]
 
 
 def test_smoke_table_reads_the_runs(smoke):
   rows = _csv_rows(smoke)
   assert list(rows[0]) == ["variant", "pooling", "activation", "params", "epochs",
-                           "best_epoch", "val_dice", "val_iou", "test_dice", "img_per_s", "wall_s"]
+                           "best_epoch", "val_dice", "val_iou", "test_dice", "img_per_s", "wall_s",
+                           "status"]
   assert sorted(r["variant"] for r in rows) == ["avg_gelu", "max_relu"]
   assert [float(r["val_dice"]) for r in rows] == sorted(
       (float(r["val_dice"]) for r in rows), reverse=True)
@@ -82,6 +86,7 @@ def test_smoke_table_reads_the_runs(smoke):
     assert float(row["wall_s"]) > 0
     # Width 4, depth 2, batch norm; pooling and activation add no parameters.
     assert int(row["params"]) == 7_477
+    assert row["status"] == "ok"
   md = (smoke / ablation.MD_FILE).read_text()
   assert "| variant | pooling | activation | params |" in md
   assert md.count("\n| ") == 1 + len(rows)
@@ -110,6 +115,93 @@ def test_a_changed_variant_model_is_an_error_before_training(smoke, monkeypatch)
   monkeypatch.setattr(train, "train_and_evaluate", _no_training)
   with pytest.raises(UserError, match="another model than variant 'max_relu'"):
     ablation.run_sweep(config, str(smoke))
+
+
+def _outputs(workdir):
+  return {name: (workdir / name).read_bytes()
+          for name in (ablation.CSV_FILE, ablation.MD_FILE, "config.json")}
+
+
+@pytest.mark.parametrize("override,value,message", [
+    ("data", {"image_size": 48}, r"data.image_size=32, the config has 48"),
+    # Validation at every epoch decodes as eval.* says: the table would mix settings.
+    ("eval", {"threshold": 0.2}, r"eval.threshold=0.5, the config has 0.2; .* python launch.py "
+     r"--mode=eval --workdir=\S+/(max_relu|avg_gelu) --config.eval.FIELD=VALUE"),
+])
+def test_a_changed_override_is_refused_before_anything_trains_or_is_written(
+    smoke, monkeypatch, override, value, message):
+  config = ablation_config.get_config("smoke")
+  config.overrides[override].update(value)
+  config.sweep = {"a_new": {}, **config.sweep.to_dict()}  # A new variant, trained first.
+  before = _outputs(smoke)
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  with pytest.raises(UserError, match=r"^variant '(max_relu|avg_gelu)': .*" + message):
+    ablation.run_sweep(config, str(smoke))
+  assert _outputs(smoke) == before
+  assert not (smoke / "a_new").exists()
+
+
+def _fake_training(calls, bug=False):
+  """train_and_evaluate that writes the run's config, then fails as its variant's name says."""
+  def fake(config, workdir):
+    name = pathlib.Path(workdir).name
+    calls.append(name)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    train.write_config(config, pathlib.Path(workdir))
+    if name == "diverges":
+      raise Diverged("step 3: loss is nan on batch [a.png]; stopped")
+    if name == "broken":
+      raise RuntimeError("a bug") if bug else UserError("b.png: cannot decode")
+    return {}
+  return fake
+
+
+def test_failed_variants_are_rows_and_the_others_run(tmp_path, monkeypatch):
+  config = ablation_config.get_config("smoke")
+  config.sweep = {"diverges": {"norm": "none"}, "broken": {}, "fine": {"pooling": "avg"},
+                  "refused": {"out_channels": 2}}
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_training(calls))
+  failed = r"^3 of 4 variants failed \(broken, diverges, refused\)"
+  with pytest.raises(UserError, match=failed):
+    ablation.run_sweep(config, str(tmp_path))
+  assert calls == ["broken", "diverges", "fine"]  # The data refuses two logits up front.
+  rows = {row["variant"]: row for row in _csv_rows(tmp_path)}
+  assert rows["fine"]["status"] == "ok"
+  assert rows["diverges"]["status"] == "failed: step 3: loss is nan on batch [a.png]; stopped"
+  assert rows["broken"]["status"] == "failed: b.png: cannot decode"
+  assert rows["refused"]["status"].startswith("failed: model.out_channels=2: one logit per")
+  assert rows["diverges"]["val_dice"] == "" and rows["diverges"]["params"]
+  assert "failed: step 3: loss is nan" in (tmp_path / ablation.MD_FILE).read_text()
+
+  # A divergence would come back under the same config: only the other failure is retried.
+  calls.clear()
+  with pytest.raises(UserError, match=failed):
+    ablation.run_sweep(config, str(tmp_path))
+  assert calls == ["broken"]
+  assert _csv_rows(tmp_path) == list(rows.values())
+  # Under another config (no checkpoint, so anything may change) the divergence is retried.
+  config.overrides.train.learning_rate = 1e-4
+  calls.clear()
+  with pytest.raises(UserError, match=failed):
+    ablation.run_sweep(config, str(tmp_path))
+  assert calls == ["broken", "diverges", "fine"]
+  # Bugs are not results.
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_training(calls, bug=True))
+  with pytest.raises(RuntimeError, match="a bug"):
+    ablation.run_sweep(config, str(tmp_path))
+
+
+def test_launch_exits_non_zero_when_a_variant_failed(tmp_path, run_env):
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch.py"), "--config=configs/ablation.py:smoke",
+       f"--workdir={tmp_path}", "--config.sweep={'two_logits': {'out_channels': 2}}"],
+      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "Variant two_logits fails: model.out_channels=2" in result.stderr
+  assert result.stderr.splitlines()[-1].startswith(
+      "error: 1 of 1 variants failed (two_logits); ")
+  assert [row["variant"] for row in _csv_rows(tmp_path)] == ["two_logits"]
 
 
 # ---------------------------------------------------------------------------
@@ -176,12 +268,12 @@ def test_bad_sweeps_are_clear_errors(sweep, message):
 
 def test_table_from_run_files(tmp_path):
   config = ablation_config.get_config("smoke")
-  config.sweep = {"good": {"dilation": (1, 2, 2)}, "bad": {}, "unfinished": {}}
+  config.sweep = {"good": {"dilation": (1, 2, 2)}, "bad": {}, "failed": {}, "unfinished": {}}
   base = ablation.base_config(config)
   variants = ablation.variant_configs(config, base)
   flags_ = ablation.swept_fields(config)
   assert flags_ == ["dilation"]
-  for name, dice in (("good", (0.5, 0.7)), ("bad", (0.4, 0.3))):
+  for name, dice in (("good", (0.5, 0.7)), ("bad", (0.4, 0.3)), ("failed", (0.8, 0.9))):
     run = tmp_path / name
     run.mkdir()
     for step, speed in enumerate((1.0, 30.0, 10.0, 20.0)):
@@ -193,21 +285,31 @@ def test_table_from_run_files(tmp_path):
     (run / "eval/test").mkdir(parents=True)
     (run / "eval/test/summary.json").write_text(json.dumps({"metrics": {"dice": {"mean": 0.6}}}))
     (run / ablation.RESULT_FILE).write_text(json.dumps({"wall_s": 125.0}))
-  rows = sorted((ablation.variant_row(n, v, tmp_path / n, flags_) for n, v in variants.items()),
+  # The score the sweep kept, not a later --mode=eval's at other settings.
+  (tmp_path / "bad" / ablation.RESULT_FILE).write_text(json.dumps({"eval_dice": 0.55}))
+  status = {"failed": "failed: loss is nan | inf", "unfinished": "pending"}
+  rows = sorted((ablation.variant_row(n, v, tmp_path / n, flags_, status.get(n, "ok"))
+                 for n, v in variants.items()),
                 key=ablation._sort_key)  # pylint: disable=protected-access
-  assert [r["variant"] for r in rows] == ["good", "bad", "unfinished"]
+  # A failed variant's numbers are not results, whatever its files say.
+  assert [r["variant"] for r in rows] == ["good", "bad", "failed", "unfinished"]
   good = rows[0]
   assert good["dilation"] == (1, 2, 2) and good["best_epoch"] == 2
   assert good["epochs"] == 2
   assert good["val_dice"] == 0.7 and good["val_iou"] == pytest.approx(0.6)
   assert good["test_dice"] == 0.6 and good["img_per_s"] == 20.0 and good["wall_s"] == 125.0
-  assert rows[2]["val_dice"] is None and rows[2]["img_per_s"] is None
+  assert rows[1]["test_dice"] == 0.55
+  for row in rows[2:]:
+    assert all(row[c] is None for c in ("epochs", "val_dice", "test_dice", "img_per_s", "wall_s"))
   ablation.write_tables(rows, tmp_path, "# title")
   md = (tmp_path / ablation.MD_FILE).read_text().splitlines()
   assert md[0] == "# title"
   assert md[2] == ("| variant | dilation | params | epochs | best_epoch | val_dice | val_iou "
-                   "| test_dice | train img/s | wall (m:s) |")
+                   "| test_dice | train img/s | wall (m:s) | status |")
   assert md[4].startswith("| good | (1,2,2) | ") and md[4].endswith(
-      "| 2 | 2 | 0.7000 | 0.6000 | 0.6000 | 20.0 | 2:05 |")
-  assert md[6].startswith("| unfinished | 1 |") and md[6].endswith("|  |  |  |  |  |  |  |")
+      "| 2 | 2 | 0.7000 | 0.6000 | 0.6000 | 20.0 | 2:05 | ok |")
+  assert md[6].startswith("| failed | 1 |") and md[6].endswith(
+      "|  |  |  |  |  |  |  | failed: loss is nan \\| inf |")
+  assert md[7].startswith("| unfinished | 1 |") and md[7].endswith(
+      "|  |  |  |  |  |  |  | pending |")
   assert _csv_rows(tmp_path)[0]["dilation"] == "(1,2,2)"

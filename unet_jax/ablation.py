@@ -6,7 +6,10 @@
     <workdir>/phantoms/         (demo base) the one dataset every variant trains on
     <workdir>/<variant>/        a complete training run (see README: "What a run writes")
     <workdir>/ablation.csv      one row per variant: flags, params, validation and test
-    <workdir>/ablation.md       Dice, img/s, wall time; best validation Dice first
+    <workdir>/ablation.md       Dice, img/s, wall time, status; best validation Dice first
+
+A variant that fails with a UserError (a diverging loss, a config the data
+refuses) is a row of its own, "failed: WHY", and the others still run.
 """
 
 import copy
@@ -24,10 +27,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import model as model_lib
 from unet_jax import reports
 from unet_jax import train
+from unet_jax import saved_config
+from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 from unet_jax.saved_config import CONFIG_FILE
 
@@ -36,6 +42,10 @@ CSV_FILE = "ablation.csv"
 MD_FILE = "ablation.md"
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A variant's validation at every epoch decodes as eval.* says, so unlike a resumed run, a
+# sweep's started variants keep their eval.*: the table compares them alike.
+_VARIANT_MAY_CHANGE = tuple(f for f in saved_config.RESUME_MAY_CHANGE if f != "eval.")
+OK = "ok"  # The status of a variant that trained and evaluated.
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -124,17 +134,89 @@ def _check_same_model(name: str, config: ml_collections.ConfigDict,
                     "delete it or use another --workdir")
 
 
-def _run_variant(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Trains and evaluates one variant, unless it finished before with this config."""
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  if not (workdir / "checkpoints").is_dir():
+    return False
+  checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  try:
+    return checkpoints.latest_step() is not None
+  finally:
+    checkpoints.close()
+
+
+def _check_resumable(name: str, config: ml_collections.ConfigDict,
+                     workdir: pathlib.Path) -> None:
+  """Refuses, before anything trains, a config that a started variant could not resume with."""
+  _check_same_model(name, config, workdir)
+  if not _has_checkpoint(workdir):
+    return  # Training starts it again from scratch, under any config.
+  hint = ("rerun the sweep with the variant's own values or use another --workdir (a sweep's "
+          "started variants may change only their length, patience, logging, checkpointing and "
+          "data.root); to evaluate this variant at other eval.* settings: python launch.py "
+          f"--mode=eval --workdir={workdir} --config.eval.FIELD=VALUE")
+  try:
+    saved_config.check_resumable(config, str(workdir), _VARIANT_MAY_CHANGE, hint)
+  except UserError as e:
+    raise UserError(f"variant {name!r}: {e}") from None
+
+
+def _refusal(name: str, config: ml_collections.ConfigDict) -> str | None:
+  """Why training would refuse variant `name` at once (logged), or None."""
+  try:
+    train.check_categories(config)
+  except UserError as e:
+    logging.error("Variant %s fails: %s", name, e)
+    return str(e)
+  return None
+
+
+def _settled(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+  """Whether the variant finished, or diverged, before with this config: rerunning it would
+  only do the same again."""
   result = _read_json(workdir / RESULT_FILE)
-  if result is not None and _read_json(workdir / CONFIG_FILE) == _as_json(config):
-    logging.info("Variant %s finished before; skipped.", name)
-    return
-  start = time.perf_counter()
-  train.train_and_evaluate(config, str(workdir))  # Evaluates a run trained before, if need be.
-  wall = time.perf_counter() - start + (result or {}).get("wall_s", 0.0)
+  return (result is not None and ("error" not in result or result.get("diverged", False))
+          and _read_json(workdir / CONFIG_FILE) == _as_json(config))
+
+
+def _run_variant(name: str, config: ml_collections.ConfigDict,
+                 workdir: pathlib.Path) -> str | None:
+  """Trains and evaluates one variant, unless it finished or diverged before with this config.
+
+  Returns:
+    None, or why it failed: the UserError that stopped its training (logged, and kept in
+    its ablation_result.json). Other errors propagate.
+  """
+  result = _read_json(workdir / RESULT_FILE) or {}
+  if _settled(config, workdir):
+    if "error" in result:
+      logging.error("Variant %s diverged before with this config; skipped (delete %s to train it "
+                    "again): %s", name, workdir / RESULT_FILE, result["error"])
+    else:
+      logging.info("Variant %s finished before; skipped.", name)
+    return result.get("error")
+  start, record = time.perf_counter(), {"variant": name}
+  try:
+    # Evaluates a run trained before, if need be; {} if it had been.
+    summary = train.train_and_evaluate(config, str(workdir))
+  except UserError as e:
+    logging.error("Variant %s failed: %s", name, e)
+    # A diverged run is not run again under the same config (_settled); any other error
+    # (a file since repaired, say) is tried again.
+    record.update(error=str(e), diverged=isinstance(e, Diverged))
+  else:
+    # Kept, as the sweep scored it: a later --mode=eval at other settings rewrites eval/<split>/.
+    record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
+                           else result.get("eval_dice", _summary_dice(config, workdir)))
+  record["wall_s"] = time.perf_counter() - start + result.get("wall_s", 0.0)
   if jax.process_index() == 0:
-    (workdir / RESULT_FILE).write_text(json.dumps({"variant": name, "wall_s": wall}) + "\n")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / RESULT_FILE).write_text(json.dumps(record) + "\n")
+  return record.get("error")
+
+
+def _summary_dice(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> float | None:
+  summary = _read_json(workdir / "eval" / config.eval.split / "summary.json")
+  return summary["metrics"]["dice"]["mean"] if summary else None
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
@@ -152,14 +234,19 @@ def swept_fields(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                flags: list[str]) -> dict[str, Any]:
-  """One row of the table, read from the variant's metrics.jsonl, eval summary and result."""
-  records = reports.read_metrics(workdir)
+                flags: list[str], status: str = OK) -> dict[str, Any]:
+  """One row of the table, read from the variant's metrics.jsonl and result (or, for a result
+  written before it kept its score, eval summary).
+
+  Its measurements are left empty unless `status` is OK (e.g. "failed: WHY").
+  """
+  records, result, eval_dice = [], {}, None
+  if status == OK:
+    records, result = reports.read_metrics(workdir), _read_json(workdir / RESULT_FILE) or {}
+    eval_dice = result.get("eval_dice", _summary_dice(config, workdir))
   # The first train window includes compiling the step.
   speeds = [r["img_per_s"] for r in records if r["split"] == "train"][1:]
   best = reports.best_validation(records) or {}
-  summary = _read_json(workdir / "eval" / config.eval.split / "summary.json")
-  result = _read_json(workdir / RESULT_FILE) or {}
   return {
       "variant": name,
       **{flag: config.model[flag] for flag in flags},
@@ -168,9 +255,10 @@ def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
       "best_epoch": best.get("epoch"),
       "val_dice": best.get("dice"),
       "val_iou": best.get("iou"),
-      f"{config.eval.split}_dice": summary["metrics"]["dice"]["mean"] if summary else None,
+      f"{config.eval.split}_dice": eval_dice,
       "img_per_s": statistics.median(speeds) if speeds else None,
       "wall_s": result.get("wall_s"),
+      "status": status,
   }
 
 
@@ -191,7 +279,7 @@ def _cell(value: Any, column: str) -> str:
     return f"{int(value) // 60}:{int(value) % 60:02d}"
   if isinstance(value, (tuple, list)):
     return "(" + ",".join(str(v) for v in value) + ")"
-  return str(value)
+  return str(value).replace("|", "\\|") if column == "status" else str(value)
 
 
 def _raw(value: Any) -> Any:
@@ -228,8 +316,26 @@ def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -
       f"{base.train.epochs}, or more if it had finished before). Best validation Dice "
       f"first (its epoch's IoU beside it); {base.eval.split}_dice: mean per-image Dice of the "
       f"best checkpoint on the {base.eval.split} split. Train img/s: median over the log "
-      "windows after the first (which includes compilation); wall: training and evaluation.",
+      "windows after the first (which includes compilation); wall: training and evaluation. "
+      "Status: ok, failed (and why; its numbers left empty) or pending (not run yet).",
   ])
+
+
+def _check_before_training(variants: dict[str, ml_collections.ConfigDict],
+                           base: ml_collections.ConfigDict,
+                           out: pathlib.Path) -> dict[str, str]:
+  """Refuses, before anything trains or is written, a sweep some started variant could not
+  resume with, or data that no variant could train on.
+
+  Returns:
+    Variant name -> why training would refuse its config (e.g. one logit per category on
+    data without categories): a failed variant, not trained.
+  """
+  for name, variant in variants.items():
+    _check_resumable(name, variant, out / name)
+  train.build_sources(base, str(out))  # The same data for every variant.
+  refusals = {name: _refusal(name, variant) for name, variant in variants.items()}
+  return {name: why for name, why in refusals.items() if why is not None}
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -237,9 +343,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str,
 
   Variants run in `workdir/<variant>/`, all on the same data, seed and budget;
   finished ones are skipped, so running it again resumes an interrupted sweep.
+  A variant that fails with a UserError is a "failed" row and the others run on.
 
   Returns:
     The rows of the table, best validation Dice first.
+
+  Raises:
+    UserError: a config some variant could not run or resume with (before anything
+      trains), or, once the tables are written, some variant failed.
   """
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
@@ -247,19 +358,24 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str,
   # Generates the demo phantoms once, here, instead of once per variant.
   base.data.root = str(data_lib.data_root(base.data, str(out)))
   variants = variant_configs(config, base)
-  for name, variant in variants.items():
-    _check_same_model(name, variant, out / name)
+  refused = _check_before_training(variants, base, out)
   if jax.process_index() == 0:
     train.write_config(config, out)
   flags = swept_fields(config)
   title = _title(config, base)
-  rows = []
+  rows = {name: variant_row(name, variant, out / name, flags, "pending")
+          for name, variant in variants.items()}
   for i, (name, variant) in enumerate(variants.items()):
     logging.info("Variant %d/%d: %s (%s)", i + 1, len(variants), name,
                  ", ".join(f"{k}={v}" for k, v in config.sweep[name].items()) or "base")
-    _run_variant(name, variant, out / name)
-    rows = sorted(rows + [variant_row(name, variant, out / name, flags)], key=_sort_key)
+    error = refused.get(name) or _run_variant(name, variant, out / name)
+    rows[name] = variant_row(name, variant, out / name, flags,
+                             f"failed: {error}" if error else OK)
     if jax.process_index() == 0:
-      write_tables(rows, out, title)
+      write_tables(sorted(rows.values(), key=_sort_key), out, title)
   logging.info("Ablation table: %s", out / MD_FILE)
-  return rows
+  failed = [name for name, row in rows.items() if row["status"] != OK]
+  if failed:
+    raise UserError(f"{len(failed)} of {len(rows)} variants failed ({', '.join(failed)}); "
+                    f"{out / MD_FILE} and the log say why")
+  return sorted(rows.values(), key=_sort_key)

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
   """Input the user can fix; the message is one line naming the file and the problem."""
+
+
+class Diverged(UserError):
+  """Training met a NaN or infinite loss: the same config and data would meet it again."""

@@ -22,6 +22,7 @@ from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax import time_budget
 from unet_jax.data import pipeline
+from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 
 
@@ -91,12 +92,12 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
       last = checkpoints.latest_step()
       where = f"{checkpoints.directory}/{last}" if last is not None else "none saved yet"
       files = ", ".join(str(n) for n in list(names[offset])[:8])
-      raise UserError(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]; "
+      raise Diverged(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]; "
                       f"stopped, last good checkpoint: {where} (try a lower train.learning_rate "
                       "or train.grad_clip)")
 
 
-def _check_categories(config: ml_collections.ConfigDict) -> None:
+def check_categories(config: ml_collections.ConfigDict) -> None:
   """One logit, or one loss weight, per category needs that many COCO categories."""
   categories, fmt = tuple(config.data.category_ids), data_lib.data_format(config.data)
   got = f"(got data.format={fmt!r}, data.category_ids={categories})"
@@ -108,6 +109,21 @@ def _check_categories(config: ml_collections.ConfigDict) -> None:
   if weights and (fmt != "coco" or len(weights) != len(categories)):
     raise UserError(f"train.category_weights={weights}: one weight per category needs a COCO "
                     f"dataset and as many data.category_ids {got}; use () to weigh images alike")
+
+
+def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, bool]:
+  """The train and validation sources, and whether the data has `eval.split` (then checked too).
+
+  Raises:
+    UserError: a split is missing or its files are bad.
+  """
+  train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
+  val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
+  evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
+  if evaluates and config.eval.split != config.data.val_split:
+    # Its files and annotations checked now, not after the hours of training.
+    data_lib.build_source(config.data, config.eval.split, workdir)
+  return train_source, val_source, evaluates
 
 
 def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, started: float,
@@ -157,14 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
-  _check_categories(config)
+  check_categories(config)
   mesh = parallel.make_mesh()
-  train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
-  val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
-  evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
-  if evaluates and config.eval.split != config.data.val_split:
-    # Its files and annotations checked now, not after the hours of training.
-    data_lib.build_source(config.data, config.eval.split, workdir)
+  train_source, val_source, evaluates = build_sources(config, workdir)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
