@@ -31,8 +31,8 @@ from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import model as model_lib
 from unet_jax import reports
-from unet_jax import train
 from unet_jax import saved_config
+from unet_jax import train
 from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 from unet_jax.saved_config import CONFIG_FILE
