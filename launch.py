@@ -134,6 +134,13 @@ def main(argv):
   except UserError as e:
     _remove_unused(made, workdir)
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    # At once: a normal exit may wait forever on a data-loader thread. A run survives a kill at
+    # any moment (checkpoints appear only once complete), so nothing is lost.
+    print("interrupted: the same command resumes a training run from its last checkpoint",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _remove_unused(made: list[str], workdir: str) -> None:

@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.dice_smooth = 1.0  # Smoothing term of the soft Dice.
   train.dice_per_image = True  # Dice per image (True) or over the whole batch (False).
   train.log_every_steps = 10  # Train loss is written to metrics.jsonl this often.
-  train.keep_checkpoints = 2  # Latest checkpoints kept (the best is always kept).
+  train.keep_checkpoints = 2  # Latest checkpoints kept, 1 or more (the best is always kept).
   # Save this often (and always at the end, and at each best validation Dice so far).
   train.checkpoint_every_epochs = 1
 

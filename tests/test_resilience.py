@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import checkpoint, data, optim, parallel, reports, steps, time_budget, train
+from unet_jax import (checkpoint, data, evaluate, optim, parallel, reports, steps, time_budget,
+                      train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -90,19 +91,23 @@ SMOKE = ["--config=configs/brain.py:smoke", "--config.train.epochs=4",
          "--config.eval.split=none"]  # no final evaluation: the parameters are compared
 
 
-def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path, run_env):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env, sig):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
   subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=run_env(4), check=True,
                  capture_output=True, timeout=300)
 
   proc = subprocess.Popen([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while not (killed / "checkpoints" / "4").is_dir() and time.time() < deadline:
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=60)  # Ctrl-C exits at once, whatever threads run.
+  if sig == signal.SIGINT:
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the same command resumes")
   assert not (killed / "eval").exists(), "the run finished before it was killed"
   subprocess.run([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4), check=True,
                  capture_output=True, timeout=300)
@@ -186,6 +191,39 @@ def test_budget_shorter_than_an_epoch_still_trains_one_epoch_and_evaluates(tiny_
   summary = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert [r["epoch"] for r in reports.read_metrics(tmp_path) if r["split"] == "valid"] == [1]
   assert summary["checkpoint_step"] == 2
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_its_steps_once(tiny_config,
+                                                                            tmp_path):
+  tiny_config.eval.split = "none"
+  train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+  run = tmp_path / "run"
+  run.mkdir()
+  # A run killed in its first epoch: steps logged, no checkpoint, its last line cut short.
+  (run / reports.METRICS_FILE).write_text(
+      '{"step": 1, "epoch": 1, "split": "train", "loss": 9.0}\n{"step": 2, "ep')
+  train.train_and_evaluate(tiny_config, str(run))
+  records = reports.read_metrics(run)
+  assert [(r["step"], r["split"]) for r in records] == [
+      (r["step"], r["split"]) for r in reports.read_metrics(tmp_path / "straight")]
+  assert 9.0 not in [r["loss"] for r in records]
+
+
+def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
+  tiny_config.train.keep_checkpoints = 0
+  with pytest.raises(UserError, match="train.keep_checkpoints=0: keep at least 1"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  damaged = max((tmp_path / "checkpoints" / "2" / "state").rglob("*"),
+                key=lambda p: p.stat().st_size if p.is_file() else 0)
+  damaged.write_bytes(damaged.read_bytes()[:10])
+  tiny_config.eval.split = "valid"
+  with pytest.raises(UserError, match=r"checkpoints/2: unreadable checkpoint \(.*\); delete that "
+                                      r"folder to resume from an earlier step"):
+    evaluate.evaluate(tiny_config, str(tmp_path))
 
 
 def _free_port():

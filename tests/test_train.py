@@ -391,6 +391,9 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
   result = launch("--config=configs/brain.py", f"--workdir={tmp_path / 'new'}",
                   f"--config.data.root={tmp_path / 'missing'}")
   assert result.returncode != 0 and not (tmp_path / "new").exists()  # nothing left behind
+  result = launch("--mode=eval", "--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'new'}")
+  assert result.stderr.strip().splitlines()[-1].endswith("no checkpoint; train the run first")
+  assert not (tmp_path / "new").exists()  # Not even the phantoms it would evaluate on.
   (tmp_path / "a_file").touch()
   for args, line in (
       (["--config=configs/brain.py", "--config.model.widht=3"],

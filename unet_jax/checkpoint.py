@@ -22,6 +22,14 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(part) for part in parts)
 
 
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost error behind `error`, shortened."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  return (lines[0][:240] if lines else type(error).__name__)
+
+
 class Checkpoints:
   """The `checkpoints/` folder of a run.
 
@@ -77,13 +85,22 @@ class Checkpoints:
       The train state and the loop counters saved with it.
 
     Raises:
-      UserError: the checkpoint was written by a model of another shape.
+      UserError: the checkpoint was written by a model of another shape, or is damaged.
     """
-    saved = self.manager.item_metadata(step)["state"]
-    self._check_matches(step, saved, target)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    try:
+      self._check_matches(step, self.manager.item_metadata(step)["state"], target)
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # The shapes matched: what fails now is reading the files (tensorstore's errors come
+      # wrapped in a bare Exception).
+      raise UserError(f"{self.directory}/{step}: unreadable checkpoint ({_root_cause(e)}); "
+                      "delete that folder to resume from an earlier step, or evaluate another "
+                      f"with --config.eval.checkpoint=STEP (saved: "
+                      f"{sorted(self.manager.all_steps())})") from e
     return restored["state"], dict(restored["loop"])
 
   def _check_matches(self, step: int, saved: Any, target: Any) -> None:

@@ -218,8 +218,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   mesh = parallel.make_mesh()
   split = config.eval.split
-  source = data_lib.build_source(config.data, split, workdir)
+  # The checkpoint first: a folder without a run is an error before anything is written there.
   predict, state, step, members = restore_predictor(config, workdir, mesh)
+  source = data_lib.build_source(config.data, split, workdir)
   # The expected-Dice mask needs no threshold, so none is tuned for it.
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from unet_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 
@@ -21,15 +23,27 @@ def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of metrics.jsonl; a last line cut short by a kill is left out.
+
+  Raises:
+    UserError: a line before the last is not JSON.
+  """
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number < len(lines):
+        raise UserError(f"{path}: line {number} is not JSON ({e})") from None
+  return records
 
 
 def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
-  """Drops records logged after `last_step`, the step a resumed run restarts from."""
+  """Drops records logged after `last_step`, the step a run (re)starts from (0: all)."""
   records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   path = pathlib.Path(workdir) / METRICS_FILE
   tmp = path.with_suffix(".tmp")

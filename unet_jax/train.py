@@ -173,6 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
+  if train_cfg.keep_checkpoints < 1:
+    raise UserError(f"train.keep_checkpoints={train_cfg.keep_checkpoints}: keep at least 1 "
+                    "(the latest, which a resumed run starts from; the best is kept besides)")
   check_categories(config)
   mesh = parallel.make_mesh()
   train_source, val_source, evaluates = build_sources(config, workdir)
@@ -189,9 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     saved_config.check_resumable(config, workdir)
     state, saved_counters = checkpoints.restore(start_step, state)
     counters = LoopCounters(**saved_counters)
-    if jax.process_index() == 0:
-      reports.truncate_metrics(workdir, start_step)
     logging.info("Resumed from step %d", start_step)
+  if jax.process_index() == 0:  # A run killed before its first checkpoint logged steps too.
+    reports.truncate_metrics(workdir, start_step)
   budgeted = train_cfg.time_budget_minutes > 0
   epochs = train_cfg.epochs
   if budgeted and counters.planned_epochs:  # Kept, unless train.epochs is now lower.
