@@ -18,6 +18,8 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from unet_jax.errors import root_cause  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
@@ -62,7 +64,8 @@ def _argv_with_saved_config(argv: list[str]) -> list[str]:
         return argv[i + 1]
     return None
 
-  if value("mode") not in SAVED_CONFIG_MODES or value("config") is not None or value("workdir") is None:
+  if (value("mode") not in SAVED_CONFIG_MODES or value("config") is not None
+      or value("workdir") is None):
     return argv
   import unet_jax.saved_config  # pylint: disable=g-import-not-at-top
   return [argv[0], f"--config={unet_jax.saved_config.__file__}:{value('workdir')}", *argv[1:]]
@@ -119,9 +122,9 @@ def main(argv):
       sys.exit(f"error: --{name}={folder} is a file; give a folder")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value or ""
-  made = [path for path in (workdir, os.path.join(workdir, "compile_cache"))
-          if workdir and not os.path.exists(path)]
+  workdir = _WORKDIR.value
+  made = [path for path in (_topmost_missing(workdir), os.path.join(workdir, "compile_cache"))
+          if path and not os.path.exists(path)]
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
     # predict and export write to --output alone: the run's folder may be read-only.
@@ -137,17 +140,30 @@ def main(argv):
   except KeyboardInterrupt:
     # At once: a normal exit may wait forever on a data-loader thread. A run survives a kill at
     # any moment (checkpoints appear only once complete), so nothing is lost.
-    print("interrupted: the same command resumes a training run from its last checkpoint",
-          file=sys.stderr, flush=True)
+    again = ("resumes from the last checkpoint" if _MODE.value == "train" else
+             "starts it again")
+    print(f"interrupted: the same command {again}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)
 
 
+def _topmost_missing(path: str) -> str | None:
+  """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+  path, top = os.path.abspath(path), None
+  while not os.path.exists(path):
+    path, top = os.path.dirname(path), path
+  return top
+
+
 def _remove_unused(made: list[str], workdir: str) -> None:
-  """Removes the folders a failed command made (workdir, its compilation cache) if the workdir
-  holds nothing else: an error before any output leaves no trace."""
+  """Removes the folders a failed command made (the workdir and its parents, its compilation
+  cache) if the workdir holds nothing else: an error before any output leaves no trace."""
+  if _MODE.value != "describe":  # Processes share the workdir: one removes.
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      return
   if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {"compile_cache"}:
-    for path in reversed(made):
+    for path in made:
       shutil.rmtree(path, ignore_errors=True)
 
 
@@ -164,9 +180,7 @@ def _one_line(error: BaseException) -> str:
   """The line of a flag or config error that says what is wrong."""
   if isinstance(error, flags.Error) and "Traceback" not in str(error):
     return str(error).splitlines()[0]
-  cause = error
-  while cause.__cause__ or cause.__context__:
-    cause = cause.__cause__ or cause.__context__
+  cause = root_cause(error)
   if isinstance(cause, KeyError):  # A --config.* field the config does not have.
     hint = re.search(r'Did you mean "\w+"', str(error))
     return f"the config has no field {cause}" + (f" ({hint.group(0).lower()}?)" if hint else "")

@@ -10,11 +10,12 @@ runs/ablation/ablation.md and ablation.csv, best validation Dice first. The
 13 default variants take about 3 minutes each on an idle 2-core CPU (66
 minutes in all on a busy one). Running the command again skips finished
 variants, so an interrupted sweep resumes; it may not change the variants'
-overrides, eval.* included, beyond their length, logging and data.root. A
-variant that fails (a NaN loss, a config the data refuses) is a "failed" row,
-the others still run, and the command then exits non-zero. On the demo (one seed, so gaps
-under about 0.03 are noise) the batch-norm variants reach a validation Dice
-of 0.81-0.85; group norm 0.73, layer norm 0.71, no norm 0.52.
+overrides, eval.* included, beyond their length, patience, logging,
+checkpointing and data.root. A variant that fails (a NaN loss, a config the
+data refuses) is a "failed" row, the others still run, and the command then
+exits non-zero. On the demo (one seed, so gaps under about 0.03 are noise)
+the batch-norm variants reach a validation Dice of 0.81-0.85; group norm
+0.73, layer norm 0.71, no norm 0.52.
 
 On real data, with the full recipe:
 

@@ -35,7 +35,8 @@ def smoke(tmp_path_factory, run_env):
   workdir = tmp_path_factory.mktemp("ablation")
   result = subprocess.run(
       [sys.executable, str(REPO / "launch.py"), "--config=configs/ablation.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+       f"--workdir={workdir}"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+      timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -190,6 +191,16 @@ def test_failed_variants_are_rows_and_the_others_run(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "train_and_evaluate", _fake_training(calls, bug=True))
   with pytest.raises(RuntimeError, match="a bug"):
     ablation.run_sweep(config, str(tmp_path))
+
+
+def test_a_config_wrong_for_every_variant_stops_the_sweep_before_anything(tmp_path,
+                                                                          monkeypatch):
+  config = ablation_config.get_config("smoke")
+  config.overrides.train.keep_checkpoints = 0
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  with pytest.raises(UserError, match="train.keep_checkpoints=0: keep at least 1"):
+    ablation.run_sweep(config, str(tmp_path))
+  assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_launch_exits_non_zero_when_a_variant_failed(tmp_path, run_env):

@@ -52,14 +52,14 @@ def test_unknown_decoder_is_a_user_error():
     decoding.check_decoder("otsu")
 
 
-def test_largest_component_keeps_the_biggest_blob():
+def test_largest_blob_keeps_the_biggest_one():
   mask = np.zeros((10, 10), bool)
   mask[0:2, 0:2] = True
   mask[5:9, 5:9] = True
   mask[9, 0] = True
-  kept = decoding.largest_component(mask)
+  kept = decoding.largest_blob(mask)
   assert kept.sum() == 16 and kept[5:9, 5:9].all()
-  assert not decoding.largest_component(np.zeros((4, 4), bool)).any()
+  assert not decoding.largest_blob(np.zeros((4, 4), bool)).any()
 
 
 def test_fill_boxes_fills_each_blobs_bounding_box():

@@ -388,7 +388,7 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
   assert result.stderr.strip().splitlines()[-1].startswith("error: data.root")
   assert "configs/brain.py:demo" in result.stderr
   assert tmp_path.is_dir() and not (tmp_path / "compile_cache").exists()  # the user's folder
-  result = launch("--config=configs/brain.py", f"--workdir={tmp_path / 'new'}",
+  result = launch("--config=configs/brain.py", f"--workdir={tmp_path / 'new' / 'run'}",
                   f"--config.data.root={tmp_path / 'missing'}")
   assert result.returncode != 0 and not (tmp_path / "new").exists()  # nothing left behind
   result = launch("--mode=eval", "--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'new'}")

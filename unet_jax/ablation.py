@@ -163,7 +163,7 @@ def _check_resumable(name: str, config: ml_collections.ConfigDict,
 def _refusal(name: str, config: ml_collections.ConfigDict) -> str | None:
   """Why training would refuse variant `name` at once (logged), or None."""
   try:
-    train.check_categories(config)
+    train.check_config(config)
   except UserError as e:
     logging.error("Variant %s fails: %s", name, e)
     return str(e)
@@ -189,8 +189,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
   result = _read_json(workdir / RESULT_FILE) or {}
   if _settled(config, workdir):
     if "error" in result:
-      logging.error("Variant %s diverged before with this config; skipped (delete %s to train it "
-                    "again): %s", name, workdir / RESULT_FILE, result["error"])
+      logging.error("Variant %s diverged before with this config; skipped (delete %s to train "
+                    "it from scratch): %s", name, workdir, result["error"])
     else:
       logging.info("Variant %s finished before; skipped.", name)
     return result.get("error")
@@ -208,9 +208,11 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
                            else result.get("eval_dice", _summary_dice(config, workdir)))
   record["wall_s"] = time.perf_counter() - start + result.get("wall_s", 0.0)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # Whole or not at all: every process reads it for its row.
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / RESULT_FILE).write_text(json.dumps(record) + "\n")
+    tmp = workdir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(workdir / RESULT_FILE)
   return record.get("error")
 
 
@@ -355,6 +357,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str,
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   base = base_config(config)
+  train.check_config(base)  # Wrong for every variant: an error, not a table of failures.
   # Generates the demo phantoms once, here, instead of once per variant.
   base.data.root = str(data_lib.data_root(base.data, str(out)))
   variants = variant_configs(config, base)

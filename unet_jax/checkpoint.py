@@ -7,6 +7,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from unet_jax.errors import root_cause
 from unet_jax.errors import UserError
 
 BEST_METRIC = "val_dice"
@@ -20,14 +21,6 @@ def _path_name(path: tuple[Any, ...]) -> str:
   """'params/down_0/Conv_0/kernel' for attribute, key and index paths alike."""
   parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
   return "/".join(str(part) for part in parts)
-
-
-def _root_cause(error: BaseException) -> str:
-  """The first line of the innermost error behind `error`, shortened."""
-  while error.__cause__ or error.__context__:
-    error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines()
-  return (lines[0][:240] if lines else type(error).__name__)
 
 
 class Checkpoints:
@@ -75,7 +68,8 @@ class Checkpoints:
     except ValueError:
       raise UserError(f"eval.checkpoint={which!r}: use best, latest or a step number") from None
     if step not in steps:
-      raise UserError(f"{self.directory}: no checkpoint at step {step}; saved steps are {sorted(steps)}")
+      raise UserError(f"{self.directory}: no checkpoint at step {step}; saved steps are "
+                      f"{sorted(steps)}")
     return step
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
@@ -95,11 +89,15 @@ class Checkpoints:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      # The shapes matched: what fails now is reading the files (tensorstore's errors come
-      # wrapped in a bare Exception).
-      raise UserError(f"{self.directory}/{step}: unreadable checkpoint ({_root_cause(e)}); "
-                      "delete that folder to resume from an earlier step, or evaluate another "
-                      f"with --config.eval.checkpoint=STEP (saved: "
+      # tensorstore's errors on a file come wrapped in a bare Exception; anything else (out of
+      # memory, a bug) is not the files'.
+      cause = root_cause(e)
+      if not isinstance(cause, (OSError, ValueError)):
+        raise
+      reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:240]
+      raise UserError(f"{self.directory}/{step}: unreadable checkpoint ({reason}); if its "
+                      "files are damaged, delete that folder: training resumes from the step "
+                      "before, and --config.eval.checkpoint=STEP evaluates another (saved: "
                       f"{sorted(self.manager.all_steps())})") from e
     return restored["state"], dict(restored["loop"])
 

@@ -19,7 +19,7 @@ def check_decoder(name: str) -> None:
 
 
 def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: bool = False,
-           largest_blob: bool = False, fill_box: bool = False) -> np.ndarray:
+           largest_component: bool = False, fill_box: bool = False) -> np.ndarray:
   """The mask `rule` (one of DECODERS) reads from a probability map, post-processed.
 
   Args:
@@ -28,7 +28,7 @@ def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: b
     threshold: Used by "threshold" only.
     never_empty: Never return an empty mask: for data where every image
       holds a tumour.
-    largest_blob: Keep only the largest 8-connected blob.
+    largest_component: Keep only the largest 8-connected blob.
     fill_box: Replace each blob by its bounding box.
   """
   check_decoder(rule)
@@ -39,8 +39,8 @@ def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: b
     if never_empty and not mask.any():
       # The data promise a tumour in every image: take the likeliest region.
       mask = probs >= probs.max() / 2
-  if largest_blob:
-    mask = largest_component(mask)
+  if largest_component:
+    mask = largest_blob(mask)
   if fill_box:
     mask = fill_boxes(mask)
   return mask
@@ -75,7 +75,7 @@ def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarra
   return mask.reshape(np.shape(probs))
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_blob(mask: np.ndarray) -> np.ndarray:
   """Keeps only the largest 8-connected component of a binary (H, W) mask."""
   labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
   if count <= 1:

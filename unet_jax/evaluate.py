@@ -26,7 +26,8 @@ from unet_jax.errors import UserError
 THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[steps.TrainState, int]:
+def restore_state(config: ml_collections.ConfigDict, workdir: str,
+                  mesh) -> tuple[steps.TrainState, int]:
   """The train state of the checkpoint named by `config.eval.checkpoint`, and its step."""
   saved_config.check_same_model(config, workdir)
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
@@ -96,7 +97,8 @@ def averaged(predict):
   return lambda states, images: sum(predict(state, images) for state in states) / len(states)
 
 
-def _probabilities(predict, state, source, config, mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _probabilities(predict, state, source, config,
+                   mesh) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """(index, probability map, ground-truth label map) for every image of `source`."""
   step = lambda state_, arrays: {"probs": predict(state_, arrays["image"])}
   for index, outputs, labels in _per_image(step, state, source, config, mesh):

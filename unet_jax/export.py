@@ -4,6 +4,7 @@ The artifact holds the computation and its weights; `unet_jax.serving`
 runs it with jax alone, without the model code.
 """
 
+import functools
 import json
 import pathlib
 
@@ -14,7 +15,6 @@ import ml_collections
 
 from unet_jax import decoding
 from unet_jax import evaluate
-from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax import parallel
 from unet_jax import steps
@@ -38,16 +38,13 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   mesh = parallel.make_mesh()
   state, step = evaluate.restore_state(config, workdir, mesh)
   ensemble = evaluate.ensemble_members(config, mesh)
-  members = [(s.apply_fn, jax.device_get(steps.eval_variables(s)))
-             for s in (state, *(member for _, member, _ in ensemble))]
-
-  def mean_probabilities(images):
-    return sum(jax.nn.sigmoid(model_lib.tumour_logits(apply(variables, images, train=False)))
-               for apply, variables in members) / len(members)
+  # On the host: the weights become the artifact's constants, on no device's mesh.
+  states = jax.device_get((state, *(member for _, member, _ in ensemble)))
+  predict = functools.partial(steps.predict_step, tta=config.eval.tta,
+                              up_down=config.eval.tta_up_down)
 
   def probabilities(images):
-    return steps.flip_averaged(mean_probabilities, images, config.eval.tta,
-                               config.eval.tta_up_down)
+    return evaluate.averaged(predict)(states, images)
 
   size, channels = config.data.image_size, config.data.channels
   (batch,) = jax.export.symbolic_shape("batch")
@@ -61,8 +58,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
                          "float as it is; in [0, 1]",
                 "resize": "bilinear to height x width"},
       "output": "tumour probability per pixel, (N, height, width)",
-      "tta": ("left-right" + (" and up-down" if config.eval.tta_up_down else "") + " flips, "
-              "averaged inside the model") if config.eval.tta else "none",
+      "tta": ("the image and its " + ("left-right, up-down and double flips"
+                                      if config.eval.tta_up_down else "left-right flip")
+              + ", averaged inside the model") if config.eval.tta else "none",
       "decode": config.eval.decode,
       "threshold": config.eval.threshold,
       "never_empty": config.eval.never_empty,

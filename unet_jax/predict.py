@@ -31,7 +31,8 @@ def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
     raise UserError(f"{path}: no such file or folder")
   entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
   files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-  others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+  kept = set(files)
+  others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in kept]
   if others:
     logging.warning("%s: %d entries are not image files (%s) and are left out: %s%s", path,
                     len(others), ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]),
@@ -98,7 +99,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   _check_output(out, files, stems)
   mesh = parallel.make_mesh()
   predict_fn, state, step, ensemble = evaluate.restore_predictor(config, workdir, mesh)
-  out.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out, [])  # Marks the folder as predict's, so a rerun after a stop may write over.
   size, threshold = config.data.image_size, config.eval.threshold
   logging.info("Predicting %d images with checkpoint %d of %s%s", len(files), step, workdir,
                f" and {len(ensemble)} more runs averaged" if ensemble else "")
@@ -125,16 +128,20 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
                                     config))
 
   if jax.process_index() == 0:
-    with open(out / "predictions.csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, CSV_FIELDS, restval="")
-      writer.writeheader()
-      writer.writerows(rows)
+    _write_csv(out, rows)
   written = sum(not r.get("error") for r in rows)
   logging.info("Wrote %d predictions (%d skipped) to %s", written, len(rows) - written, out)
   if not written:
     raise UserError(f"{input_path}: none of the {len(rows)} files could be read "
                     f"({out / 'predictions.csv'} says why)")
   return rows
+
+
+def _write_csv(out: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+  with open(out / "predictions.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_FIELDS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def _write_prediction(path: pathlib.Path, stem: str, image: np.ndarray, prob: np.ndarray,

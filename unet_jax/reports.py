@@ -4,13 +4,12 @@ import json
 import pathlib
 from typing import Any, Sequence
 
+from absl import logging
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
-
-from unet_jax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
@@ -23,29 +22,29 @@ def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of metrics.jsonl; a last line cut short by a kill is left out.
-
-  Raises:
-    UserError: a line before the last is not JSON.
-  """
+  """The records of metrics.jsonl up to its first line that is not JSON (a line cut short by
+  a kill): a resumed run truncates the file there."""
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
   records = []
-  for number, line in enumerate(lines, 1):
+  for number, line in enumerate(path.read_text().splitlines(), 1):
     try:
       records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if number < len(lines):
-        raise UserError(f"{path}: line {number} is not JSON ({e})") from None
+    except json.JSONDecodeError:
+      if line.strip():
+        logging.warning("%s: line %d is not JSON; it and any after it are left out", path,
+                        number)
+        break
   return records
 
 
 def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
   """Drops records logged after `last_step`, the step a run (re)starts from (0: all)."""
-  records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return
+  records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   tmp = path.with_suffix(".tmp")
   tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
   tmp.replace(path)

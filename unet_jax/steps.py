@@ -1,7 +1,7 @@
 """The train state and the pure, jitted steps that train, evaluate and predict with it."""
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
 from flax.training import train_state
@@ -176,8 +176,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: d
   return {
       "loss": losses.dice_bce_loss(logits, losses.targets(batch["mask"], logits.shape[-1]),
                                    **loss_options),
-      "probs": flip_averaged(functools.partial(_probs, state), batch["image"], tta, up_down,
-                             probs=jax.nn.sigmoid(model_lib.tumour_logits(logits))),
+      "probs": _flip_averaged(state, batch["image"],
+                              jax.nn.sigmoid(model_lib.tumour_logits(logits)), tta, up_down),
   }
 
 
@@ -189,7 +189,7 @@ def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False,
   up-down and double flips (each flipped back) are averaged; without
   `up_down`, of the image and its left-right flip only.
   """
-  return flip_averaged(functools.partial(_probs, state), images, tta, up_down)
+  return _flip_averaged(state, images, _probs(state, images), tta, up_down)
 
 
 def _probs(state: TrainState, images: jax.Array) -> jax.Array:
@@ -197,17 +197,15 @@ def _probs(state: TrainState, images: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(model_lib.tumour_logits(logits))
 
 
-def flip_averaged(probs_fn: Callable[[jax.Array], jax.Array], images: jax.Array, tta: bool,
-                  up_down: bool, probs: jax.Array | None = None) -> jax.Array:
-  """`probs_fn(images)` (or `probs`, when already computed) averaged with the flips' as
-  `predict_step` says."""
-  probs = probs_fn(images) if probs is None else probs
+def _flip_averaged(state: TrainState, images: jax.Array, probs: jax.Array, tta: bool,
+                   up_down: bool) -> jax.Array:
+  """`probs` (of `images`) averaged with the flips' as `predict_step` says."""
   if not tta:
     return probs
   flips = ((2,), (1,), (1, 2)) if up_down else ((2,),)
   total = probs
   for axes in flips:
-    total += jnp.flip(probs_fn(jnp.flip(images, axes)), axes)
+    total += jnp.flip(_probs(state, jnp.flip(images, axes)), axes)
   return total / (1 + len(flips))
 
 

@@ -85,7 +85,7 @@ def time_left(epoch_ends: list[float], epochs_left: int) -> str:
 
 def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: int,
                   checkpoints: checkpoint_lib.Checkpoints) -> None:
-  """Stops the run on a NaN or infinite loss, naming the step, its images and the last checkpoint."""
+  """Stops the run on a NaN or infinite loss, naming the step, its images, the last checkpoint."""
   for offset, metrics in enumerate(window):
     if not math.isfinite(metrics["loss"]):
       checkpoints.wait()
@@ -93,12 +93,17 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
       where = f"{checkpoints.directory}/{last}" if last is not None else "none saved yet"
       files = ", ".join(str(n) for n in list(names[offset])[:8])
       raise Diverged(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]; "
-                      f"stopped, last good checkpoint: {where} (try a lower train.learning_rate "
-                      "or train.grad_clip)")
+                     f"stopped, last good checkpoint: {where} (try a lower train.learning_rate "
+                     "or train.grad_clip)")
 
 
-def check_categories(config: ml_collections.ConfigDict) -> None:
-  """One logit, or one loss weight, per category needs that many COCO categories."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The checks of a config's values that need no data read: at least one checkpoint kept;
+  one logit, or one loss weight, per category needs that many COCO categories."""
+  keep = config.train.keep_checkpoints
+  if keep < 1:
+    raise UserError(f"train.keep_checkpoints={keep}: keep at least 1 (the latest, which a "
+                    "resumed run starts from; the best is kept besides)")
   categories, fmt = tuple(config.data.category_ids), data_lib.data_format(config.data)
   got = f"(got data.format={fmt!r}, data.category_ids={categories})"
   channels = config.model.out_channels
@@ -173,10 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
-  if train_cfg.keep_checkpoints < 1:
-    raise UserError(f"train.keep_checkpoints={train_cfg.keep_checkpoints}: keep at least 1 "
-                    "(the latest, which a resumed run starts from; the best is kept besides)")
-  check_categories(config)
+  check_config(config)
   mesh = parallel.make_mesh()
   train_source, val_source, evaluates = build_sources(config, workdir)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
@@ -237,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _check_finite(host, names, step + 2 - len(host), checkpoints)
       record = {"step": step + 1, "epoch": epoch, "split": "train",
                 **{k: float(np.mean([m[k] for m in host])) for k in host[0]},
-                "img_per_s": len(host) * train_cfg.batch_size / (time.perf_counter() - window_start)}
+                "img_per_s": (len(host) * train_cfg.batch_size
+                              / (time.perf_counter() - window_start))}
       logging.info("%s step %d/%d epoch %d: loss %.4f dice %.3f (%.1f img/s)",
                    _progress(step + 1, total_steps), step + 1, total_steps, epoch,
                    record["loss"], record["dice"], record["img_per_s"])

@@ -26,7 +26,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   for name in PROBABILITIES:
     if not 0 <= config[name] <= 1:
       raise UserError(f"augment.{name}={config[name]} is not a probability in [0, 1]")
-  for name in ("zoom", "contrast", "gamma"):  # Factors drawn from [1 - x, 1 + x] must stay positive.
+  # Factors drawn from [1 - x, 1 + x] must stay positive.
+  for name in ("zoom", "contrast", "gamma"):
     if not 0 <= config[name] < 1:
       raise UserError(f"augment.{name}={config[name]} is not in [0, 1)")
   for name in ("rotate_degrees", "shift_fraction", "brightness", "noise"):
