@@ -205,6 +205,18 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
   assert sorted(p.name for p in out.iterdir()) == [
       "a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png", "predictions.csv"]
   predict.predict(config, str(workdir), str(inputs), str(out))  # Its own output: written over.
+  # Stopped after its first mask, the same command may still write over its folder.
+  stopped = tmp_path / "stopped"
+  real_write = predict._write_prediction  # pylint: disable=protected-access
+  def write_one_then_stop(*args):
+    real_write(*args)
+    raise KeyboardInterrupt
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(predict, "_write_prediction", write_one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+      predict.predict(config, str(workdir), str(inputs), str(stopped))
+  assert (stopped / "a_mask.png").is_file()
+  assert len(predict.predict(config, str(workdir), str(inputs), str(stopped))) == 4
 
   # A folder of other files that predict would overwrite is refused before anything is written.
   truths = tmp_path / "truths"
