@@ -158,11 +158,14 @@ def _topmost_missing(path: str) -> str | None:
 def _remove_unused(made: list[str], workdir: str) -> None:
   """Removes the folders a failed command made (the workdir and its parents, its compilation
   cache) if the workdir holds nothing else: an error before any output leaves no trace."""
+  left = {"compile_cache"}
   if _MODE.value != "describe":  # Processes share the workdir: one removes.
     import jax  # pylint: disable=g-import-not-at-top
+    from unet_jax import run_lock  # pylint: disable=g-import-not-at-top
     if jax.process_index() != 0:
       return
-  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {"compile_cache"}:
+    left.add(run_lock.LOCK_FILE)
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= left:
     for path in made:
       shutil.rmtree(path, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from configs import ablation as ablation_config
 from configs import brain
 from unet_jax import ablation
 from unet_jax import reports
+from unet_jax import run_lock
 from unet_jax import train
 from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
@@ -50,7 +51,7 @@ def test_smoke_sweep_trains_every_variant_on_one_dataset(smoke):
   config = ablation_config.get_config("smoke")
   # No compile_cache/: the tests share one cache elsewhere (conftest.py).
   assert sorted(os.listdir(smoke)) == sorted(
-      ["ablation.csv", "ablation.md", "config.json", "phantoms", *config.sweep])
+      ["ablation.csv", "ablation.md", "config.json", "phantoms", run_lock.LOCK_FILE, *config.sweep])
   for name, fields in config.sweep.items():
     saved = json.loads((smoke / name / "config.json").read_text())
     assert saved["data"]["root"] == str(smoke / "phantoms")
@@ -200,7 +201,7 @@ def test_a_config_wrong_for_every_variant_stops_the_sweep_before_anything(tmp_pa
   monkeypatch.setattr(train, "train_and_evaluate", _no_training)
   with pytest.raises(UserError, match="train.keep_checkpoints=0: keep at least 1"):
     ablation.run_sweep(config, str(tmp_path))
-  assert [p.name for p in tmp_path.iterdir()] == []
+  assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_FILE]
 
 
 def test_launch_exits_non_zero_when_a_variant_failed(tmp_path, run_env):

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import (checkpoint, data, evaluate, optim, parallel, reports, steps, time_budget,
-                      train)
+from configs import ablation as ablation_config
+from unet_jax import (ablation, checkpoint, data, evaluate, optim, parallel, reports, run_lock,
+                      steps, time_budget, train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -211,12 +212,24 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_its_steps_once(tin
   assert _untimed(run) == _untimed(tmp_path / "straight")
 
 
+def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp_path):
+  with run_lock.held(tmp_path):  # As a run training there would hold it.
+    with pytest.raises(UserError, match="another process is training this run"):
+      train.train_and_evaluate(tiny_config, str(tmp_path))
+    with pytest.raises(UserError, match="another process is training this run"):
+      ablation.run_sweep(ablation_config.get_config("smoke"), str(tmp_path))
+  assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_FILE]
+  assert train.train_and_evaluate(tiny_config, str(tmp_path))  # Released when the run ends.
+
+
 def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
   tiny_config.train.keep_checkpoints = 0
   with pytest.raises(UserError, match="train.keep_checkpoints=0: keep at least 1"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+# Orbax leaves the failed read's other coroutines to be collected unawaited.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(tmp_path))
   damaged = max((tmp_path / "checkpoints" / "2" / "state").rglob("*"),

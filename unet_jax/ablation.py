@@ -31,6 +31,7 @@ from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import model as model_lib
 from unet_jax import reports
+from unet_jax import run_lock
 from unet_jax import saved_config
 from unet_jax import train
 from unet_jax.errors import Diverged
@@ -354,7 +355,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str,
     UserError: a config some variant could not run or resume with (before anything
       trains), or, once the tables are written, some variant failed.
   """
-  out = pathlib.Path(workdir)
+  with run_lock.held(workdir):  # A second sweep there would fail the variants this one trains.
+    return _run_sweep(config, pathlib.Path(workdir))
+
+
+def _run_sweep(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict[str, Any]]:
   out.mkdir(parents=True, exist_ok=True)
   base = base_config(config)
   train.check_config(base)  # Wrong for every variant: an error, not a table of failures.

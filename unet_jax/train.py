@@ -18,6 +18,7 @@ from unet_jax import evaluate
 from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
+from unet_jax import run_lock
 from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax import time_budget
@@ -170,10 +171,17 @@ def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collectio
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, then evaluates its best checkpoint.
 
+  Holds the folder's lock throughout: a second run started there stops at once.
+
   Returns:
     The evaluation summary of `config.eval.split`; {} when that split does
     not exist or the run had already finished.
   """
+  with run_lock.held(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)

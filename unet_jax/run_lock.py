@@ -1,0 +1,40 @@
+"""One training process per run folder: a second one there stops before it writes."""
+
+import contextlib
+import fcntl
+import os
+import pathlib
+from typing import Iterator
+
+import jax
+
+from unet_jax import time_budget
+from unet_jax.errors import UserError
+
+LOCK_FILE = ".training.lock"
+
+
+@contextlib.contextmanager
+def held(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds `workdir`'s lock while a run trains there (process 0 takes it for all).
+
+  The kernel drops the lock when its process ends, killed or not, so a stopped
+  run never leaves its folder locked.
+
+  Raises:
+    UserError: another process holds it.
+  """
+  path = pathlib.Path(workdir) / LOCK_FILE
+  with contextlib.ExitStack() as stack:
+    got = True
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      lock = stack.enter_context(open(path, "a"))
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        got = False
+    if not time_budget.agreed(int(got)):  # Every process stops, not process 0 alone.
+      raise UserError(f"{workdir}: another process is training this run; wait for it to end "
+                      "(or stop it), or use another --workdir")
+    yield
