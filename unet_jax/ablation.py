@@ -29,6 +29,7 @@ import ml_collections
 
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
+from unet_jax import evaluate
 from unet_jax import model as model_lib
 from unet_jax import reports
 from unet_jax import run_lock
@@ -116,10 +117,6 @@ def variant_configs(config: ml_collections.ConfigDict,
   return variants
 
 
-def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(json.dumps(config.to_dict(), default=list))
-
-
 def _read_json(path: pathlib.Path) -> Any:
   try:
     return json.loads(path.read_text())
@@ -130,7 +127,7 @@ def _read_json(path: pathlib.Path) -> Any:
 def _check_same_model(name: str, config: ml_collections.ConfigDict,
                       workdir: pathlib.Path) -> None:
   saved = _read_json(workdir / CONFIG_FILE)
-  if saved is not None and saved.get("model") != _as_json(config)["model"]:
+  if saved is not None and saved.get("model") != saved_config.as_json(config)["model"]:
     raise UserError(f"{workdir} holds a run of another model than variant {name!r}; "
                     "delete it or use another --workdir")
 
@@ -171,12 +168,12 @@ def _refusal(name: str, config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-def _settled(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
-  """Whether the variant finished, or diverged, before with this config: rerunning it would
-  only do the same again."""
-  result = _read_json(workdir / RESULT_FILE)
-  return (result is not None and ("error" not in result or result.get("diverged", False))
-          and _read_json(workdir / CONFIG_FILE) == _as_json(config))
+def _settled(result: dict[str, Any], config: ml_collections.ConfigDict,
+             workdir: pathlib.Path) -> bool:
+  """Whether the variant, whose ablation_result.json holds `result` ({}: none), finished or
+  diverged before with this config: rerunning it would only do the same again."""
+  return (bool(result) and ("error" not in result or result.get("diverged", False))
+          and _read_json(workdir / CONFIG_FILE) == saved_config.as_json(config))
 
 
 def _run_variant(name: str, config: ml_collections.ConfigDict,
@@ -188,7 +185,7 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     its ablation_result.json). Other errors propagate.
   """
   result = _read_json(workdir / RESULT_FILE) or {}
-  if _settled(config, workdir):
+  if _settled(result, config, workdir):
     if "error" in result:
       logging.error("Variant %s diverged before with this config; skipped (delete %s to train "
                     "it from scratch): %s", name, workdir, result["error"])
@@ -207,18 +204,21 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
   else:
     # Kept, as the sweep scored it: a later --mode=eval at other settings rewrites eval/<split>/.
     record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
-                           else result.get("eval_dice", _summary_dice(config, workdir)))
+                           else _sweep_dice(result, config, workdir))
   record["wall_s"] = time.perf_counter() - start + result.get("wall_s", 0.0)
   if jax.process_index() == 0:  # Whole or not at all: every process reads it for its row.
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(workdir / RESULT_FILE)
+    reports.write_atomic(workdir / RESULT_FILE, json.dumps(record) + "\n")
   return record.get("error")
 
 
-def _summary_dice(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> float | None:
-  summary = _read_json(workdir / "eval" / config.eval.split / "summary.json")
+def _sweep_dice(result: dict[str, Any], config: ml_collections.ConfigDict,
+                workdir: pathlib.Path) -> float | None:
+  """The variant's evaluation Dice as the sweep scored it: kept in its result, or (a result
+  written before it kept its score) read from its evaluation summary."""
+  if "eval_dice" in result:
+    return result["eval_dice"]
+  summary = _read_json(evaluate.output_dir(config, str(workdir)) / "summary.json")
   return summary["metrics"]["dice"]["mean"] if summary else None
 
 
@@ -246,7 +246,7 @@ def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
   records, result, eval_dice = [], {}, None
   if status == OK:
     records, result = reports.read_metrics(workdir), _read_json(workdir / RESULT_FILE) or {}
-    eval_dice = result.get("eval_dice", _summary_dice(config, workdir))
+    eval_dice = _sweep_dice(result, config, workdir)
   # The first train window includes compiling the step.
   speeds = [r["img_per_s"] for r in records if r["split"] == "train"][1:]
   best = reports.best_validation(records) or {}

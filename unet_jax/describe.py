@@ -235,8 +235,7 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.writerows(image.rows)
       stats[image.subset].add(image)
       total.add(image)
-  for problem in problems[:10]:
-    logging.warning("%s", problem)
+  coco.log_problems(problems, root)
   if not total.images:
     first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
     raise UserError(f"data.root {root}: no images found{first}")

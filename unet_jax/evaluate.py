@@ -80,16 +80,23 @@ def output_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
       f"{split}_ensemble" if _ensemble_workdirs(config) else split)
 
 
+def restore_runs(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(states, step, ensemble): the train states of this run's checkpoint and of
+  `eval.ensemble`'s runs (this run's first), this run's step and `ensemble_members`."""
+  state, step = restore_state(config, workdir, mesh)
+  members = ensemble_members(config, mesh)
+  return (state, *(member[1] for member in members)), step, members
+
+
 def restore_predictor(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(predict, state, step, ensemble): the jitted `predict(state, images)` with `eval.tta`, the
   run's train state (with `eval.ensemble`, every run's, their probabilities averaged), its
   checkpoint step and `ensemble_members`."""
-  state, step = restore_state(config, workdir, mesh)
+  states, step, members = restore_runs(config, workdir, mesh)
   predict = steps.jit_predict(mesh, tta=config.eval.tta, up_down=config.eval.tta_up_down)
-  members = ensemble_members(config, mesh)
   if members:
-    state, predict = (state, *(member[1] for member in members)), averaged(predict)
-  return predict, state, step, members
+    return averaged(predict), states, step, members
+  return predict, states[0], step, members
 
 
 def averaged(predict):

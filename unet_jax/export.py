@@ -35,11 +35,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   """
   decoding.check_decoder(config.eval.decode)  # model.json names it for serving.
   out = pathlib.Path(output_dir) if output_dir else pathlib.Path(workdir) / "export"
-  mesh = parallel.make_mesh()
-  state, step = evaluate.restore_state(config, workdir, mesh)
-  ensemble = evaluate.ensemble_members(config, mesh)
+  states, step, ensemble = evaluate.restore_runs(config, workdir, parallel.make_mesh())
   # On the host: the weights become the artifact's constants, on no device's mesh.
-  states = jax.device_get((state, *(member for _, member, _ in ensemble)))
+  states = jax.device_get(states)
   predict = functools.partial(steps.predict_step, tta=config.eval.tta,
                               up_down=config.eval.tta_up_down)
 

@@ -106,9 +106,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   logging.info("Predicting %d images with checkpoint %d of %s%s", len(files), step, workdir,
                f" and {len(ensemble)} more runs averaged" if ensemble else "")
 
-  rows = []
+  rows, named = [], list(zip(files, stems))
   for start in range(0, len(files), config.eval.batch_size):
-    batch_files = list(zip(files, stems))[start:start + config.eval.batch_size]
+    batch_files = named[start:start + config.eval.batch_size]
     loaded, errors = {}, {}  # path -> (image, model input); path -> why it was skipped
     for path, _ in batch_files:
       try:

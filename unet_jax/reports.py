@@ -15,6 +15,13 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 
 
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` whole or not at all: a reader, or a kill, never sees half of it."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
 def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
   """Appends one {"step", "epoch", "split", ...} record to metrics.jsonl."""
   with open(pathlib.Path(workdir) / METRICS_FILE, "a") as f:
@@ -45,9 +52,7 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
   if not path.exists():
     return
   records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tmp.replace(path)
+  write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def best_validation(records: list[dict[str, Any]]) -> dict[str, Any] | None:

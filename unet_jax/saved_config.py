@@ -55,6 +55,11 @@ def load(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config` as its config.json holds it (tuples as lists)."""
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -76,7 +81,7 @@ def _first_difference(config: ml_collections.ConfigDict, workdir: str,
     saved = _flat(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: malformed JSON ({e})") from None
-  now = _flat(json.loads(json.dumps(config.to_dict(), default=list)))
+  now = _flat(as_json(config))
   differ = [key for key, value in saved.items() if compared(key) and now.get(key, value) != value]
   if not differ:
     return None

@@ -72,7 +72,7 @@ def _new_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, 
       lr_scale=jnp.ones((), jnp.float32))
 
 
-def eval_variables(state: TrainState) -> dict[str, Any]:
+def _variables(state: TrainState) -> dict[str, Any]:
   """The variables evaluation uses: the EMA parameters when kept."""
   params = state.params if state.ema_params is None else state.ema_params
   return {"params": params, "batch_stats": state.batch_stats}
@@ -172,7 +172,7 @@ def _sharpness_aware_grads(grad_fn: Any, params: Any, grads: Any, rho: float) ->
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
               tta: bool, up_down: bool) -> dict[str, jax.Array]:
   """Per-image loss and the (N, H, W) probabilities `predict_step` gives."""
-  logits = state.apply_fn(eval_variables(state), batch["image"], train=False)
+  logits = state.apply_fn(_variables(state), batch["image"], train=False)
   return {
       "loss": losses.dice_bce_loss(logits, losses.targets(batch["mask"], logits.shape[-1]),
                                    **loss_options),
@@ -193,7 +193,7 @@ def predict_step(state: TrainState, images: jax.Array, *, tta: bool = False,
 
 
 def _probs(state: TrainState, images: jax.Array) -> jax.Array:
-  logits = state.apply_fn(eval_variables(state), images, train=False)
+  logits = state.apply_fn(_variables(state), images, train=False)
   return jax.nn.sigmoid(model_lib.tumour_logits(logits))
 
 

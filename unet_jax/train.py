@@ -28,9 +28,8 @@ from unet_jax.errors import UserError
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  tmp = workdir / (saved_config.CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
-  tmp.replace(workdir / saved_config.CONFIG_FILE)
+  reports.write_atomic(workdir / saved_config.CONFIG_FILE,
+                       json.dumps(config.to_dict(), indent=2, default=list) + "\n")
 
 
 @dataclasses.dataclass

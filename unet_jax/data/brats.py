@@ -14,7 +14,6 @@ optional extra: pip install -e '.[brats]'.
 
 from collections.abc import Iterator
 import contextlib
-import hashlib
 import os
 import pathlib
 import re
@@ -101,19 +100,14 @@ def _checked(path: pathlib.Path, modalities: Sequence[int],
   """
   h5py = h5py_module()
   try:
-    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
+    with contextlib.closing(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)) as fid:
+      image, mask = _dataset(fid, "image", path), _dataset(fid, "mask", path)
+      _check_shapes(path, image.shape, mask.shape, modalities, mask_channels)
+      yield image, mask
   except FileNotFoundError:
     raise UserError(f"{path}: slice file not found") from None
   except OSError as e:
     raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
-  try:
-    image, mask = _dataset(fid, "image", path), _dataset(fid, "mask", path)
-    _check_shapes(path, image.shape, mask.shape, modalities, mask_channels)
-    yield image, mask
-  except OSError as e:
-    raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
-  finally:
-    fid.close()
 
 
 def _check_shapes(path: pathlib.Path, image: tuple[int, ...], mask: tuple[int, ...],
@@ -212,9 +206,8 @@ class BratsSource:
     for name in self._file_names:
       check_slice(self.root / name, self.modalities, self.mask_channels)
     self.volumes = sorted({v for v, s in assignment.items() if s == split}, key=int)
-    names_digest = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
     self.fingerprint = (f"brats {self.root} {split} {image_size} {self.modalities} "
-                        f"{self.mask_channels} {self.percentiles} {names_digest}")
+                        f"{self.mask_channels} {self.percentiles}")
 
   def __len__(self) -> int:
     return len(self._file_names)

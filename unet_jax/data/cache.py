@@ -2,8 +2,8 @@
 
 The cache grows on disk as samples are first read and is never held in
 memory. Its folder is named by a hash of the source's fingerprint (dataset,
-subset, image size, channels, ...), so a change to any of them starts a
-fresh cache. Files replaced in place under an unchanged dataset are not
+subset, image size, channels, ...) and file names, so a change to any of
+them starts a fresh cache. Files replaced in place under an unchanged dataset are not
 noticed: delete the cache folder then.
 """
 
@@ -29,7 +29,10 @@ class CachedSource:
 
   def __init__(self, source, cache_dir: str | os.PathLike):
     self.source = source
-    key = hashlib.sha256(source.fingerprint.encode()).hexdigest()[:16]
+    # The file names too: another subset of the same files, or their order, is another cache.
+    self._file_names = list(source.file_names)
+    key = hashlib.sha256("\n".join([source.fingerprint, *self._file_names]).encode()
+                         ).hexdigest()[:16]
     self.folder = pathlib.Path(cache_dir).expanduser() / key
     try:
       self.folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +42,6 @@ class CachedSource:
     except OSError as e:
       raise UserError(f"data.cache_dir {cache_dir}: cannot write the cache "
                       f"({e.strerror})") from None
-    self._file_names = list(source.file_names)
     self._warned = False
 
   def __len__(self) -> int:

@@ -18,7 +18,6 @@ tumour where it is not 0.
 """
 
 import dataclasses
-import hashlib
 import os
 import pathlib
 from typing import Any, Sequence
@@ -148,11 +147,11 @@ def duplicate_file_names(subset: Subset) -> list[str]:
 
 
 def log_problems(problems: list[str], where: pathlib.Path) -> None:
-  """Logs fixable annotation problems: the first few in full, then a count."""
+  """Logs fixable data problems: the first few in full, then a count."""
   for problem in problems[:_MAX_WARNINGS]:
     logging.warning("%s", problem)
   if len(problems) > _MAX_WARNINGS:
-    logging.warning("%s: %d more annotation problems like these", where,
+    logging.warning("%s: %d more problems like these", where,
                     len(problems) - _MAX_WARNINGS)
 
 
@@ -245,8 +244,9 @@ class CocoSource:
       raise UserError(f"{self.json_path}: data.category_ids {sorted(unknown)} are not among "
                       f"its categories: {known}")
     self._file_names = [image["file_name"] for image in subset.images]
-    for image in subset.images:  # Headers only: a fraction of a second for thousands.
-      path = image_path(subset, image["file_name"])
+    self._paths = [image_path(subset, name) for name in self._file_names]
+    # Headers only: a fraction of a second for thousands.
+    for path, image in zip(self._paths, subset.images):
       self._check_size(path, images_lib.displayed_size(path), image["width"], image["height"])
     self._sizes = np.array([(image["height"], image["width"]) for image in subset.images],
                            np.int64).reshape(-1, 2)
@@ -259,10 +259,9 @@ class CocoSource:
       raise UserError(f"{self.json_path}: none of its annotations is usable, so {split} has no "
                       f"tumour to learn or score ({problems[0]}{more})")
     stat = self.json_path.stat()
-    listing = hashlib.sha256("\n".join(self._file_names).encode()).hexdigest()
     self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "
                         f"{self.image_dir} {split} {image_size} {channels} "
-                        f"labels {list(map(str, self.category_ids))} {listing}")
+                        f"labels {list(map(str, self.category_ids))}")
 
   def __len__(self) -> int:
     return len(self._file_names)
@@ -297,8 +296,7 @@ class CocoSource:
     return (self.labels(index) > 0).astype(np.uint8)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    file_name = self._file_names[index]
-    path = self.image_dir / file_name
+    file_name, path = self._file_names[index], self._paths[index]
     height, width = (int(v) for v in self._sizes[index])
     image, stored = images_lib.load_image(path, self.channels, self.image_size)
     self._check_size(path, stored, width, height)

@@ -73,9 +73,10 @@ def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0
   # Whole global batches only, before each process takes its share: every process then has
   # the same number of batches in an epoch, and a global batch never spans two epochs.
   global_batch = config.train.batch_size
-  dataset = dataset[:len(dataset) // global_batch * global_batch]
+  local = local_batch_size(global_batch)
+  dataset = dataset[:steps_per_epoch(len(dataset), global_batch) * global_batch]
   dataset = dataset[jax.process_index()::jax.process_count()]
-  dataset = dataset.batch(local_batch_size(global_batch))
+  dataset = dataset.batch(local)
   dataset = dataset.repeat(config.train.epochs)
   return _to_iterator(dataset[start_step:], config)
 
@@ -94,10 +95,10 @@ def eval_batches(source, config: ml_collections.ConfigDict, batch_size: int) -> 
   on the padding, so no image is dropped and none is counted twice; `index`
   is each record's position in `source`.
   """
-  size = len(source)
+  local, size = local_batch_size(batch_size), len(source)
   padded = -(-size // batch_size) * batch_size
   dataset = grain.MapDataset.range(padded).map(
       functools.partial(_padded_record, source=source, size=size))
   dataset = dataset[jax.process_index()::jax.process_count()]
-  dataset = dataset.batch(local_batch_size(batch_size))
+  dataset = dataset.batch(local)
   return _to_iterator(dataset, config)
