@@ -1,5 +1,7 @@
 """The LGG layout: patient folders of <case>_<n>.tif slices beside <case>_<n>_mask.tif."""
 
+import struct
+
 import grain
 import numpy as np
 from PIL import Image
@@ -109,6 +111,17 @@ def _not_an_image(path):
   path.write_bytes(b"II*\x00 broken tiff")
 
 
+def _bad_next_page(path):
+  # The first page intact, its next-page pointer aimed at zeros: a page without dimensions.
+  data = bytearray(path.read_bytes())
+  first = struct.unpack_from("<I", data, 4)[0]
+  entries = struct.unpack_from("<H", data, first)[0]
+  with Image.open(path) as img:
+    pixels = img.tile[0].offset
+  struct.pack_into("<I", data, first + 2 + 12 * entries, pixels)
+  path.write_bytes(bytes(data))
+
+
 def _resize(path):
   Image.new("L", (16, 8)).save(path)
 
@@ -119,6 +132,8 @@ def _resize(path):
     ("mask", _truncate, "mask", "truncated"),
     ("image", _not_an_image, "image", "not a readable image"),
     ("mask", _not_an_image, "mask", "not a readable image"),
+    ("image", _bad_next_page, "image", "not a readable image"),
+    ("mask", _bad_next_page, "mask", "not a readable image"),
     ("mask", _resize, "mask", "mask is 16x8 but its image is 16x16"),
     ("image", _resize, "mask", "mask is 16x16 but its image is 16x8"),
 ])

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 import contextlib
 import os
+import struct
 
 import numpy as np
 from PIL import ExifTags
@@ -27,7 +28,9 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
     raise UserError(f"{path}: {what} file not found") from None
   except UserError:
     raise
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+  # Pillow reads a damaged header (a TIFF's IFDs, its EXIF) as these too, as Image.open does.
+  except (OSError, ValueError, SyntaxError, TypeError, IndexError, EOFError, struct.error,
+          Image.DecompressionBombError) as e:
     raise UserError(f"{path}: not a readable image ({e})") from None
 
 
