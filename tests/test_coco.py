@@ -270,6 +270,10 @@ def test_split_layout_through_build_source(tmp_path):
   config.format = "yolo"
   with pytest.raises(UserError, match="data.format must be one of coco, lgg, brats"):
     data.build_source(config, "valid", "unused")
+  config.format = "coco"
+  config.image_size = 0  # Not blamed on the images ("not a readable image").
+  with pytest.raises(UserError, match=r"^data\.image_size=0: .* use 1 or more$"):
+    data.build_source(config, "valid", "unused")
 
 
 def test_cache_dir_gives_the_same_records(tmp_path):

@@ -115,9 +115,13 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
     disk under `data.cache_dir` when that is set.
 
   Raises:
-    UserError: the split does not exist or its files are bad.
+    UserError: the split does not exist, its files are bad, or `data.image_size` is not
+      positive.
   """
   fmt = data_format(data_config)
+  if data_config.image_size < 1:
+    raise UserError(f"data.image_size={data_config.image_size}: images are resized to this "
+                    "square size in pixels; use 1 or more")
   root = data_root(data_config, workdir)
   if fmt == "coco":
     source = _coco_source(data_config, split, root)
