@@ -362,6 +362,9 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
   json_path.write_text(json.dumps({"images": [], "annotations": [{"id": 3, "image_id": 9}]}))
   with pytest.raises(UserError, match="annotation 3 refers to unknown image id 9"):
     coco.CocoSource(root, "train", 8)
+  json_path.write_text(json.dumps({"images": [], "annotations": []}))
+  with pytest.raises(UserError, match=r"json: lists no images, so split 'train' is empty$"):
+    coco.CocoSource(root, "train", 8)
   json_path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}))
   with pytest.raises(UserError, match="lacks id, file_name, width or height"):
     coco.CocoSource(root, "train", 8)

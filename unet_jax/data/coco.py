@@ -232,6 +232,9 @@ class CocoSource:
     if channels not in (1, 3):
       raise UserError(f"data.channels must be 1 or 3 for COCO images, got {channels}")
     subset = load_subset(root, split, layout)
+    if not subset.images:
+      # Nothing to train on, and validation or evaluation over no images scores NaN.
+      raise UserError(f"{subset.json_path}: lists no images, so split {split!r} is empty")
     duplicates = duplicate_file_names(subset)
     if duplicates:
       raise UserError(duplicates[0])
