@@ -362,6 +362,16 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
   json_path.write_text(json.dumps({"images": [], "annotations": [{"id": 3, "image_id": 9}]}))
   with pytest.raises(UserError, match="annotation 3 refers to unknown image id 9"):
     coco.CocoSource(root, "train", 8)
+  for key, entry in (("image", {"images": [{"id": [0], "file_name": "a.png", "width": 8,
+                                             "height": 8}]}),
+                     ("annotation 3", {"images": [{"id": 0, "file_name": "a.png", "width": 8,
+                                                   "height": 8}],
+                                       "annotations": [{"id": 3, "image_id": 0,
+                                                        "category_id": [1]}]}),
+                     ("category 't'", {"images": [], "categories": [{"id": {}, "name": "t"}]})):
+    json_path.write_text(json.dumps(entry))
+    with pytest.raises(UserError, match=rf"json: {key}.* has (category_)?id .*; ids are numbers"):
+      coco.CocoSource(root, "train", 8)
   json_path.write_text(json.dumps({"images": [], "annotations": []}))
   with pytest.raises(UserError, match=r"json: lists no images, so split 'train' is empty$"):
     coco.CocoSource(root, "train", 8)
@@ -377,6 +387,7 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path):
     ({"segmentation": "abc"}, "neither polygons nor RLE"),
     ({"segmentation": {"size": [8, 8], "counts": [1, 2]}}, "do not add up"),
     ({"segmentation": {"size": [8, 8], "counts": 5}}, "must be a list or a string"),
+    ({"segmentation": {"size": 8, "counts": [64]}}, "RLE size 8 differs"),
     ({"segmentation": {"size": [8, 8], "counts": "`0"}}, "do not add up"),  # [16] of 64 pixels
     ({"segmentation": {"size": [8, 8], "counts": "P`"}}, "not valid COCO RLE"),  # truncated
     ({"segmentation": {"size": [8, 8], "counts": "0 1"}}, "not valid COCO RLE"),

@@ -56,6 +56,9 @@ def load(path: pathlib.Path) -> dict[str, Any]:
       raise UserError(f"{path}: image {image['id']!r} needs a string file_name and positive "
                       "integer width and height")
     image["width"], image["height"] = (int(v) for v in sizes)
+    if not isinstance(image["id"], (int, float, str)):
+      raise UserError(f"{path}: image {image['file_name']!r} has id {image['id']!r:.40}; ids "
+                      "are numbers or strings")
     if image["id"] in ids:
       raise UserError(f"{path}: image id {image['id']!r} appears twice")
     ids.add(image["id"])
@@ -66,6 +69,14 @@ def load(path: pathlib.Path) -> dict[str, Any]:
     if not isinstance(image_id, (int, str)) or image_id not in ids:
       raise UserError(f"{path}: annotation {annotation.get('id')} refers to unknown image id "
                       f"{image_id!r:.40}")
+    if not isinstance(annotation.get("category_id"), (int, float, str, type(None))):
+      raise UserError(f"{path}: annotation {annotation.get('id')} has category_id "
+                      f"{annotation['category_id']!r:.40}; ids are numbers or strings")
+  for category in coco["categories"]:
+    if isinstance(category, dict) and not isinstance(category.get("id"),
+                                                     (int, float, str, type(None))):
+      raise UserError(f"{path}: category {category.get('name')!r:.40} has id "
+                      f"{category['id']!r:.40}; ids are numbers or strings")
   return coco
 
 
@@ -166,7 +177,7 @@ def _string_counts(counts: str) -> list[int] | None:
 
 def _checked_rle(rle: dict[str, Any], height: int, width: int, where: str) -> dict[str, Any]:
   counts, size = rle.get("counts"), rle.get("size")
-  if list(size or ()) != [height, width]:
+  if not isinstance(size, list) or size != [height, width]:
     raise UserError(f"{where}: RLE size {size} differs from the image's [height, width] "
                     f"[{height}, {width}]")
   if isinstance(counts, (str, bytes)):
