@@ -241,6 +241,13 @@ class BrokenSource(FakeSource):
     raise UserError(f"img{index}.png: not a readable image")
 
 
+@pytest.mark.parametrize("field", ["prefetch", "num_workers"])
+def test_negative_loader_settings_are_one_line_errors(tiny_config, field):
+  tiny_config.data[field] = -1
+  with pytest.raises(UserError, match=rf"^data\.{field}=-1: use 0 or more$"):
+    next(pipeline.eval_batches(FakeSource(), tiny_config, batch_size=4))
+
+
 def test_bad_file_in_a_worker_is_still_a_user_error(tiny_config):
   tiny_config.train.batch_size = 4
   tiny_config.data.num_workers = 1

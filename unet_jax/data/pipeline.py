@@ -44,6 +44,9 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  for name in ("prefetch", "num_workers"):
+    if config.data[name] < 0:
+      raise UserError(f"data.{name}={config.data[name]}: use 0 or more")
   return grain.ReadOptions(num_threads=max(1, config.data.prefetch),
                            prefetch_buffer_size=config.data.prefetch)
 
