@@ -157,5 +157,5 @@ def get_config() -> ml_collections.ConfigDict:
   # join this run's: the probabilities of all are averaged (an ensemble).
   eval_config.ensemble = ""
   eval_config.batch_size = 16  # Global evaluation batch.
-  eval_config.num_pictures = 6  # Rows in predictions.png.
+  eval_config.num_pictures = 6  # Rows in predictions.png (0: none written).
   return config

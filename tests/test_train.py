@@ -74,6 +74,15 @@ def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
   assert summary["metrics"]["iou"]["mean"] == pytest.approx(logged["iou"], abs=1e-9)
 
 
+def test_no_pictures_asked_writes_the_rest(trained):
+  config, workdir, _ = trained
+  config.eval.update(split="valid", num_pictures=0)
+  (workdir / "eval/valid/predictions.png").unlink(missing_ok=True)
+  summary = evaluate.evaluate(config, str(workdir))
+  assert summary["n_images"] == 8 and (workdir / "eval/valid/per_image.csv").is_file()
+  assert not (workdir / "eval/valid/predictions.png").exists()
+
+
 def test_validation_decodes_as_evaluation_does(trained):
   config, workdir, _ = trained
   config.eval.update(split="valid", tta=True, tta_up_down=False, decode="expected_dice",

@@ -201,7 +201,9 @@ def _picture_rows(dice: np.ndarray, count: int) -> list[int]:
 
 
 def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
-  rows = _picture_rows(scores["dice"], config.eval.num_pictures)
+  rows = _picture_rows(scores["dice"], max(config.eval.num_pictures, 0))
+  if not rows:  # eval.num_pictures=0: no pictures.
+    return
   samples = [source[i] for i in rows]
   images = np.stack([s["image"] for s in samples])
   batch, count = parallel.put_global_batch(images, mesh)
