@@ -79,6 +79,21 @@ def test_coco_problems_are_listed_and_the_rest_described(tmp_path):
   assert "annotation 0 of a.png: RLE counts do not add up" in summary["problems"][1]
 
 
+def test_coco_annotation_of_an_undeclared_category_is_listed_not_foreground(tmp_path):
+  root = tmp_path / "data"
+  test_coco._export(root, {0: "a.png", 1: "b.png"}, [
+      {"image_id": 0, "category_id": 1, "bbox": [0, 0, 2, 2]},
+      {"image_id": 1, "category_id": 7, "bbox": [0, 0, 3, 3]},
+  ])
+  config = brain.get_config()
+  config.data.root, config.data.category_ids = str(root), ()  # Every category is foreground.
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert summary["num_problems"] == 1
+  assert "annotation 1 of b.png: category_id 7 is not among" in summary["problems"][0]
+  # Training reads b.png as a negative: so does the summary.
+  assert summary["all"]["empty_images"] == 1 and summary["all"]["mask_area_pixels"]["max"] == 4
+
+
 def test_one_annotation_file_layout(tmp_path):
   config = brain.get_config()
   config.data.root = str(test_coco._single_file(tmp_path / "data"))

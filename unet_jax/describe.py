@@ -88,6 +88,12 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       foreground = []
       for annotation in subset.annotations[image["id"]]:
         where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
+        # Training ignores such an annotation (coco.shapes_of): listed, never foreground.
+        undeclared = bool(subset.categories) and (
+            annotation.get("category_id") not in subset.categories)
+        if undeclared:
+          problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not among "
+                          "the file's categories; ignored")
         try:
           shape = coco_json.shape_of(annotation, height, width, where, problems)
         except UserError as e:
@@ -98,7 +104,7 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
         described.add(annotation.get("category_id"),
                       json.dumps(segmentation, separators=(",", ":")),
                       int(mask_utils.area(rle)) if rle else 0)
-        if rle and (not wanted or annotation.get("category_id") in wanted):
+        if rle and not undeclared and (not wanted or annotation.get("category_id") in wanted):
           foreground.append(rle)
       if not described.rows:
         described.add("", "", 0)
