@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -81,6 +82,29 @@ def test_no_pictures_asked_writes_the_rest(trained):
   summary = evaluate.evaluate(config, str(workdir))
   assert summary["n_images"] == 8 and (workdir / "eval/valid/per_image.csv").is_file()
   assert not (workdir / "eval/valid/predictions.png").exists()
+
+
+def _with_split_emptied(config, workdir: pathlib.Path, split: str, copy: pathlib.Path):
+  """`config` on a copy of the run's phantoms whose `split` lists no image."""
+  shutil.copytree(data.data_root(config.data, str(workdir)), copy)
+  annotations_file = copy / split / "_annotations.coco.json"
+  coco = json.loads(annotations_file.read_text())
+  coco["images"], coco["annotations"] = [], []
+  annotations_file.write_text(json.dumps(coco))
+  config.data.root, config.data.synthetic.enabled = str(copy), False
+  return config
+
+
+def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config, tmp_path):
+  config, workdir, _ = trained
+  config = _with_split_emptied(config, workdir, "test", tmp_path / "data")
+  with pytest.raises(UserError, match=r"the 'test' split has no images to score"):
+    evaluate.evaluate(config, str(workdir))
+  # Training stops before its first step, not after it with NaN validation scores.
+  config = _with_split_emptied(tiny_config, workdir, "valid", tmp_path / "data2")
+  with pytest.raises(UserError, match=r"the 'valid' split has no images to score"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_validation_decodes_as_evaluation_does(trained):
