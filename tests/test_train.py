@@ -107,6 +107,19 @@ def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
+  config, workdir, _ = trained
+  config.eval.split = "valid"
+  evaluate.evaluate(config, str(workdir))
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(reports, "plot_predictions", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(config, str(workdir))
+  # Neither the earlier evaluation's summary nor this one's: a finished run evaluates again.
+  assert not (workdir / "eval/valid/summary.json").exists()
+
+
 def test_validation_decodes_as_evaluation_does(trained):
   config, workdir, _ = trained
   config.eval.update(split="valid", tta=True, tta_up_down=False, decode="expected_dice",

@@ -249,6 +249,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None
   tuned = by_threshold and config.eval.tune_threshold
+  out = output_dir(config, workdir)
+  if jax.process_index() == 0:
+    # Written last, whole: until then a stopped evaluation (training's final one among them)
+    # leaves none, stale or partial, and is evaluated again.
+    (out / "summary.json").unlink(missing_ok=True)
   if tuned:
     threshold = tune_threshold(predict, state, config, workdir, mesh)
   scores = score_split(predict, state, source, config, mesh, threshold)
@@ -274,10 +279,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
-  out = output_dir(config, workdir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "per_image.csv", "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
@@ -288,6 +291,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
                          *category])
   _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
+  if jax.process_index() == 0:
+    reports.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
   averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
                split, step, averaging, summary["metrics"]["dice"]["mean"],
