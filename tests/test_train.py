@@ -120,6 +120,21 @@ def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
   assert not (workdir / "eval/valid/summary.json").exists()
 
 
+def test_a_run_trained_further_then_stopped_before_evaluating_evaluates(tiny_config, tmp_path,
+                                                                        monkeypatch):
+  assert train.train_and_evaluate(tiny_config, str(tmp_path))["checkpoint_step"] == 2
+  tiny_config.train.epochs = 2
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+  with monkeypatch.context() as patch:
+    patch.setattr(evaluate, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(tiny_config, str(tmp_path))
+  # The first finish's summary does not stand for the longer run's evaluation.
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert summary and summary == json.loads((tmp_path / "eval/test/summary.json").read_text())
+
+
 def test_validation_decodes_as_evaluation_does(trained):
   config, workdir, _ = trained
   config.eval.update(split="valid", tta=True, tta_up_down=False, decode="expected_dice",

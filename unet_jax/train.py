@@ -227,6 +227,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return evaluate.evaluate(config, workdir)
   if jax.process_index() == 0:
     write_config(planned, workdir_path)
+    # An earlier finish's evaluation is not this one's: without it, a run stopped before its
+    # final evaluation evaluates when started again.
+    (evaluate.output_dir(config, workdir) / "summary.json").unlink(missing_ok=True)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
                total_steps, epochs, epoch_steps, train_cfg.batch_size, jax.device_count())
   planning = budgeted and not start_step
