@@ -98,11 +98,11 @@ def _with_split_emptied(config, workdir: pathlib.Path, split: str, copy: pathlib
 def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config, tmp_path):
   config, workdir, _ = trained
   config = _with_split_emptied(config, workdir, "test", tmp_path / "data")
-  with pytest.raises(UserError, match=r"the 'test' split has no images to score"):
+  with pytest.raises(UserError, match=r"lists no images, so split 'test' is empty"):
     evaluate.evaluate(config, str(workdir))
   # Training stops before its first step, not after it with NaN validation scores.
   config = _with_split_emptied(tiny_config, workdir, "valid", tmp_path / "data2")
-  with pytest.raises(UserError, match=r"the 'valid' split has no images to score"):
+  with pytest.raises(UserError, match=r"lists no images, so split 'valid' is empty"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -136,22 +136,9 @@ def binarise(probs: np.ndarray, threshold: float | None,
                          post.largest_component, post.fill_box)
 
 
-def scored_source(config: ml_collections.ConfigDict, split: str, workdir: str):
-  """The source of `split`, which must hold an image: a mean over none is no score.
-
-  Raises:
-    UserError: the split is missing, its files are bad, or it has no images.
-  """
-  source = data_lib.build_source(config.data, split, workdir)
-  if not len(source):
-    raise UserError(f"data.root {data_lib.data_root(config.data, workdir)}: the {split!r} split "
-                    "has no images to score")
-  return source
-
-
 def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: str, mesh) -> float:
   """The threshold of THRESHOLDS with the best mean Dice on the validation split."""
-  source = scored_source(config, config.data.val_split, workdir)
+  source = data_lib.build_source(config.data, config.data.val_split, workdir)
   dice = np.zeros((len(source), len(THRESHOLDS)))
   for index, probs, labels in _probabilities(predict, state, source, config, mesh):
     masks = np.stack([binarise(probs, t, config.eval) for t in THRESHOLDS])
@@ -244,7 +231,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   split = config.eval.split
   # The checkpoint first: a folder without a run is an error before anything is written there.
   predict, state, step, members = restore_predictor(config, workdir, mesh)
-  source = scored_source(config, split, workdir)
+  source = data_lib.build_source(config.data, split, workdir)
   # The expected-Dice mask needs no threshold, so none is tuned for it.
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None

@@ -123,11 +123,11 @@ def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any,
     UserError: a split is missing or its files are bad.
   """
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
-  val_source = evaluate.scored_source(config, config.data.val_split, workdir)
+  val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
   evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
   if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
-    evaluate.scored_source(config, config.eval.split, workdir)
+    data_lib.build_source(config.data, config.eval.split, workdir)
   return train_source, val_source, evaluates
 
 
