@@ -229,6 +229,13 @@ def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_epochs"])
+def test_cadences_must_be_one_or_more(tiny_config, tmp_path, field):
+  setattr(tiny_config.train, field, 0)
+  with pytest.raises(UserError, match=f"train.{field}=0: use 1 or more"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
 # Orbax leaves the failed read's other coroutines to be collected unawaited.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):

@@ -99,11 +99,16 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: at least one checkpoint kept;
-  one logit, or one loss weight, per category needs that many COCO categories."""
+  logging and checkpoint cadences of 1 or more; one logit, or one loss weight, per category
+  needs that many COCO categories."""
   keep = config.train.keep_checkpoints
   if keep < 1:
     raise UserError(f"train.keep_checkpoints={keep}: keep at least 1 (the latest, which a "
                     "resumed run starts from; the best is kept besides)")
+  for name, unit in (("log_every_steps", "steps"), ("checkpoint_every_epochs", "epochs")):
+    every = config.train[name]
+    if every < 1:
+      raise UserError(f"train.{name}={every}: use 1 or more (how many {unit} apart)")
   categories, fmt = tuple(config.data.category_ids), data_lib.data_format(config.data)
   got = f"(got data.format={fmt!r}, data.category_ids={categories})"
   channels = config.model.out_channels
