@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.0  # Decoupled weight decay of adamw.
   train.momentum = 0.9  # Momentum of sgd.
   train.schedule = "cosine"  # constant, cosine (warm-up then decay to 0) or step.
-  train.warmup_epochs = 1  # Linear warm-up of the cosine schedule.
+  # Linear warm-up of the cosine schedule; a run no longer than it ends before the peak.
+  train.warmup_epochs = 1
   train.step_every_epochs = 10  # step schedule: multiply the rate by step_factor this often.
   train.step_factor = 0.1
   train.plateau_patience = 0  # Epochs without a lower val loss before the rate drops (0: off).

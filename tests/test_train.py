@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
                       steps, time_budget, train)
@@ -64,6 +65,22 @@ def test_epochs_that_fit_the_budget():
   assert fit(max_epochs=50) == 11
   assert fit(max_epochs=5) == 5
   assert time_budget.epochs_that_fit(60.0, 100.0, 40.0, 20.0, 1, 50) == 1  # over already
+
+
+@pytest.mark.parametrize("warmup_epochs", [1, 3])
+def test_schedule_rates_do_not_depend_on_the_run_length_within_the_warm_up(warmup_epochs):
+  # A time budget's plan is made after the first epoch, under the schedule of train.epochs.
+  config = default.get_config()
+  config.train.warmup_epochs, steps_per_epoch = warmup_epochs, 4
+  rates = {epochs: [float(optim.make_schedule(config.train, epochs * steps_per_epoch,
+                                              steps_per_epoch)(t))
+                    for t in range(warmup_epochs * steps_per_epoch)]
+           for epochs in (0, 1, 2, 5, 50)}
+  for epochs, epoch_rates in rates.items():
+    n = min(epochs, warmup_epochs) * steps_per_epoch
+    np.testing.assert_allclose(epoch_rates[:n], rates[50][:n], rtol=1e-6, err_msg=f"{epochs}")
+  np.testing.assert_allclose(rates[1][:2], [0.0, 1e-3 / (warmup_epochs * steps_per_epoch)],
+                             rtol=1e-6)
 
 
 def test_restored_checkpoint_gives_the_same_validation_numbers(trained):

@@ -21,7 +21,12 @@ def make_schedule(train: ml_collections.ConfigDict, total_steps: int,
     return optax.piecewise_constant_schedule(lr, boundaries)
   if train.schedule != "cosine":
     raise UserError(f"train.schedule={train.schedule!r} is not one of {SCHEDULES}")
-  warmup = min(train.warmup_epochs * steps_per_epoch, total_steps - 1)
+  warmup = train.warmup_epochs * steps_per_epoch
+  if warmup > 0 and warmup >= total_steps:
+    # A run no longer than its warm-up ramps at the pace a longer run does, so that its
+    # steps' rates do not depend on its length (a time budget's plan trains as that many
+    # epochs would from the start).
+    return optax.linear_schedule(0.0, lr, warmup)
   if warmup > 0:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps)
