@@ -54,6 +54,13 @@ def test_batch_must_divide_over_devices(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+def test_evaluation_batch_must_divide_over_devices_before_training(tiny_config, tmp_path):
+  tiny_config.eval.batch_size = 6
+  with pytest.raises(UserError, match="eval.batch_size: batch size 6 does not divide evenly"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not reports.read_metrics(tmp_path)  # Stopped before the first step.
+
+
 def test_nan_loss_stops_naming_step_batch_and_checkpoint(tiny_config, tmp_path):
   tiny_config.train.learning_rate = 1e30
   tiny_config.train.epochs = 3

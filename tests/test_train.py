@@ -486,7 +486,7 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
       (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file'}"],
        f"error: --workdir={tmp_path / 'a_file'} is a file; give a folder"),
       (["--config=configs/brain.py:smoke", "--config.train.batch_size=0"],
-       "error: batch size 0: use 1 or more")):
+       "error: train.batch_size: batch size 0: use 1 or more")):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]

@@ -98,9 +98,15 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The checks of a config's values that need no data read: at least one checkpoint kept;
+  """The checks of a config's values that need no data read: batches that split over the
+  devices (the evaluation batch too, first used after an epoch); at least one checkpoint kept;
   logging and checkpoint cadences of 1 or more; one logit, or one loss weight, per category
   needs that many COCO categories."""
+  for name in ("train", "eval"):
+    try:
+      pipeline.local_batch_size(config[name].batch_size)
+    except UserError as e:
+      raise UserError(f"{name}.batch_size: {e}") from None
   keep = config.train.keep_checkpoints
   if keep < 1:
     raise UserError(f"train.keep_checkpoints={keep}: keep at least 1 (the latest, which a "
