@@ -645,6 +645,9 @@ def test_from_config_reads_saved_json_configs():
     ({"dilation": (1, 2)}, r"depth \+ 1 = 5 rates"),
     ({"features": (16, 32)}, r"depth \+ 1 = 5 counts"),
     ({"features": (16, 32, 0, 64, 64)}, "must be >= 1"),
+    ({"features": 16.5}, r"model.features=16.5 needs one count .*whole numbers"),
+    ({"features": "abc", "depth": 2}, r"model.features='abc' needs one count"),
+    ({"dilation": 1.5}, r"model.dilation=1.5 needs one rate"),
     ({"dilation": 0}, "rates must be >= 1"),
     ({"dropout": 1.0}, "model.dropout"),
     ({"depth": 0}, "must be >= 1"),
@@ -659,6 +662,7 @@ def test_bad_fields_are_clear_errors(fields, message):
 @pytest.mark.parametrize("fields,message", [
     ({"dtype": "float16"}, "model.dtype"),
     ({"widht": 3}, "unknown fields"),
+    ({"features": [16, 32, 64.5, 128, 256]}, r"model.features=\(16, 32, 64.5, 128, 256\)"),
 ])
 def test_bad_config_fields_are_clear_errors(fields, message):
   with pytest.raises(UserError, match=message):

@@ -285,9 +285,12 @@ class UNet(nn.Module):
     _choice("upsampling", self.upsampling, UPSAMPLINGS)
     for name, unit in (("features", "count"), ("dilation", "rate")):
       value = getattr(self, name)
-      if not isinstance(value, int) and len(value) != self.depth + 1:
-        raise UserError(f"model.{name}={value} needs one {unit} or depth + 1 = "
-                        f"{self.depth + 1} {unit}s (one per level, the last for the bottleneck)")
+      whole = isinstance(value, int) or (isinstance(value, (tuple, list)) and
+                                         all(isinstance(v, int) for v in value))
+      if not whole or (not isinstance(value, int) and len(value) != self.depth + 1):
+        raise UserError(f"model.{name}={value!r} needs one {unit} or depth + 1 = "
+                        f"{self.depth + 1} {unit}s, whole numbers (one per level, the last "
+                        "for the bottleneck)")
     counts = {"depth": self.depth, "features": min(self.widths()),
               "out_channels": self.out_channels, "patch_size": self.patch_size,
               "subnetworks": self.subnetworks}
@@ -419,7 +422,7 @@ def from_config(model: ml_collections.ConfigDict) -> UNet:
   fields = {name: model.get(name, default) for name, default in defaults.items()}
   for name in ("features", "dilation"):
     if isinstance(fields[name], (list, tuple)):  # A saved config.json holds a list.
-      fields[name] = tuple(int(value) for value in fields[name])
+      fields[name] = tuple(fields[name])
   dtype = fields["dtype"] if isinstance(fields["dtype"], str) else jnp.dtype(fields["dtype"]).name
   fields["dtype"] = DTYPES[_choice("dtype", dtype, DTYPES)]
   return UNet(**fields)
