@@ -243,6 +243,12 @@ def test_cadences_must_be_one_or_more(tiny_config, tmp_path, field):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+def test_a_run_of_no_epochs_is_an_error_not_a_finished_run(tiny_config, tmp_path):
+  tiny_config.train.epochs = 0
+  with pytest.raises(UserError, match="train.epochs=0: train 1 or more"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
 # Orbax leaves the failed read's other coroutines to be collected unawaited.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):

@@ -100,8 +100,8 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
   devices (the evaluation batch too, first used after an epoch); at least one checkpoint kept;
-  logging and checkpoint cadences of 1 or more; one logit, or one loss weight, per category
-  needs that many COCO categories."""
+  one epoch or more; logging and checkpoint cadences of 1 or more; one logit, or one loss
+  weight, per category needs that many COCO categories."""
   for name in ("train", "eval"):
     try:
       pipeline.local_batch_size(config[name].batch_size)
@@ -111,6 +111,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if keep < 1:
     raise UserError(f"train.keep_checkpoints={keep}: keep at least 1 (the latest, which a "
                     "resumed run starts from; the best is kept besides)")
+  if config.train.epochs < 1:
+    raise UserError(f"train.epochs={config.train.epochs}: train 1 or more")
   for name, unit in (("log_every_steps", "steps"), ("checkpoint_every_epochs", "epochs")):
     every = config.train[name]
     if every < 1:
