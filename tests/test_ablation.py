@@ -262,6 +262,8 @@ def test_base_config_is_found_from_any_folder(monkeypatch, tmp_path):
   assert ablation.load_config_file(str(REPO / "configs/brain.py")).model.features == 16
   with pytest.raises(UserError, match="no config file"):
     ablation.load_config_file("configs/missing.py")
+  with pytest.raises(UserError, match="unknown variant 'demos'"):
+    ablation.load_config_file("configs/brain.py:demos")
 
 
 @pytest.mark.parametrize("sweep,message", [

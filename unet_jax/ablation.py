@@ -64,7 +64,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(f"ablation_base_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if colon else module.get_config()
+  try:
+    return module.get_config(arg) if colon else module.get_config()
+  except ValueError as e:  # A config file's own word on a bad variant (`brain.py:demos`).
+    raise UserError(f"config.base={spec!r}: {e}") from None
 
 
 def _set(config: ml_collections.ConfigDict, path: str, value: Any, source: str) -> None:
