@@ -234,3 +234,19 @@ def test_no_images_is_an_error(tmp_path):
   config.data.root = str(root)
   with pytest.raises(ValueError, match="no images found"):
     describe.describe(config, str(tmp_path / "out"))
+
+
+def test_a_dataset_describe_refuses_leaves_no_annotations_csv(tmp_path):
+  out = tmp_path / "out"
+  config = brain.get_config()
+  config.data.root = str(_coco_export(tmp_path))
+  describe.describe(config, str(out))  # An earlier description in `out`.
+  written = (out / describe.CSV_FILE).read_text()
+  config = lgg.get_config()
+  config.data.root = str(tmp_path / "data")  # A COCO export: no LGG slices.
+  with pytest.raises(ValueError, match="no <case>_<n>_mask.tif files"):
+    describe.describe(config, str(out))
+  assert (out / describe.CSV_FILE).read_text() == written
+  with pytest.raises(ValueError, match="no <case>_<n>_mask.tif files"):
+    describe.describe(config, str(tmp_path / "new"))
+  assert not list((tmp_path / "new").iterdir())

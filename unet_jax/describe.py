@@ -234,17 +234,25 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     categories["1"] = "tumour"
   stats: dict[str, _Stats] = collections.defaultdict(_Stats)
   total = _Stats()
-  with open(out / CSV_FILE, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for image in images:
-      writer.writerows(image.rows)
-      stats[image.subset].add(image)
-      total.add(image)
-  coco.log_problems(problems, root)
-  if not total.images:
-    first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
-    raise UserError(f"data.root {root}: no images found{first}")
+  # Written aside and moved into place once described: a dataset that stops describe leaves
+  # no header-only annotations.csv behind, nor one in place of an earlier description's.
+  partial = out / (CSV_FILE + ".tmp")
+  try:
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=COLUMNS)
+      writer.writeheader()
+      for image in images:
+        writer.writerows(image.rows)
+        stats[image.subset].add(image)
+        total.add(image)
+    coco.log_problems(problems, root)
+    if not total.images:
+      first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
+      raise UserError(f"data.root {root}: no images found{first}")
+  except BaseException:
+    partial.unlink(missing_ok=True)
+    raise
+  partial.replace(out / CSV_FILE)
   stats = {name: stats[name] for name in splits.ordered(stats)}
   foreground = list(data_config.category_ids) if fmt == "coco" else []
   summary = {
