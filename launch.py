@@ -86,8 +86,9 @@ def _eval(config, workdir):
 
 
 def _predict(config, workdir):
+  from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not _INPUT.value or not _OUTPUT.value:
-    raise app.UsageError("--mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER")
+    raise UserError("--mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER")
   from unet_jax import predict  # pylint: disable=g-import-not-at-top
   predict.predict(config, workdir, _INPUT.value, _OUTPUT.value)
 
@@ -109,10 +110,11 @@ RUNNERS = {"train": _train, "eval": _eval, "predict": _predict, "export": _expor
 
 
 def main(argv):
+  # One line, as every other mistake on the command line (absl's UsageError adds the help).
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.exit(f"error: unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required in this mode")
+    sys.exit(f"error: --config is required in --mode={_MODE.value}")
   try:
     "train" in _CONFIG.value  # ml_collections reports a config file it failed to load on use.
   except OSError as e:

@@ -490,3 +490,16 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]
+
+
+def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
+  workdir = tmp_path / "run"
+  for args, line in (
+      ([], "error: --config is required in --mode=train"),
+      (["--mode=describe"], "error: --config is required in --mode=describe"),
+      (["--config=configs/brain.py:smoke", "runs/x"], "error: unexpected arguments: ['runs/x']"),
+      (["--mode=predict", "--config=configs/brain.py:smoke", f"--output={tmp_path / 'out'}"],
+       "error: --mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER")):
+    result = launch(f"--workdir={workdir}", *args)
+    assert result.returncode != 0 and result.stderr.strip() == line, result.stderr[-2000:]
+    assert not workdir.exists()
