@@ -159,8 +159,10 @@ def _topmost_missing(path: str) -> str | None:
 
 def _remove_unused(made: list[str], workdir: str) -> None:
   """Removes the folders a failed command made (the workdir and its parents, its compilation
-  cache) if the workdir holds nothing else: an error before any output leaves no trace."""
-  left = {"compile_cache"}
+  cache) if the workdir holds nothing else: an error before any output leaves no trace. The
+  demo's phantoms, generated before the model's fields are checked, are no output."""
+  from unet_jax.data import PHANTOMS_DIR  # pylint: disable=g-import-not-at-top
+  left = {"compile_cache", PHANTOMS_DIR}
   if _MODE.value != "describe":  # Processes share the workdir: one removes.
     import jax  # pylint: disable=g-import-not-at-top
     from unet_jax import run_lock  # pylint: disable=g-import-not-at-top

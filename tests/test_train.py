@@ -486,10 +486,13 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
       (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file'}"],
        f"error: --workdir={tmp_path / 'a_file'} is a file; give a folder"),
       (["--config=configs/brain.py:smoke", "--config.train.batch_size=0"],
-       "error: train.batch_size: batch size 0: use 1 or more")):
+       "error: train.batch_size: batch size 0: use 1 or more"),
+       (["--config=configs/brain.py:smoke", "--config.model.pooling=maxx"],
+        "error: model.pooling='maxx' is not one of")):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]
+    assert not (tmp_path / "run").exists()  # Not even the phantoms generated before the error.
 
 
 def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
