@@ -17,6 +17,7 @@ from configs import brain
 from unet_jax import ablation
 from unet_jax import reports
 from unet_jax import run_lock
+from unet_jax import saved_config
 from unet_jax import train
 from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
@@ -92,6 +93,14 @@ def test_smoke_table_reads_the_runs(smoke):
   md = (smoke / ablation.MD_FILE).read_text()
   assert "| variant | pooling | activation | params |" in md
   assert md.count("\n| ") == 1 + len(rows)
+
+
+def test_the_sweep_folder_is_not_a_run_to_evaluate(smoke):
+  workdir = smoke
+  with pytest.raises(UserError, match=f"{workdir} is an ablation sweep; give one of its "
+                     f"variants, --workdir={workdir}/<variant>"):
+    saved_config.load(str(workdir))
+  assert saved_config.load(str(workdir / "max_relu")).model.pooling == "max"
 
 
 def test_rerun_skips_finished_variants_and_resumes_the_rest(smoke, monkeypatch):

@@ -50,6 +50,9 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path}: no saved config; {workdir} is not a trained run") from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: malformed JSON ({e})") from None
+  if isinstance(saved, dict) and "sweep" in saved:  # configs/ablation.py's: no model of its own.
+    raise UserError(f"{path}: {workdir} is an ablation sweep; give one of its variants, "
+                    f"--workdir={pathlib.Path(workdir) / '<variant>'}")
   config = default.get_config()
   _overlay(config, saved)
   return config
