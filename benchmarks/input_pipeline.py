@@ -57,6 +57,9 @@ def _rss_now_mib() -> float | None:
 def _config(root: str, image_size: int):
   config = brain.get_config()
   config.data.root = root
+  # Every category one tumour mask, as the recipe trains: the phantoms of --synthetic have
+  # one category, not the export's ids 1 and 2 the recipe scores apart.
+  config.data.category_ids = ()
   config.data.image_size = image_size
   config.data.num_workers = _NUM_WORKERS.value
   config.train.batch_size = _BATCH_SIZE.value

@@ -1,7 +1,11 @@
 """grain pipelines: seeded epochs, exact resume, complete eval batches, augmentation, cache."""
 
 import itertools
+import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -277,3 +281,15 @@ def test_cache_folder_follows_the_source(tmp_path):
   other = FakeSource()
   other.fingerprint = "fake source, other size"
   assert cache.CachedSource(other, tmp_path).folder != first.folder
+
+
+def test_input_pipeline_benchmark_memory_mode_runs(run_env):
+  """`benchmarks/input_pipeline.py --synthetic=...`, as the README gives it, at a tiny size."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+      [sys.executable, "benchmarks/input_pipeline.py", "--synthetic=8,16", "--synthetic_size=32",
+       "--batch_size=4", "--num_workers=0"], cwd=repo, env=run_env(devices=1),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [run["images"] for run in record["runs"]] == [8, 16]
