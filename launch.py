@@ -119,6 +119,12 @@ def main(argv):
     "train" in _CONFIG.value  # ml_collections reports a config file it failed to load on use.
   except OSError as e:
     sys.exit(f"error: --config: {_one_line(e)}")
+  if "sweep" in _CONFIG.value and _MODE.value != "train":  # configs/ablation.py
+    sys.exit(f"error: --config is an ablation sweep, which only --mode=train runs; for "
+             f"--mode={_MODE.value} give " + (
+                 f"its base config, --config={_CONFIG.value.base}" if _MODE.value == "describe"
+                 else f"one of its variants without --config, --workdir="
+                 f"{os.path.join(_WORKDIR.value, '<variant>')}"))
   for name, folder in (("workdir", _WORKDIR.value), ("output", _OUTPUT.value)):
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
       sys.exit(f"error: --{name}={folder} is a file; give a folder")

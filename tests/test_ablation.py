@@ -213,6 +213,19 @@ def test_a_config_wrong_for_every_variant_stops_the_sweep_before_anything(tmp_pa
   assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_FILE]
 
 
+def test_the_sweep_config_in_another_mode_is_one_line(tmp_path, run_env):
+  for mode, hint in (("eval", f"one of its variants without --config, --workdir={tmp_path}/"
+                              "<variant>"),
+                     ("describe", "its base config, --config=configs/brain.py:demo")):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), f"--mode={mode}",
+         "--config=configs/ablation.py:smoke", f"--workdir={tmp_path}"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: --config is an ablation sweep, which only --mode=train runs; for "
+        f"--mode={mode} give {hint}"), result.stderr[-2000:]
+
+
 def test_launch_exits_non_zero_when_a_variant_failed(tmp_path, run_env):
   result = subprocess.run(
       [sys.executable, str(REPO / "launch.py"), "--config=configs/ablation.py:smoke",
