@@ -54,15 +54,20 @@ class _OnlyOurInfo(logging.logging.Filter):
 SAVED_CONFIG_MODES = ("eval", "predict", "export")
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value `argv` gives flag --`name` (before absl parses it), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _argv_with_saved_config(argv: list[str]) -> list[str]:
   """Without --config, these modes use the run's own saved config."""
   def value(name):
-    for i, arg in enumerate(argv):
-      if arg.startswith(f"--{name}="):
-        return arg.split("=", 1)[1]
-      if arg == f"--{name}" and i + 1 < len(argv):
-        return argv[i + 1]
-    return None
+    return _flag_value(argv, name)
 
   if (value("mode") not in SAVED_CONFIG_MODES or value("config") is not None
       or value("workdir") is None):
@@ -183,6 +188,10 @@ def _remove_unused(made: list[str], workdir: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, --config file, variant or field one line, not a
   traceback (ml_collections puts one in its messages)."""
+  config = _flag_value(argv, "config")
+  if config and not config.partition(":")[0].endswith(".py"):  # It would be run as Python.
+    sys.exit(f"error: --config={config}: not a config file (path.py or path.py:arg); without "
+             "--config, --mode=eval, predict and export read the run's own config.json")
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:

@@ -487,8 +487,11 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
        f"error: --workdir={tmp_path / 'a_file'} is a file; give a folder"),
       (["--config=configs/brain.py:smoke", "--config.train.batch_size=0"],
        "error: train.batch_size: batch size 0: use 1 or more"),
-       (["--config=configs/brain.py:smoke", "--config.model.pooling=maxx"],
-        "error: model.pooling='maxx' is not one of")):
+      (["--config=configs/brain.py:smoke", "--config.model.pooling=maxx"],
+       "error: model.pooling='maxx' is not one of"),
+      ([f"--config={tmp_path / 'run' / 'config.json'}"],
+       f"error: --config={tmp_path / 'run' / 'config.json'}: not a config file (path.py"),
+      (["--config=README.md"], "error: --config=README.md: not a config file (path.py")):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]
