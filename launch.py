@@ -150,6 +150,12 @@ def main(argv):
   except UserError as e:
     _remove_unused(made, workdir)
     sys.exit(f"error: {e}")
+  except OSError as e:  # --workdir or --output (or a folder above it) cannot be made or written.
+    folder = _folder_named_by(e)
+    if folder is None:
+      raise
+    _remove_unused(made, workdir)
+    sys.exit(f"error: --{folder}: cannot write there ({e.strerror}: {e.filename})")
   except KeyboardInterrupt:
     # At once: a normal exit may wait forever on a data-loader thread. A run survives a kill at
     # any moment (checkpoints appear only once complete), so nothing is lost.
@@ -158,6 +164,18 @@ def main(argv):
     print(f"interrupted: the same command {again}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)
+
+
+def _folder_named_by(error: OSError) -> str | None:
+  """The flag, as "workdir=DIR" or "output=DIR", whose folder (or one above it) `error` names."""
+  if not isinstance(error.filename, str):
+    return None
+  path = os.path.abspath(error.filename)
+  for name, folder in (("workdir", _WORKDIR.value), ("output", _OUTPUT.value)):
+    if folder and (path == os.path.abspath(folder) or
+                   os.path.abspath(folder).startswith(path.rstrip(os.sep) + os.sep)):
+      return f"{name}={folder}"
+  return None
 
 
 def _topmost_missing(path: str) -> str | None:

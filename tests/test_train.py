@@ -491,7 +491,9 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
        "error: model.pooling='maxx' is not one of"),
       ([f"--config={tmp_path / 'run' / 'config.json'}"],
        f"error: --config={tmp_path / 'run' / 'config.json'}: not a config file (path.py"),
-      (["--config=README.md"], "error: --config=README.md: not a config file (path.py")):
+      (["--config=README.md"], "error: --config=README.md: not a config file (path.py"),
+      (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file' / 'run'}"],
+       f"error: --workdir={tmp_path / 'a_file' / 'run'}: cannot write there (Not a directory")):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-500:]
