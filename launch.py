@@ -64,6 +64,18 @@ def _flag_value(argv: list[str], name: str) -> str | None:
   return None
 
 
+def _argv_with_home(argv: list[str]) -> list[str]:
+  """`--workdir=~/runs` as the shell leaves it (it expands no ~ after `=`): the home folder, as
+  data.root's ~ is, not a folder named ~ in the current one."""
+  out = []
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    if eq and name in ("--workdir", "--output", "--input") and value.startswith("~"):
+      arg = f"{name}={os.path.expanduser(value)}"
+    out.append(arg)
+  return out
+
+
 def _argv_with_saved_config(argv: list[str]) -> list[str]:
   """Without --config, these modes use the run's own saved config."""
   def value(name):
@@ -228,5 +240,5 @@ def _one_line(error: BaseException) -> str:
 
 
 if __name__ == "__main__":
-  sys.argv = _argv_with_saved_config(sys.argv)
+  sys.argv = _argv_with_saved_config(_argv_with_home(sys.argv))
   app.run(main, flags_parser=_parse_flags)

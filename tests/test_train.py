@@ -500,6 +500,16 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
     assert not (tmp_path / "run").exists()  # Not even the phantoms generated before the error.
 
 
+def test_a_workdir_under_home_is_there_not_in_a_folder_named_tilde(tmp_path, run_env):
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch.py"), "--mode=eval", "--config=configs/brain.py:smoke",
+       "--workdir=~/run"], cwd=REPO, env=run_env(HOME=str(tmp_path)), capture_output=True,
+      text=True, timeout=300)
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path / 'run' / 'checkpoints'}: no checkpoint; train the run first")
+  assert not (REPO / "~").exists()
+
+
 def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
   workdir = tmp_path / "run"
   for args, line in (
