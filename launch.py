@@ -145,6 +145,13 @@ def main(argv):
   for name, folder in (("workdir", _WORKDIR.value), ("output", _OUTPUT.value)):
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
       sys.exit(f"error: --{name}={folder} is a file; give a folder")
+  processes, process_id = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if processes > 1 and not _COORDINATOR.value:
+    sys.exit(f"error: --num_processes={processes} needs --coordinator_address=HOST:PORT of "
+             "process 0 (or $JAX_COORDINATOR_ADDRESS)")
+  if not 0 <= process_id < max(processes, 1):
+    sys.exit(f"error: --process_id={process_id}: use 0 to --num_processes - 1 "
+             f"({max(processes, 1) - 1})")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value

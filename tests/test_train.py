@@ -517,7 +517,13 @@ def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
       (["--mode=describe"], "error: --config is required in --mode=describe"),
       (["--config=configs/brain.py:smoke", "runs/x"], "error: unexpected arguments: ['runs/x']"),
       (["--mode=predict", "--config=configs/brain.py:smoke", f"--output={tmp_path / 'out'}"],
-       "error: --mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER")):
+       "error: --mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER"),
+      (["--config=configs/brain.py:smoke", "--num_processes=2"],
+       "error: --num_processes=2 needs --coordinator_address=HOST:PORT of process 0 (or "
+       "$JAX_COORDINATOR_ADDRESS)"),
+      (["--config=configs/brain.py:smoke", "--num_processes=2", "--process_id=2",
+        "--coordinator_address=localhost:1234"],
+       "error: --process_id=2: use 0 to --num_processes - 1 (1)")):
     result = launch(f"--workdir={workdir}", *args)
     assert result.returncode != 0 and result.stderr.strip() == line, result.stderr[-2000:]
     assert not workdir.exists()
