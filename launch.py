@@ -20,6 +20,16 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from unet_jax.errors import root_cause  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+
+def _env_int(name: str, default: int) -> int:
+  """An integer environment variable (the multi-host flags' defaults), or a one-line exit."""
+  value = os.environ.get(name, str(default))
+  try:
+    return int(value)
+  except ValueError:
+    sys.exit(f"error: ${name}={value!r}: not an integer")
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: every output goes here.",
@@ -31,10 +41,10 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
     "Multi-host: host:port of process 0 (default $JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+    "num_processes", _env_int("JAX_NUM_PROCESSES", 1),
     "Multi-host: number of processes (default $JAX_NUM_PROCESSES or 1).")
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+    "process_id", _env_int("JAX_PROCESS_ID", 0),
     "Multi-host: this process's index (default $JAX_PROCESS_ID or 0).")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (required); "
                               "export: output folder (default WORKDIR/export).")

@@ -527,3 +527,8 @@ def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
     result = launch(f"--workdir={workdir}", *args)
     assert result.returncode != 0 and result.stderr.strip() == line, result.stderr[-2000:]
     assert not workdir.exists()
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch.py"), "--config=configs/brain.py:smoke",
+       f"--workdir={workdir}"], cwd=REPO, env={**os.environ, "JAX_NUM_PROCESSES": "two"},
+      capture_output=True, text=True, timeout=300)
+  assert result.stderr.strip() == "error: $JAX_NUM_PROCESSES='two': not an integer"
