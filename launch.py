@@ -174,6 +174,11 @@ def main(argv):
     xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value) if use_cache else "off")
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
+  if _MODE.value in ("eval", "predict", "export"):
+    from unet_jax import run_lock  # pylint: disable=g-import-not-at-top
+    if run_lock.training(workdir):
+      logging.warning("%s is training now: its checkpoints are read as they stand, and its "
+                      "final evaluation will rewrite eval/", workdir)
   try:
     RUNNERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UserError as e:

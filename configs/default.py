@@ -9,8 +9,10 @@ needs. Run a config with:
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Returns the default configuration."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default configuration; it has no variants (`default.py:ARG`)."""
+  if arg is not None:
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; it has none.")
   config = ml_collections.ConfigDict()
 
   config.data = data = ml_collections.ConfigDict()

@@ -86,7 +86,8 @@ def test_smoke_table_reads_the_runs(smoke):
     speeds = [r["img_per_s"] for r in records if r["split"] == "train"]
     assert len(speeds) == 4
     assert float(row["img_per_s"]) == pytest.approx(statistics.median(speeds[1:]))
-    assert float(row["wall_s"]) > 0
+    trained_s = [r["train_s"] for r in records if r["split"] == "valid"]
+    assert 0 < trained_s[0] < trained_s[1] < float(row["wall_s"])
     # Width 4, depth 2, batch norm; pooling and activation add no parameters.
     assert int(row["params"]) == 7_477
     assert row["status"] == "ok"
@@ -117,7 +118,9 @@ def test_rerun_skips_finished_variants_and_resumes_the_rest(smoke, monkeypatch):
   monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or {})
   ablation.run_sweep(config, str(smoke))
   assert calls == [str(smoke / "max_relu")]
-  assert (smoke / "max_relu" / ablation.RESULT_FILE).is_file()
+  # Its wall time counts the interrupted command's training too.
+  result = json.loads((smoke / "max_relu" / ablation.RESULT_FILE).read_text())
+  assert result["wall_s"] >= reports.seconds_spent(smoke / "max_relu") > 0
 
 
 def test_a_changed_variant_model_is_an_error_before_training(smoke, monkeypatch):

@@ -3,6 +3,7 @@ NaN stops, early stopping and reduce-on-plateau."""
 
 import gc
 import json
+import logging
 import pathlib
 import shutil
 import signal
@@ -97,8 +98,9 @@ def _final_params(workdir):
 
 
 def _untimed(run):
-  """metrics.jsonl's records without their speeds, which no two runs share."""
-  return [{k: v for k, v in r.items() if k != "img_per_s"} for r in reports.read_metrics(run)]
+  """metrics.jsonl's records without their speeds and times, which no two runs share."""
+  return [{k: v for k, v in r.items() if k not in ("img_per_s", "train_s")}
+          for r in reports.read_metrics(run)]
 
 
 SMOKE = ["--config=configs/brain.py:smoke", "--config.train.epochs=4",
@@ -136,7 +138,7 @@ def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env, sig):
 
 
 def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
-    tiny_config, tmp_path, monkeypatch):
+    tiny_config, tmp_path, monkeypatch, caplog):
   tiny_config.eval.split = "none"
   tiny_config.train.epochs = 2
   train.train_and_evaluate(tiny_config, str(tmp_path / "two"))
@@ -152,6 +154,12 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   # Started again, under a budget that would now fit all four, the run keeps its plan.
   monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 4)
   assert train.train_and_evaluate(tiny_config, str(tmp_path / "budget")) == {}
+  # A budget given to a run that started without one has no first epoch to plan on: said so.
+  tiny_config.train.epochs = 3
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "two"))
+  assert "this run started without one: it trains its train.epochs=3" in caplog.text
+  assert _final_params(tmp_path / "two")[0] == 6
 
 
 def test_resuming_under_a_config_that_trains_something_else_is_refused(tiny_config, tmp_path):
@@ -221,12 +229,15 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_its_steps_once(tin
 
 
 def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp_path):
+  assert not run_lock.training(tmp_path)
   with run_lock.held(tmp_path):  # As a run training there would hold it.
+    assert run_lock.training(tmp_path)  # Eval, predict and export warn.
     with pytest.raises(UserError, match="another process is training this run"):
       train.train_and_evaluate(tiny_config, str(tmp_path))
     with pytest.raises(UserError, match="another process is training this run"):
       ablation.run_sweep(ablation_config.get_config("smoke"), str(tmp_path))
   assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_FILE]
+  assert not run_lock.training(tmp_path)
   assert train.train_and_evaluate(tiny_config, str(tmp_path))  # Released when the run ends.
 
 

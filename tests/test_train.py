@@ -481,6 +481,8 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
       (["--config=configs/nope.py"],
        "error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
       (["--config=configs/brain.py:demoo"], "error: configs/brain.py: unknown variant 'demoo'"),
+      (["--config=configs/default.py:demo"],
+       "error: configs/default.py: unknown variant 'demo'; it has none."),
       (["--config=configs/brain.py", "--config.train.epochs=abc"],
        "error: flag --config.train.epochs=abc: invalid literal"),
       (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file'}"],

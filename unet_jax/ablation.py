@@ -195,7 +195,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     else:
       logging.info("Variant %s finished before; skipped.", name)
     return result.get("error")
-  start, record = time.perf_counter(), {"variant": name}
+  # Its wall time counts the commands that trained it before, interrupted or failed.
+  start, record = time.perf_counter() - reports.seconds_spent(workdir), {"variant": name}
   try:
     # Evaluates a run trained before, if need be; {} if it had been.
     summary = train.train_and_evaluate(config, str(workdir))
@@ -208,7 +209,7 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     # Kept, as the sweep scored it: a later --mode=eval at other settings rewrites eval/<split>/.
     record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
                            else _sweep_dice(result, config, workdir))
-  record["wall_s"] = time.perf_counter() - start + result.get("wall_s", 0.0)
+  record["wall_s"] = time.perf_counter() - start
   if jax.process_index() == 0:  # Whole or not at all: every process reads it for its row.
     workdir.mkdir(parents=True, exist_ok=True)
     reports.write_atomic(workdir / RESULT_FILE, json.dumps(record) + "\n")

@@ -55,6 +55,12 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
   write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def seconds_spent(workdir: str | pathlib.Path) -> float:
+  """The wall seconds the run's commands have trained it, to its last validation logged."""
+  val = [r for r in read_metrics(workdir) if r["split"] == "valid"]
+  return val[-1].get("train_s", 0.0) if val else 0.0
+
+
 def best_validation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
   """The validation record of highest Dice; of equal ones the latest, as Orbax's best step."""
   val = [r for r in records if r["split"] == "valid"]

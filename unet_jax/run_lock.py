@@ -38,3 +38,17 @@ def held(workdir: str | os.PathLike) -> Iterator[None]:
       raise UserError(f"{workdir}: another process is training this run; wait for it to end "
                       "(or stop it), or use another --workdir")
     yield
+
+
+def training(workdir: str | os.PathLike) -> bool:
+  """Whether another process trains in `workdir` now (holds its lock)."""
+  try:
+    lock = open(pathlib.Path(workdir) / LOCK_FILE)
+  except OSError:  # No lock file: never trained here, or not by this version.
+    return False
+  with lock:  # Closing it drops the shared lock taken to test.
+    try:
+      fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return True
+  return False

@@ -217,10 +217,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("Resumed from step %d", start_step)
   if jax.process_index() == 0:  # A run killed before its first checkpoint logged steps too.
     reports.truncate_metrics(workdir, start_step)
+  spent_before = reports.seconds_spent(workdir)  # By the commands that trained it before.
   budgeted = train_cfg.time_budget_minutes > 0
   epochs = train_cfg.epochs
   if budgeted and counters.planned_epochs:  # Kept, unless train.epochs is now lower.
     epochs = min(counters.planned_epochs, train_cfg.epochs)
+  elif budgeted and start_step:
+    logging.warning("train.time_budget_minutes is planned on a run's first epoch, and this run "
+                    "started without one: it trains its train.epochs=%d", epochs)
   if epochs != train_cfg.epochs:
     logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
                  epochs)
@@ -300,7 +304,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       checkpoints.save(step + 1, state, {checkpoint_lib.BEST_METRIC: val["dice"]},
                        dataclasses.asdict(counters))
     if jax.process_index() == 0:
-      reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val})
+      reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val,
+                                       "train_s": spent_before + epoch_ends[-1] - started})
       reports.plot_learning_curve(workdir)
     if stop:
       logging.info("Early stopping: no better validation Dice for %d epochs (best %.4f).",
