@@ -88,14 +88,12 @@ def _argv_with_home(argv: list[str]) -> list[str]:
 
 def _argv_with_saved_config(argv: list[str]) -> list[str]:
   """Without --config, these modes use the run's own saved config."""
-  def value(name):
-    return _flag_value(argv, name)
-
-  if (value("mode") not in SAVED_CONFIG_MODES or value("config") is not None
-      or value("workdir") is None):
+  workdir = _flag_value(argv, "workdir")
+  if (_flag_value(argv, "mode") not in SAVED_CONFIG_MODES
+      or _flag_value(argv, "config") is not None or workdir is None):
     return argv
   import unet_jax.saved_config  # pylint: disable=g-import-not-at-top
-  return [argv[0], f"--config={unet_jax.saved_config.__file__}:{value('workdir')}", *argv[1:]]
+  return [argv[0], f"--config={unet_jax.saved_config.__file__}:{workdir}", *argv[1:]]
 
 
 def _train(config, workdir):
@@ -174,7 +172,7 @@ def main(argv):
     xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value) if use_cache else "off")
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-  if _MODE.value in ("eval", "predict", "export"):
+  if _MODE.value in SAVED_CONFIG_MODES:
     from unet_jax import run_lock  # pylint: disable=g-import-not-at-top
     if run_lock.training(workdir):
       logging.warning("%s is training now: its checkpoints are read as they stand, and its "

@@ -141,8 +141,10 @@ def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(
 def test_unknown_decode_stops_evaluation_with_one_line(run):
   config, workdir = run
   config.eval.decode = "otsu"
+  before = (workdir / "eval/test/summary.json").read_text()
   with pytest.raises(UserError, match="eval.decode='otsu' is not one of"):
     evaluate.evaluate(config, str(workdir))
+  assert (workdir / "eval/test/summary.json").read_text() == before  # Not lost to a typo.
 
 
 def test_serving_runs_without_the_model_code():

@@ -236,11 +236,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   by_threshold = config.eval.decode == "threshold"
   threshold = config.eval.threshold if by_threshold else None
   tuned = by_threshold and config.eval.tune_threshold
-  out = output_dir(config, workdir)
-  if jax.process_index() == 0:
-    # Written last, whole: until then a stopped evaluation (training's final one among them)
-    # leaves none, stale or partial, and is evaluated again.
-    (out / "summary.json").unlink(missing_ok=True)
   if tuned:
     threshold = tune_threshold(predict, state, config, workdir, mesh)
   scores = score_split(predict, state, source, config, mesh, threshold)
@@ -266,8 +261,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
+  out = output_dir(config, workdir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
+    # Written last, whole: from here on, an evaluation stopped (training's final one among
+    # them) leaves no summary beside the files it rewrote, and is evaluated again. One that
+    # fails before, on a bad eval.* value say, leaves the earlier files as they were.
+    (out / "summary.json").unlink(missing_ok=True)
     with open(out / "per_image.csv", "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
