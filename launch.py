@@ -154,12 +154,8 @@ def main(argv):
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
       sys.exit(f"error: --{name}={folder} is a file; give a folder")
   processes, process_id = _NUM_PROCESSES.value, _PROCESS_ID.value
-  if processes > 1 and not _COORDINATOR.value:
-    sys.exit(f"error: --num_processes={processes} needs --coordinator_address=HOST:PORT of "
-             "process 0 (or $JAX_COORDINATOR_ADDRESS)")
-  if not 0 <= process_id < max(processes, 1):
-    sys.exit(f"error: --process_id={process_id}: use 0 to --num_processes - 1 "
-             f"({max(processes, 1) - 1})")
+  if processes > 1 and not 0 <= process_id < processes:
+    sys.exit(f"error: --process_id={process_id}: use 0 to --num_processes - 1 ({processes - 1})")
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
@@ -170,8 +166,12 @@ def main(argv):
     # predict and export write to --output alone: the run's folder may be read-only.
     use_cache = _MODE.value in ("train", "eval") or "UNET_JAX_CACHE_DIR" in os.environ
     xla_config.configure(xla_config.cache_dir_for(_WORKDIR.value) if use_cache else "off")
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value)
+    try:
+      parallel.initialize_distributed(_COORDINATOR.value, processes, process_id)
+    except ValueError as e:  # No coordinator given, nor found in a cluster's environment.
+      _remove_unused(made, workdir)
+      sys.exit(f"error: --num_processes={processes}: {_one_line(e)} (--coordinator_address="
+               "HOST:PORT of process 0, or $JAX_COORDINATOR_ADDRESS)")
   if _MODE.value in SAVED_CONFIG_MODES:
     from unet_jax import run_lock  # pylint: disable=g-import-not-at-top
     if run_lock.training(workdir):

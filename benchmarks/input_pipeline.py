@@ -39,6 +39,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Batches read before timing starts."
 _AUGMENT = flags.DEFINE_bool("augment", True, "Apply the training augmentation.")
 _SYNTHETIC = flags.DEFINE_list("synthetic", [], "Memory mode: phantom counts, e.g. 2000,20000.")
 _SYNTHETIC_SIZE = flags.DEFINE_integer("synthetic_size", 64, "Memory mode: phantom size.")
+_ONE_MASK = flags.DEFINE_bool("one_mask", False, "Every category one tumour mask (the memory "
+                              "mode's phantoms have one category, not the export's two).")
 
 
 def _max_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -57,9 +59,8 @@ def _rss_now_mib() -> float | None:
 def _config(root: str, image_size: int):
   config = brain.get_config()
   config.data.root = root
-  # Every category one tumour mask, as the recipe trains: the phantoms of --synthetic have
-  # one category, not the export's ids 1 and 2 the recipe scores apart.
-  config.data.category_ids = ()
+  if _ONE_MASK.value:
+    config.data.category_ids = ()
   config.data.image_size = image_size
   config.data.num_workers = _NUM_WORKERS.value
   config.train.batch_size = _BATCH_SIZE.value
@@ -117,7 +118,8 @@ def memory(counts: list[int]) -> dict:
       generate_s = time.perf_counter() - start
       out = subprocess.run(
           [sys.executable, __file__, f"--root={root}", f"--image_size={_SYNTHETIC_SIZE.value}",
-           f"--num_workers={_NUM_WORKERS.value}", f"--batch_size={_BATCH_SIZE.value}"],
+           f"--num_workers={_NUM_WORKERS.value}", f"--batch_size={_BATCH_SIZE.value}",
+           "--one_mask"],
           check=True, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
       result = json.loads(out.stdout.strip().splitlines()[-1])
       results.append({"images": count, "generate_s": round(generate_s, 1),

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 
 from configs import lgg
-from unet_jax import data
+from unet_jax import data, images
 from unet_jax.data import folders
 from unet_jax.errors import UserError
 
@@ -147,6 +147,14 @@ def test_bad_test_slice_stops_the_source_before_training(tmp_path, damaged, dama
   data.build_source(config, "train", "x")  # Only the split's own slices are checked.
   with pytest.raises(UserError, match=rf"{names[named]}: {problem}"):
     data.build_source(config, "test", "x")
+
+
+def test_a_bug_while_an_image_is_open_is_not_called_the_file_s_fault(tmp_path):
+  path = tmp_path / "a.tif"
+  Image.new("L", (8, 8)).save(path)
+  with pytest.raises(TypeError, match="bug"):
+    with images._opened(path):
+      raise TypeError("bug")
 
 
 def test_a_file_damaged_after_the_check_is_named_when_read(tmp_path):

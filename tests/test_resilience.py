@@ -1,7 +1,7 @@
 """Scaling and surviving: device-count equivalence, multi-process runs, kill -9 resume,
 NaN stops, early stopping and reduce-on-plateau."""
 
-import gc
+import fcntl
 import json
 import logging
 import pathlib
@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -241,6 +242,15 @@ def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp
   assert train.train_and_evaluate(tiny_config, str(tmp_path))  # Released when the run ends.
 
 
+def test_a_run_starting_while_an_eval_tests_the_lock_is_not_refused(tmp_path):
+  (tmp_path / run_lock.LOCK_FILE).touch()
+  tester = open(tmp_path / run_lock.LOCK_FILE)
+  fcntl.flock(tester, fcntl.LOCK_SH)  # run_lock.training's instant.
+  threading.Timer(0.05, tester.close).start()
+  with run_lock.held(tmp_path):  # Waits out that instant instead of refusing the run.
+    assert tester.closed
+
+
 def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
   tiny_config.train.keep_checkpoints = 0
   with pytest.raises(UserError, match="train.keep_checkpoints=0: keep at least 1"):
@@ -260,8 +270,6 @@ def test_a_run_of_no_epochs_is_an_error_not_a_finished_run(tiny_config, tmp_path
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
-# Orbax leaves the failed read's other coroutines to be collected unawaited.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(tmp_path))
   damaged = max((tmp_path / "checkpoints" / "2" / "state").rglob("*"),
@@ -271,7 +279,6 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):
   with pytest.raises(UserError, match=r"checkpoints/2: unreadable checkpoint \(.*\); if its "
                                       r"files are damaged, delete that folder"):
     evaluate.evaluate(tiny_config, str(tmp_path))
-  gc.collect()  # Those coroutines, collected now, under this test's filter.
 
 
 def _free_port():

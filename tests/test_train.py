@@ -94,8 +94,10 @@ def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
 
 def test_no_pictures_asked_writes_the_rest(trained):
   config, workdir, _ = trained
-  config.eval.update(split="valid", num_pictures=0)
-  (workdir / "eval/valid/predictions.png").unlink(missing_ok=True)
+  config.eval.split = "valid"
+  evaluate.evaluate(config, str(workdir))
+  assert (workdir / "eval/valid/predictions.png").is_file()
+  config.eval.num_pictures = 0  # Nor an earlier evaluation's left beside this one's summary.
   summary = evaluate.evaluate(config, str(workdir))
   assert summary["n_images"] == 8 and (workdir / "eval/valid/per_image.csv").is_file()
   assert not (workdir / "eval/valid/predictions.png").exists()
@@ -114,6 +116,7 @@ def _with_split_emptied(config, workdir: pathlib.Path, split: str, copy: pathlib
 
 def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config, tmp_path):
   config, workdir, _ = trained
+  phantoms = config.copy_and_resolve_references()
   config = _with_split_emptied(config, workdir, "test", tmp_path / "data")
   with pytest.raises(UserError, match=r"lists no images, so split 'test' is empty"):
     evaluate.evaluate(config, str(workdir))
@@ -122,6 +125,10 @@ def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config
   with pytest.raises(UserError, match=r"lists no images, so split 'valid' is empty"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
+  # An empty test split is as a missing one: the run trains, with no final evaluation.
+  config = _with_split_emptied(phantoms, workdir, "test", tmp_path / "data3")
+  assert train.train_and_evaluate(config, str(tmp_path / "run")) == {}
+  assert (tmp_path / "run" / "checkpoints").is_dir() and not (tmp_path / "run" / "eval").exists()
 
 
 def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
@@ -491,6 +498,8 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
        "error: train.batch_size: batch size 0: use 1 or more"),
       (["--config=configs/brain.py:smoke", "--config.model.pooling=maxx"],
        "error: model.pooling='maxx' is not one of"),
+      (["--config=configs/brain.py:smoke", "--config.data.prefetch=-1"],
+       "error: data.prefetch=-1: use 0 or more"),
       ([f"--config={tmp_path / 'run' / 'config.json'}"],
        f"error: --config={tmp_path / 'run' / 'config.json'}: not a config file (path.py"),
       (["--config=README.md"], "error: --config=README.md: not a config file (path.py"),
@@ -521,8 +530,8 @@ def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
       (["--mode=predict", "--config=configs/brain.py:smoke", f"--output={tmp_path / 'out'}"],
        "error: --mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER"),
       (["--config=configs/brain.py:smoke", "--num_processes=2"],
-       "error: --num_processes=2 needs --coordinator_address=HOST:PORT of process 0 (or "
-       "$JAX_COORDINATOR_ADDRESS)"),
+       "error: --num_processes=2: coordinator_address should be defined. "
+       "(--coordinator_address=HOST:PORT of process 0, or $JAX_COORDINATOR_ADDRESS)"),
       (["--config=configs/brain.py:smoke", "--num_processes=2", "--process_id=2",
         "--coordinator_address=localhost:1234"],
        "error: --process_id=2: use 0 to --num_processes - 1 (1)")):

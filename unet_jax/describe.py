@@ -89,11 +89,9 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       for annotation in subset.annotations[image["id"]]:
         where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
         # Training ignores such an annotation (coco.shapes_of): listed, never foreground.
-        undeclared = bool(subset.categories) and (
-            annotation.get("category_id") not in subset.categories)
+        undeclared = coco.undeclared_category(subset, annotation, where)
         if undeclared:
-          problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not among "
-                          "the file's categories; ignored")
+          problems.append(undeclared)
         try:
           shape = coco_json.shape_of(annotation, height, width, where, problems)
         except UserError as e:

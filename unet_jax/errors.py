@@ -12,5 +12,9 @@ def root_cause(error: BaseException) -> BaseException:
   return error
 
 
+class EmptySplit(UserError):
+  """A split that exists and lists no images: nothing to train on or score."""
+
+
 class Diverged(UserError):
   """Training met a NaN or infinite loss: the same config and data would meet it again."""

@@ -202,7 +202,9 @@ def _picture_rows(dice: np.ndarray, count: int) -> list[int]:
 
 def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
   rows = _picture_rows(scores["dice"], max(config.eval.num_pictures, 0))
-  if not rows:  # eval.num_pictures=0: no pictures.
+  if not rows:  # eval.num_pictures=0: none, not an earlier evaluation's.
+    if jax.process_index() == 0:
+      path.unlink(missing_ok=True)
     return
   samples = [source[i] for i in rows]
   images = np.stack([s["image"] for s in samples])

@@ -28,10 +28,21 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
     raise UserError(f"{path}: {what} file not found") from None
   except UserError:
     raise
-  # Pillow reads a damaged header (a TIFF's IFDs, its EXIF) as these too, as Image.open does.
-  except (OSError, ValueError, SyntaxError, TypeError, IndexError, EOFError, struct.error,
-          Image.DecompressionBombError) as e:
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise UserError(f"{path}: not a readable image ({e})") from None
+  # Pillow reads a damaged header (a TIFF's IFDs, its EXIF) as these too; raised elsewhere,
+  # they are bugs, not the file's.
+  except (SyntaxError, TypeError, IndexError, EOFError, struct.error) as e:
+    if not _raised_in_pillow(e):
+      raise
+    raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def _raised_in_pillow(error: BaseException) -> bool:
+  frame = error.__traceback__
+  while frame.tb_next is not None:
+    frame = frame.tb_next
+  return f"{os.sep}PIL{os.sep}" in frame.tb_frame.f_code.co_filename
 
 
 def _check_channels(channels: int) -> None:

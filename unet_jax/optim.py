@@ -11,7 +11,8 @@ SCHEDULES = ("constant", "cosine", "step")
 
 def make_schedule(train: ml_collections.ConfigDict, total_steps: int,
                   steps_per_epoch: int) -> optax.Schedule:
-  """constant, cosine (linear warm-up then cosine decay to 0) or step (x factor every k epochs)."""
+  """constant, cosine (linear warm-up then cosine decay to 0; a run no longer than its warm-up
+  only ramps up) or step (x factor every k epochs)."""
   lr = train.learning_rate
   if train.schedule == "constant":
     return optax.constant_schedule(lr)

@@ -29,7 +29,10 @@ def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
     return [path]
   if not path.is_dir():
     raise UserError(f"{path}: no such file or folder")
-  entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+  try:
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+  except OSError as e:
+    raise UserError(f"--input={path}: cannot read the folder ({e.strerror})") from None
   files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
   kept = set(files)
   others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in kept]

@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import time
 from typing import Iterator
 
 import jax
@@ -12,6 +13,18 @@ from unet_jax import time_budget
 from unet_jax.errors import UserError
 
 LOCK_FILE = ".training.lock"
+
+
+def _locked(lock, tries: int = 10) -> bool:
+  """Takes the exclusive lock; an eval's test of it (training()) holds it for an instant only."""
+  for attempt in range(tries):
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      if attempt + 1 < tries:
+        time.sleep(0.02)
+  return False
 
 
 @contextlib.contextmanager
@@ -30,10 +43,7 @@ def held(workdir: str | os.PathLike) -> Iterator[None]:
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       lock = stack.enter_context(open(path, "a"))
-      try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        got = False
+      got = _locked(lock)
     if not time_budget.agreed(int(got)):  # Every process stops, not process 0 alone.
       raise UserError(f"{workdir}: another process is training this run; wait for it to end "
                       "(or stop it), or use another --workdir")

@@ -24,6 +24,7 @@ from unet_jax import steps
 from unet_jax import time_budget
 from unet_jax.data import pipeline
 from unet_jax.errors import Diverged
+from unet_jax.errors import EmptySplit
 from unet_jax.errors import UserError
 
 
@@ -99,7 +100,8 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
-  devices (the evaluation batch too, first used after an epoch); at least one checkpoint kept;
+  devices (the evaluation batch too, first used after an epoch); loader settings of 0 or more;
+  at least one checkpoint kept;
   one epoch or more; logging and checkpoint cadences of 1 or more; one logit, or one loss
   weight, per category needs that many COCO categories."""
   for name in ("train", "eval"):
@@ -107,6 +109,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       pipeline.local_batch_size(config[name].batch_size)
     except UserError as e:
       raise UserError(f"{name}.batch_size: {e}") from None
+  pipeline.check_loader(config.data)
   keep = config.train.keep_checkpoints
   if keep < 1:
     raise UserError(f"train.keep_checkpoints={keep}: keep at least 1 (the latest, which a "
@@ -140,7 +143,11 @@ def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any,
   evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
   if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
-    data_lib.build_source(config.data, config.eval.split, workdir)
+    try:
+      data_lib.build_source(config.data, config.eval.split, workdir)
+    except EmptySplit as e:  # As a missing one (data.synthetic.num_test=0 writes it empty).
+      logging.warning("%s: no final evaluation", e)
+      evaluates = False
   return train_source, val_source, evaluates
 
 

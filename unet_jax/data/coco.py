@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 from unet_jax import images as images_lib
 from unet_jax.data import coco_json
 from unet_jax.data import splits
+from unet_jax.errors import EmptySplit
 from unet_jax.errors import UserError
 
 ANNOTATIONS_FILE = coco_json.ANNOTATIONS_FILE
@@ -175,6 +176,15 @@ def image_path(subset: Subset, file_name: str) -> pathlib.Path:
   return path
 
 
+def undeclared_category(subset: Subset, annotation: dict[str, Any], where: str) -> str | None:
+  """The problem of an annotation whose category the file does not declare (it is ignored),
+  or None."""
+  if subset.categories and annotation.get("category_id") not in subset.categories:
+    return (f"{where}: category_id {annotation.get('category_id')!r} is not among the file's "
+            "categories; ignored")
+  return None
+
+
 def shapes_of(subset: Subset, image: dict[str, Any], category_ids: Sequence[Any],
               problems: list[str]) -> tuple[coco_json.Shape, ...]:
   """The checked shapes of an image's annotations in `category_ids` (all when empty)."""
@@ -183,9 +193,9 @@ def shapes_of(subset: Subset, image: dict[str, Any], category_ids: Sequence[Any]
     if category_ids and annotation.get("category_id") not in category_ids:
       continue
     where = f"{subset.json_path}: annotation {annotation.get('id')} of {image['file_name']}"
-    if subset.categories and annotation.get("category_id") not in subset.categories:
-      problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not among "
-                      "the file's categories; ignored")
+    undeclared = undeclared_category(subset, annotation, where)
+    if undeclared:
+      problems.append(undeclared)
       continue
     shape = coco_json.shape_of(annotation, image["height"], image["width"], where, problems)
     if shape is not None:
@@ -234,7 +244,7 @@ class CocoSource:
     subset = load_subset(root, split, layout)
     if not subset.images:
       # Nothing to train on, and validation or evaluation over no images scores NaN.
-      raise UserError(f"{subset.json_path}: lists no images, so split {split!r} is empty")
+      raise EmptySplit(f"{subset.json_path}: lists no images, so split {split!r} is empty")
     duplicates = duplicate_file_names(subset)
     if duplicates:
       raise UserError(duplicates[0])

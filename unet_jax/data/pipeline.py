@@ -43,10 +43,15 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
-def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+def check_loader(data_config: ml_collections.ConfigDict) -> None:
+  """Refuses negative data.prefetch and data.num_workers (grain's traceback, or silently none)."""
   for name in ("prefetch", "num_workers"):
-    if config.data[name] < 0:
-      raise UserError(f"data.{name}={config.data[name]}: use 0 or more")
+    if data_config[name] < 0:
+      raise UserError(f"data.{name}={data_config[name]}: use 0 or more")
+
+
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  check_loader(config.data)
   return grain.ReadOptions(num_threads=max(1, config.data.prefetch),
                            prefetch_buffer_size=config.data.prefetch)
 
