@@ -174,8 +174,9 @@ def library_path() -> pathlib.Path:
                     f"{platform.system()} {platform.machine()}")
   dnnl = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
   header = _wheel_file(_HEADERS_WHEEL, "oneapi/dnnl/dnnl.hpp")
-  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES),
-                                   jax.__version__.encode(), str(dnnl).encode()])).hexdigest()[:16]
+  versions = [importlib.metadata.version(name) for name in ("jaxlib", _LIBRARY_WHEEL)]
+  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES), str(dnnl).encode(),
+                                   *(v.encode() for v in versions)])).hexdigest()[:16]
   target = _build_dir() / f"onednn-{key}.so"
   if target.exists():
     return target

@@ -6,6 +6,7 @@
 //   unet_onednn_batch_norm_bwd: (x, mean, variance, dy, scale) -> (dx, dscale, dshift)
 // Primitives are cached by shape, activation type and epsilon.
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <map>
@@ -44,11 +45,12 @@ std::shared_ptr<const Plan> GetPlan(bool backward, int64_t n, int64_t h, int64_t
   made->data = Desc({n, c, h, w}, type, Tag::nhwc);
   made->channels = Desc({c}, kF32, Tag::a);
   dnnl::batch_normalization_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, made->data, made->data, epsilon, kFlags);
+      Engine(), dnnl::prop_kind::forward_training, made->data, made->data, epsilon, kFlags,
+      unet_onednn::Strict());
   if (backward) {
     dnnl::batch_normalization_backward::primitive_desc bwd(
         Engine(), dnnl::prop_kind::backward, made->data, made->data, made->data, epsilon, kFlags,
-        fwd);
+        fwd, unet_onednn::Strict());
     made->primitive = dnnl::batch_normalization_backward(bwd);
   } else {
     made->primitive = dnnl::batch_normalization_forward(fwd);
@@ -91,8 +93,13 @@ using Channels = ffi::Buffer<ffi::F32, 1>;
 using DataOut = ffi::Result<ffi::AnyBuffer>;
 using ChannelsOut = ffi::ResultBuffer<ffi::F32, 1>;
 
-bool Fits(ffi::Span<const int64_t> data, std::initializer_list<int64_t> channel_sizes) {
+// NHWC `data`, every other data buffer of its shape, every channel buffer of its C.
+bool Fits(ffi::Span<const int64_t> data, std::initializer_list<ffi::Span<const int64_t>> alike,
+          std::initializer_list<int64_t> channel_sizes) {
   if (data.size() != 4) return false;
+  for (ffi::Span<const int64_t> other : alike) {
+    if (!std::equal(data.begin(), data.end(), other.begin(), other.end())) return false;
+  }
   for (int64_t size : channel_sizes) {
     if (size != data[3]) return false;
   }
@@ -101,9 +108,11 @@ bool Fits(ffi::Span<const int64_t> data, std::initializer_list<int64_t> channel_
 
 ffi::Error BatchNormFwd(Data x, Channels scale, Channels shift, DataOut y, ChannelsOut mean,
                         ChannelsOut variance, float epsilon) {
-  if (!Fits(x.dimensions(), {scale.element_count(), shift.element_count(),
-                             mean->element_count(), variance->element_count()})) {
-    return ffi::Error::InvalidArgument("onednn_batch_norm_fwd: channel counts disagree");
+  if (!Fits(x.dimensions(), {y->dimensions()},
+            {scale.element_count(), shift.element_count(), mean->element_count(),
+             variance->element_count()})) {
+    return ffi::Error::InvalidArgument(
+        "onednn_batch_norm_fwd: shapes or channel counts disagree");
   }
   return Run(false, x.dimensions(), {x.element_type(), y->element_type()}, epsilon,
              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.untyped_data()},
@@ -114,10 +123,11 @@ ffi::Error BatchNormFwd(Data x, Channels scale, Channels shift, DataOut y, Chann
 
 ffi::Error BatchNormBwd(Data x, Channels mean, Channels variance, Data dy, Channels scale,
                         DataOut dx, ChannelsOut dscale, ChannelsOut dshift, float epsilon) {
-  if (!Fits(x.dimensions(), {mean.element_count(), variance.element_count(),
-                             scale.element_count(), dscale->element_count(),
-                             dshift->element_count()})) {
-    return ffi::Error::InvalidArgument("onednn_batch_norm_bwd: channel counts disagree");
+  if (!Fits(x.dimensions(), {dy.dimensions(), dx->dimensions()},
+            {mean.element_count(), variance.element_count(), scale.element_count(),
+             dscale->element_count(), dshift->element_count()})) {
+    return ffi::Error::InvalidArgument(
+        "onednn_batch_norm_bwd: shapes or channel counts disagree");
   }
   return Run(true, x.dimensions(), {x.element_type(), dy.element_type(), dx->element_type()},
              epsilon,

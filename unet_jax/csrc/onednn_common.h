@@ -33,6 +33,17 @@ inline dnnl::engine& Engine() {
   return engine;
 }
 
+// Float32 computed as float32 whatever ONEDNN_DEFAULT_FPMATH_MODE says: set to bf16 or any,
+// it would let oneDNN round float32 layers to bfloat16 on CPUs with such kernels, silently.
+inline const dnnl::primitive_attr& Strict() {
+  static const dnnl::primitive_attr attr = [] {
+    dnnl::primitive_attr strict;
+    strict.set_fpmath_mode(dnnl::fpmath_mode::strict);
+    return strict;
+  }();
+  return attr;
+}
+
 inline dnnl::stream& Stream() {
   static dnnl::stream stream(Engine());
   return stream;

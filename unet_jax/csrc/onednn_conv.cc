@@ -58,7 +58,8 @@ Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
   if (user != prim) {
     const Desc& from = output ? prim : user;
     const Desc& to = output ? user : prim;
-    op.reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+    op.reorder = dnnl::reorder(
+        dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, unet_onednn::Strict()));
   }
   return op;
 }
@@ -85,7 +86,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
 
   dnnl::convolution_forward::primitive_desc fwd(engine, dnnl::prop_kind::forward_training, algo,
                                                 src, any_weights, dst, strides, dilates, pad_l,
-                                                pad_r);
+                                                pad_r, unet_onednn::Strict());
   auto plan = std::make_shared<Plan>();
   if (kind == kFwd) {
     plan->primitive = dnnl::convolution_forward(fwd);
@@ -94,14 +95,16 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
                       MakeOperand(DNNL_ARG_DST, dst, fwd.dst_desc(), true)};
   } else if (kind == kBwdData) {
     dnnl::convolution_backward_data::primitive_desc bwd(engine, algo, src, any_weights, dst,
-                                                        strides, dilates, pad_l, pad_r, fwd);
+                                                        strides, dilates, pad_l, pad_r, fwd,
+                                                        unet_onednn::Strict());
     plan->primitive = dnnl::convolution_backward_data(bwd);
     plan->operands = {MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
                       MakeOperand(DNNL_ARG_WEIGHTS, hwio, bwd.weights_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_SRC, src, bwd.diff_src_desc(), true)};
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(engine, algo, src, any_weights, dst,
-                                                           strides, dilates, pad_l, pad_r, fwd);
+                                                           strides, dilates, pad_l, pad_r, fwd,
+                                                           unet_onednn::Strict());
     plan->primitive = dnnl::convolution_backward_weights(bwd);
     plan->operands = {MakeOperand(DNNL_ARG_SRC, src, bwd.src_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
