@@ -196,7 +196,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
       logging.info("Variant %s finished before; skipped.", name)
     return result.get("error")
   # Its wall time counts the commands that trained it before, interrupted or failed.
-  start, record = time.perf_counter() - reports.seconds_spent(workdir), {"variant": name}
+  start = time.perf_counter() - reports.seconds_spent(reports.read_metrics(workdir))
+  record = {"variant": name}
   try:
     # Evaluates a run trained before, if need be; {} if it had been.
     summary = train.train_and_evaluate(config, str(workdir))
@@ -222,7 +223,7 @@ def _sweep_dice(result: dict[str, Any], config: ml_collections.ConfigDict,
   written before it kept its score) read from its evaluation summary."""
   if "eval_dice" in result:
     return result["eval_dice"]
-  summary = _read_json(evaluate.output_dir(config, str(workdir)) / "summary.json")
+  summary = _read_json(evaluate.summary_path(config, str(workdir)))
   return summary["metrics"]["dice"]["mean"] if summary else None
 
 

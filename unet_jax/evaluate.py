@@ -80,6 +80,11 @@ def output_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
       f"{split}_ensemble" if _ensemble_workdirs(config) else split)
 
 
+def summary_path(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """The evaluation's summary.json, written last: its presence marks the evaluation done."""
+  return output_dir(config, workdir) / "summary.json"
+
+
 def restore_runs(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(states, step, ensemble): the train states of this run's checkpoint and of
   `eval.ensemble`'s runs (this run's first), this run's step and `ensemble_members`."""
@@ -269,7 +274,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Written last, whole: from here on, an evaluation stopped (training's final one among
     # them) leaves no summary beside the files it rewrote, and is evaluated again. One that
     # fails before, on a bad eval.* value say, leaves the earlier files as they were.
-    (out / "summary.json").unlink(missing_ok=True)
+    summary_path(config, workdir).unlink(missing_ok=True)
     with open(out / "per_image.csv", "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
@@ -281,7 +286,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          *category])
   _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
   if jax.process_index() == 0:
-    reports.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    reports.write_atomic(summary_path(config, workdir), json.dumps(summary, indent=2) + "\n")
   averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
                split, step, averaging, summary["metrics"]["dice"]["mean"],

@@ -46,18 +46,23 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   return records
 
 
-def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
-  """Drops records logged after `last_step`, the step a run (re)starts from (0: all)."""
+def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> list[dict[str, Any]]:
+  """Drops records logged after `last_step`, the step a run (re)starts from (0: all).
+
+  Returns:
+    The records kept.
+  """
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
-    return
+    return []
   records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+  return records
 
 
-def seconds_spent(workdir: str | pathlib.Path) -> float:
-  """The wall seconds the run's commands have trained it, to its last validation logged."""
-  val = [r for r in read_metrics(workdir) if r["split"] == "valid"]
+def seconds_spent(records: list[dict[str, Any]]) -> float:
+  """The wall seconds the run's commands have trained it, to its last validation record."""
+  val = [r for r in records if r["split"] == "valid"]
   return val[-1].get("train_s", 0.0) if val else 0.0
 
 

@@ -101,9 +101,8 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
   devices (the evaluation batch too, first used after an epoch); loader settings of 0 or more;
-  at least one checkpoint kept;
-  one epoch or more; logging and checkpoint cadences of 1 or more; one logit, or one loss
-  weight, per category needs that many COCO categories."""
+  at least one checkpoint kept; one epoch or more; logging and checkpoint cadences of 1 or
+  more; one logit, or one loss weight, per category needs that many COCO categories."""
   for name in ("train", "eval"):
     try:
       pipeline.local_batch_size(config[name].batch_size)
@@ -222,9 +221,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, saved_counters = checkpoints.restore(start_step, state)
     counters = LoopCounters(**saved_counters)
     logging.info("Resumed from step %d", start_step)
+  spent_before = 0.0  # By the commands that trained it before; process 0 logs it.
   if jax.process_index() == 0:  # A run killed before its first checkpoint logged steps too.
-    reports.truncate_metrics(workdir, start_step)
-  spent_before = reports.seconds_spent(workdir)  # By the commands that trained it before.
+    spent_before = reports.seconds_spent(reports.truncate_metrics(workdir, start_step))
   budgeted = train_cfg.time_budget_minutes > 0
   epochs = train_cfg.epochs
   if budgeted and counters.planned_epochs:  # Kept, unless train.epochs is now lower.
@@ -245,7 +244,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("%s already finished at step %d%s; %s to train further.",
                  workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()
-    if not evaluates or (evaluate.output_dir(config, workdir) / "summary.json").is_file():
+    if not evaluates or evaluate.summary_path(config, workdir).is_file():
       return {}
     logging.info("Its final evaluation had not finished: evaluating.")
     return evaluate.evaluate(config, workdir)
@@ -253,7 +252,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     write_config(planned, workdir_path)
     # An earlier finish's evaluation is not this one's: without it, a run stopped before its
     # final evaluation evaluates when started again.
-    (evaluate.output_dir(config, workdir) / "summary.json").unlink(missing_ok=True)
+    evaluate.summary_path(config, workdir).unlink(missing_ok=True)
   logging.info("Training %d steps (%d epochs of %d), global batch %d on %d devices",
                total_steps, epochs, epoch_steps, train_cfg.batch_size, jax.device_count())
   planning = budgeted and not start_step
