@@ -1,6 +1,7 @@
 """Training end to end on four fake CPU devices, checkpoints and the command line."""
 
 import csv
+import fcntl
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from configs import default
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
-                      steps, time_budget, train)
+                      run_lock, steps, time_budget, train)
 from unet_jax.data import pipeline
 from unet_jax.errors import UserError
 
@@ -142,6 +143,28 @@ def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
     evaluate.evaluate(config, str(workdir))
   # Neither the earlier evaluation's summary nor this one's: a finished run evaluates again.
   assert not (workdir / "eval/valid/summary.json").exists()
+
+
+def test_two_evaluations_of_a_split_write_their_files_one_after_the_other(trained, monkeypatch):
+  """An eval command beside training's final evaluation: each writes its three files whole."""
+  config, workdir, _ = trained
+  config.eval.split = "valid"
+  free_while_writing = []
+  def another_writer_may_start(*args, **kwargs):
+    with open(workdir / "eval/valid" / run_lock.WRITER_LOCK_FILE) as lock:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        free_while_writing.append(True)
+      except BlockingIOError:
+        free_while_writing.append(False)
+  monkeypatch.setattr(reports, "plot_predictions", another_writer_may_start)
+  write_atomic = reports.write_atomic
+  monkeypatch.setattr(reports, "write_atomic",
+                      lambda *a: (another_writer_may_start(), write_atomic(*a)))
+  evaluate.evaluate(config, str(workdir))
+  assert free_while_writing == [False, False]  # Pictures, then the summary.
+  another_writer_may_start()
+  assert free_while_writing[-1]  # Free once the evaluation is written.
 
 
 def test_a_run_trained_further_then_stopped_before_evaluating_evaluates(tiny_config, tmp_path,

@@ -1,5 +1,6 @@
 """Restores a run's checkpoint and measures it on a split: writes eval/<split>/."""
 
+import contextlib
 import csv
 import json
 import pathlib
@@ -17,6 +18,7 @@ from unet_jax import metrics as metrics_lib
 from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import reports
+from unet_jax import run_lock
 from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax.data import pipeline
@@ -225,6 +227,23 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
     reports.plot_predictions(path, images, masks, probs, predicted, heading, titles)
 
 
+def _write_scores(config, workdir, source, scores, counts, labels, category_ids) -> None:
+  """Writes per_image.csv, first removing the summary that marks the evaluation done."""
+  # The summary is written last, whole: from here on, an evaluation stopped (training's final
+  # one among them) leaves no summary beside the files it rewrote, and is evaluated again. One
+  # that fails before, on a bad eval.* value say, leaves the earlier files as they were.
+  summary_path(config, workdir).unlink(missing_ok=True)
+  with open(output_dir(config, workdir) / "per_image.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
+                     *(["category"] if category_ids else [])])
+    for i, name in enumerate(source.file_names):
+      tp, fp, fn, _ = counts[i]
+      category = [category_ids[labels[i] - 1] if labels[i] else ""] if category_ids else []
+      writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
+                       *category])
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates `config.eval.checkpoint` of the run in `workdir` on `config.eval.split`.
 
@@ -269,24 +288,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
   out = output_dir(config, workdir)
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    # Written last, whole: from here on, an evaluation stopped (training's final one among
-    # them) leaves no summary beside the files it rewrote, and is evaluated again. One that
-    # fails before, on a bad eval.* value say, leaves the earlier files as they were.
-    summary_path(config, workdir).unlink(missing_ok=True)
-    with open(out / "per_image.csv", "w", newline="") as f:
-      writer = csv.writer(f)
-      writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
-                       *(["category"] if category_ids else [])])
-      for i, name in enumerate(source.file_names):
-        tp, fp, fn, _ = counts[i]
-        category = [category_ids[labels[i] - 1] if labels[i] else ""] if category_ids else []
-        writer.writerow([name, *(f"{scores[m][i]:.6f}" for m in scores), tp + fn, tp + fp,
-                         *category])
-  _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh, threshold)
-  if jax.process_index() == 0:
-    reports.write_atomic(summary_path(config, workdir), json.dumps(summary, indent=2) + "\n")
+  with contextlib.ExitStack() as writer:
+    if jax.process_index() == 0:
+      writer.enter_context(run_lock.writing(out))
+      _write_scores(config, workdir, source, scores, counts, labels, category_ids)
+    _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh,
+                    threshold)
+    if jax.process_index() == 0:
+      reports.write_atomic(summary_path(config, workdir), json.dumps(summary, indent=2) + "\n")
   averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
                split, step, averaging, summary["metrics"]["dice"]["mean"],

@@ -1,4 +1,4 @@
-"""One training process per run folder: a second one there stops before it writes."""
+"""Folder locks: one training process per run folder, one writer per evaluation folder."""
 
 import contextlib
 import fcntl
@@ -13,6 +13,7 @@ from unet_jax import time_budget
 from unet_jax.errors import UserError
 
 LOCK_FILE = ".training.lock"
+WRITER_LOCK_FILE = ".writing.lock"
 
 
 def _locked(lock, tries: int = 10) -> bool:
@@ -62,3 +63,16 @@ def training(workdir: str | os.PathLike) -> bool:
     except BlockingIOError:
       return True
   return False
+
+
+@contextlib.contextmanager
+def writing(folder: pathlib.Path) -> Iterator[None]:
+  """Waits for, then holds, `folder`'s writer lock (an evaluation's files are written together).
+
+  Two evaluations of one split at once (an eval command beside training's final
+  one, say) then leave one's three files, not a mix of both.
+  """
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / WRITER_LOCK_FILE, "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Dropped when the file is closed or the process ends.
+    yield
