@@ -1,5 +1,7 @@
 """The LGG layout: patient folders of <case>_<n>.tif slices beside <case>_<n>_mask.tif."""
 
+import json
+import shutil
 import struct
 
 import grain
@@ -8,8 +10,8 @@ from PIL import Image
 import pytest
 
 from configs import lgg
-from unet_jax import data, images
-from unet_jax.data import folders
+from unet_jax import data, evaluate, images, train
+from unet_jax.data import folders, splits
 from unet_jax.errors import UserError
 
 PATIENTS = [f"TCGA_CS_{4941 + i}_19960909" for i in range(10)]
@@ -200,3 +202,26 @@ def test_label_and_palette_masks_are_foreground_where_not_zero(tmp_path, mode, v
   palette = [0, 0, 0, 128, 0, 0] if mode == "P" else None  # index 1 is dark red
   _mask_file(root / source.file_names[0].replace(".tif", "_mask.tif"), mode, values, palette)
   assert source.mask(0).sum() == rows * 16 and source[0]["mask"].sum() == rows * 16
+
+
+def test_a_run_keeps_its_split_when_patients_are_added_or_removed(tmp_path):
+  """Evaluating on a data root that changed since training never tests a trained patient."""
+  root = _lgg(tmp_path, slices=(2,))
+  config = lgg.get_config("smoke")
+  config.data = _config(root, image_size=16)
+  config.model.features, config.model.depth = 4, 2
+  config.train.batch_size = config.eval.batch_size = 4
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  recorded = json.loads((tmp_path / "run" / splits.RECORD_FILE).read_text())
+  assert sorted(sum(recorded.values(), [])) == PATIENTS and len(recorded["test"]) == 1
+  # One trained patient gone, one new: a fresh split of the ten would move others around.
+  shutil.rmtree(root / recorded["train"][0])
+  _lgg(tmp_path, patients=["TCGA_HT_9999_20000101"], slices=(2,))
+  assert data.build_source(config.data, "test", "elsewhere").patients != recorded["test"]
+  test = data.build_source(config.data, "test", workdir)
+  assert test.patients == sorted(recorded["test"] + ["TCGA_HT_9999_20000101"])
+  assert data.build_source(config.data, "valid", workdir).patients == recorded["valid"]
+  (tmp_path / "run" / splits.RECORD_FILE).write_text("[1, 2]")
+  with pytest.raises(UserError, match=r"splits.json: not the run's split"):
+    evaluate.evaluate(config, workdir)

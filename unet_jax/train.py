@@ -250,6 +250,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return evaluate.evaluate(config, workdir)
   if jax.process_index() == 0:
     write_config(planned, workdir_path)
+    data_lib.record_splits(config.data, workdir)
     # An earlier finish's evaluation is not this one's: without it, a run stopped before its
     # final evaluation evaluates when started again.
     evaluate.summary_path(config, workdir).unlink(missing_ok=True)

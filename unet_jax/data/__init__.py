@@ -10,6 +10,7 @@ Importing this package does not import grain or jax (describe mode runs without 
 
 import pathlib
 
+from absl import logging
 import ml_collections
 
 from unet_jax.data import brats
@@ -70,13 +71,41 @@ def coco_layout(data_config: ml_collections.ConfigDict) -> coco.Layout:
                      data_config.get("image_dir", ""))
 
 
-def group_subsets(data_config: ml_collections.ConfigDict,
-                  root: pathlib.Path) -> dict[str, str]:
-  """Patient (lgg) or volume (brats) -> subset, as the configured split assigns them."""
-  groups = ([p for p, _, _ in folders.scan(root)] if data_format(data_config) == "lgg"
-            else [v for v, _ in brats.scan(root)])
-  return splits.assign(groups, data_config.val_fraction, data_config.test_fraction,
-                       data_config.split_seed)
+def _groups(data_config: ml_collections.ConfigDict, root: pathlib.Path) -> list[str]:
+  """The patients (lgg) or volumes (brats) under `root`."""
+  if data_format(data_config) == "lgg":
+    return [p for p, _, _ in folders.scan(root)]
+  return [v for v, _ in brats.scan(root)]
+
+
+def group_subsets(data_config: ml_collections.ConfigDict, root: pathlib.Path,
+                  workdir: str | None = None) -> dict[str, str]:
+  """Patient (lgg) or volume (brats) -> subset: as the run in `workdir` recorded them when it
+  started (those added since: test), else as the configured split assigns them."""
+  recorded = splits.read_record(workdir) if workdir else None
+  return splits.assign(_groups(data_config, root), data_config.val_fraction,
+                       data_config.test_fraction, data_config.split_seed, recorded)
+
+
+def record_splits(data_config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records the run's patients or volumes by subset (`splits.json`; COCO splits are folders)."""
+  if data_format(data_config) != "coco":
+    root = data_root(data_config, workdir)
+    splits.write_record(workdir, group_subsets(data_config, root, workdir))
+
+
+def _recorded_split(data_config: ml_collections.ConfigDict, split: str, root: pathlib.Path,
+                    workdir: str) -> dict[str, str] | None:
+  """The run's recorded split, warning of the groups it does not hold when `split` is test."""
+  recorded = splits.read_record(workdir)
+  if recorded is not None and split == splits.TEST:
+    added = sorted({g for g in _groups(data_config, root) if g not in recorded})
+    if added:
+      logging.warning("%s: %d patients/volumes under data.root were not there when the run "
+                      "started (%s%s); never trained on, they are evaluated as test",
+                      pathlib.Path(workdir) / splits.RECORD_FILE, len(added),
+                      ", ".join(added[:3]), ", ..." if len(added) > 3 else "")
+  return recorded
 
 
 def subset_names(data_config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -84,7 +113,7 @@ def subset_names(data_config: ml_collections.ConfigDict, workdir: str) -> list[s
   root = data_root(data_config, workdir)
   if data_format(data_config) == "coco":
     return coco.subset_names(root, coco_layout(data_config))
-  present = set(group_subsets(data_config, root).values())
+  present = set(group_subsets(data_config, root, workdir).values())
   return [s for s in splits.SUBSETS if s in present]
 
 
@@ -128,7 +157,8 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
   elif fmt == "lgg":
     source = folders.FolderSource(root, split, data_config.image_size, data_config.channels,
                                   data_config.val_fraction, data_config.test_fraction,
-                                  data_config.split_seed)
+                                  data_config.split_seed,
+                                  _recorded_split(data_config, split, root, workdir))
   else:
     if data_config.channels != len(data_config.modalities):
       raise UserError(f"data.channels={data_config.channels} but data.modalities="
@@ -137,7 +167,8 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
     source = brats.BratsSource(root, split, data_config.image_size, data_config.modalities,
                                data_config.mask_channels, data_config.clip_percentiles,
                                data_config.val_fraction, data_config.test_fraction,
-                               data_config.split_seed)
+                               data_config.split_seed,
+                               _recorded_split(data_config, split, root, workdir))
   if data_config.get("cache_dir", ""):
     source = cache.CachedSource(source, data_config.cache_dir)
   return source

@@ -17,7 +17,7 @@ import contextlib
 import os
 import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -187,7 +187,8 @@ class BratsSource:
   def __init__(self, root: str | os.PathLike, split: str, image_size: int,
                modalities: Sequence[int] = (0, 1, 2, 3), mask_channels: Sequence[int] = (0, 1, 2),
                percentiles: Sequence[float] = (0.5, 99.5), val_fraction: float = 0.1,
-               test_fraction: float = 0.1, split_seed: int = 0):
+               test_fraction: float = 0.1, split_seed: int = 0,
+               recorded_split: Mapping[str, str] | None = None):
     h5py_module()
     self.modalities = _check_indices("modalities", modalities)
     self.mask_channels = _check_indices("mask_channels", mask_channels)
@@ -197,7 +198,8 @@ class BratsSource:
     self.root = pathlib.Path(root).resolve()
     self.split, self.image_size = split, image_size
     slices = scan(self.root)
-    assignment = splits.assign((v for v, _ in slices), val_fraction, test_fraction, split_seed)
+    assignment = splits.assign((v for v, _ in slices), val_fraction, test_fraction, split_seed,
+                               recorded_split)
     self._file_names = [name for volume, name in slices if assignment[volume] == split]
     if not self._file_names:
       raise UserError(f"data.root {self.root}: no volumes in split {split!r}; the BraTS splits "

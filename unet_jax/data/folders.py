@@ -12,7 +12,7 @@ patient is ever on two sides.
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -84,10 +84,6 @@ def check_pair(root: pathlib.Path, image: str, mask: str) -> None:
   _check_sizes(root / mask, images_lib.displayed_size(root / mask, "mask"), image_size)
 
 
-def subsets(pairs: list[tuple[str, str, str]], val_fraction: float, test_fraction: float,
-            seed: int) -> dict[str, str]:
-  """Patient -> subset."""
-  return splits.assign((p for p, _, _ in pairs), val_fraction, test_fraction, seed)
 
 
 class FolderSource:
@@ -101,13 +97,15 @@ class FolderSource:
   """
 
   def __init__(self, root: str | os.PathLike, split: str, image_size: int, channels: int = 3,
-               val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):
+               val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+               recorded_split: Mapping[str, str] | None = None):
     if channels not in (1, 3):
       raise UserError(f"data.channels must be 1 or 3 for LGG slices, got {channels}")
     self.root = pathlib.Path(root).resolve()
     self.split, self.image_size, self.channels = split, image_size, channels
     pairs = scan(self.root)
-    assignment = subsets(pairs, val_fraction, test_fraction, split_seed)
+    assignment = splits.assign((p for p, _, _ in pairs), val_fraction, test_fraction,
+                               split_seed, recorded_split)
     self._pairs = [(image, mask) for patient, image, mask in pairs if assignment[patient] == split]
     if not self._pairs:
       raise UserError(f"data.root {self.root}: no patients in split {split!r}; the LGG splits "
