@@ -194,7 +194,8 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
   inputs, out = tmp_path / "in", tmp_path / "out"
   (inputs / "sub").mkdir(parents=True)
   image = Image.open(_phantom(workdir))
-  for name in ("a.png", "c.png", ".hidden.png", "._a.png", "sub/d.png"):
+  # c_mask.png: a mask beside its image (an LGG patient folder), not an input.
+  for name in ("a.png", "c.png", "c_mask.png", ".hidden.png", "._a.png", "sub/d.png"):
     image.save(inputs / name)
   (inputs / "b.png").write_bytes(b"not a png")
   (inputs / "notes.txt").write_text("notes")

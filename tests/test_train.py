@@ -145,6 +145,14 @@ def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
   assert not (workdir / "eval/valid/summary.json").exists()
 
 
+def test_picture_titles_name_the_slice_not_its_folders():
+  """LGG and BraTS names start with their folders: cut there, every row read alike."""
+  assert evaluate._short_name("TCGA_EZ_7264_20010816/TCGA_EZ_7264_20010816_12.tif") == (
+      "TCGA_EZ_7264_20010816_12.tif")
+  assert evaluate._short_name("2256_jpg.rf.3afd7903eafb0c5d8c2a2dd5ad5e0f3c.jpg") == (
+      "2256_jpg.rf.3\u2026d5ad5e0f3c.jpg")
+
+
 def test_two_evaluations_of_a_split_write_their_files_one_after_the_other(trained, monkeypatch):
   """An eval command beside training's final evaluation: each writes its three files whole."""
   config, workdir, _ = trained

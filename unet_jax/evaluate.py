@@ -207,6 +207,15 @@ def _picture_rows(dice: np.ndarray, count: int) -> list[int]:
   return [int(order[i]) for i in dict.fromkeys(picks)]
 
 
+def _short_name(file_name: str, width: int = 28) -> str:
+  """The file's own name (not its folders), its middle elided to fit a picture's title."""
+  name = pathlib.PurePath(file_name).name
+  if len(name) <= width:
+    return name
+  head = (width - 1) // 2
+  return name[:head] + "\u2026" + name[-(width - 1 - head):]
+
+
 def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
   rows = _picture_rows(scores["dice"], max(config.eval.num_pictures, 0))
   if not rows:  # eval.num_pictures=0: none, not an earlier evaluation's.
@@ -217,7 +226,8 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   images = np.stack([s["image"] for s in samples])
   batch, count = parallel.put_global_batch(images, mesh)
   probs = parallel.to_host(predict(state, batch))[:count]
-  titles = [f"{s['file_name'][:28]}\nDice {scores['dice'][i]:.3f}" for s, i in zip(samples, rows)]
+  titles = [f"{_short_name(s['file_name'])}\nDice {scores['dice'][i]:.3f}"
+            for s, i in zip(samples, rows)]
   masks = np.stack([s["mask"][..., 0] > 0 for s in samples])
   predicted = np.stack([binarise(p, threshold, config.eval) for p in probs])
   post = [name for name in ("never_empty", "largest_component", "fill_box") if config.eval[name]]

@@ -34,7 +34,15 @@ def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
   except OSError as e:
     raise UserError(f"--input={path}: cannot read the folder ({e.strerror})") from None
   files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-  kept = set(files)
+  stems = {p.stem for p in files}
+  # A patient folder of the LGG layout holds each slice's mask beside it: not an input.
+  masks = [p for p in files if p.stem.endswith("_mask") and p.stem[:-len("_mask")] in stems]
+  if masks:
+    logging.warning("%s: %d files are masks beside their images (<name>_mask beside <name>) "
+                    "and are left out: %s%s", path, len(masks),
+                    ", ".join(p.name for p in masks[:3]), ", ..." if len(masks) > 3 else "")
+    files = [p for p in files if p not in set(masks)]
+  kept = set(files) | set(masks)
   others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in kept]
   if others:
     logging.warning("%s: %d entries are not image files (%s) and are left out: %s%s", path,
