@@ -225,3 +225,18 @@ def test_a_run_keeps_its_split_when_patients_are_added_or_removed(tmp_path):
   (tmp_path / "run" / splits.RECORD_FILE).write_text("[1, 2]")
   with pytest.raises(UserError, match=r"splits.json: not the run's split"):
     evaluate.evaluate(config, workdir)
+
+
+def test_linked_patient_folders_are_followed_once_and_a_dangling_link_named(tmp_path):
+  """A subset made of links to patient folders is a dataset; a link loop ends."""
+  root = _lgg(tmp_path, patients=PATIENTS[:3], slices=(1,))
+  subset = tmp_path / "subset"
+  subset.mkdir()
+  for patient in PATIENTS[:2]:
+    (subset / patient).symlink_to(root / patient)
+  (subset / PATIENTS[0] / "loop").symlink_to(subset)
+  assert [p for p, _, _ in folders.scan(subset)] == PATIENTS[:2]
+  (subset / PATIENTS[2]).mkdir()
+  (subset / PATIENTS[2] / f"{PATIENTS[2]}_1.tif").symlink_to(tmp_path / "gone.tif")
+  with pytest.raises(UserError, match=r"_1.tif: a link to .*gone.tif, which does not exist"):
+    folders.scan(subset)
