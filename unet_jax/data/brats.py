@@ -113,9 +113,13 @@ def _checked(path: pathlib.Path, modalities: Sequence[int],
 def _check_shapes(path: pathlib.Path, image: tuple[int, ...], mask: tuple[int, ...],
                   modalities: Sequence[int], mask_channels: Sequence[int]) -> None:
   """Checks stored shapes: image (H, W, C), mask (H, W, K) or (H, W), the channels asked for."""
-  if len(image) != 3 or len(mask) not in (2, 3) or image[:2] != mask[:2]:
+  channels_first = mask[1:3] == image[:2] or image[1:3] == mask[:2]  # (C, H, W) beside (H, W, ...)
+  if len(image) != 3 or len(mask) not in (2, 3) or (image[:2] != mask[:2] and channels_first):
     raise UserError(f"{path}: image of shape {image} and mask of shape {mask} are not "
                     "(H, W, channels) of one H, W; store slices channels-last")
+  if image[:2] != mask[:2]:
+    raise UserError(f"{path}: image of {image[0]}x{image[1]} pixels but mask of "
+                    f"{mask[0]}x{mask[1]}; a slice's image and mask must be the same size")
   if max(modalities) >= image[-1]:
     raise UserError(f"{path}: image of shape {image} does not fit "
                     f"data.modalities={tuple(modalities)}")
