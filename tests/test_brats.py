@@ -1,13 +1,15 @@
 """BraTS2020 h5 slices: modalities, whole-tumour masks, normalisation, split by volume."""
 
+import json
 import sys
 
 import grain
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import brats as brats_config
-from unet_jax import data
+from unet_jax import data, export, predict, train
 from unet_jax.data import brats
 from unet_jax.errors import UserError
 
@@ -156,3 +158,30 @@ def test_missing_h5py_says_how_to_install_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "h5py", None)
   with pytest.raises(UserError, match=r"pip install -e '\.\[brats\]'"):
     brats.BratsSource(tmp_path, "train", 16)
+
+
+def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path):
+  """New slices (an image, no mask) are prepared exactly as training read its own."""
+  root = _brats(tmp_path / "data")
+  config = brats_config.get_config()
+  config.data = _config(root)
+  config.model.features, config.model.depth = 4, 2
+  config.train.epochs, config.train.batch_size = 1, 8
+  config.eval.batch_size, config.eval.num_pictures = 4, 1
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  scans = tmp_path / "scans"
+  scans.mkdir()
+  with h5py.File(scans / "new_scan.h5", "w") as f:  # A slice of the data's shape, unlabelled.
+    f["image"] = h5py.File(root / data.build_source(config.data, "test", workdir).file_names[0],
+                           "r")["image"][()]
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(scans / "photo.png")  # Not an input.
+  rows = predict.predict(config, workdir, str(scans), str(tmp_path / "out"))
+  assert [(r["file"], r["error"]) for r in rows] == [("new_scan.h5", "")]
+  assert np.asarray(Image.open(tmp_path / "out" / "new_scan_mask.png")).shape == (16, 16)
+  source = data.build_source(config.data, "test", workdir)
+  _, model_input = predict._read_input(scans / "new_scan.h5", config.data)
+  np.testing.assert_array_equal(model_input, source[0]["image"])
+  export.export(config, workdir, str(tmp_path / "export"))
+  meta = json.loads((tmp_path / "export" / "model.json").read_text())
+  assert meta["input"]["scale"].startswith("an h5 slice's 'image' channels (0, 1, 2, 3)")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_jax import data as data_lib
 from unet_jax import decoding
 from unet_jax import evaluate
 from unet_jax import onednn
@@ -21,6 +22,15 @@ from unet_jax import steps
 
 MODEL_FILE = "model.jax_exported"
 META_FILE = "model.json"
+
+
+def _input_scale(data_config: ml_collections.ConfigDict) -> str:
+  """How an image becomes the model's input values, as training read its data."""
+  if data_lib.data_format(data_config) == "brats":
+    low, high = data_config.clip_percentiles
+    return (f"an h5 slice's 'image' channels {tuple(data_config.modalities)}, each to [0, 1] by "
+            f"its {low:g}th-{high:g}th percentiles over its non-zero pixels (zeros stay 0)")
+  return "by the image type: 8-bit / 255, 16- and 32-bit integer / 65535, float as it is; in [0, 1]"
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | None = None,
@@ -52,9 +62,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
 
   meta = {
       "input": {"height": size, "width": size, "channels": channels, "dtype": "float32",
-                "scale": "by the image type: 8-bit / 255, 16- and 32-bit integer / 65535, "
-                         "float as it is; in [0, 1]",
-                "resize": "bilinear to height x width"},
+                "scale": _input_scale(config.data), "resize": "bilinear to height x width"},
       "output": "tumour probability per pixel, (N, height, width)",
       "tta": ("the image and its " + ("left-right, up-down and double flips"
                                       if config.eval.tta_up_down else "left-right flip")

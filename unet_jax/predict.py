@@ -11,19 +11,23 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from unet_jax import data as data_lib
 from unet_jax import evaluate
 from unet_jax import images as images_lib
 from unet_jax import parallel
+from unet_jax.data import brats
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SLICE_SUFFIXES = (".h5",)  # What a BraTS run predicts from.
 CSV_FIELDS = ("file", "mask_file", "tumour_pixels", "tumour_fraction", "max_probability",
               "error")
 
 
-def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
-  """The image file itself, or the image files directly inside a folder, sorted; hidden files
-  (".name", macOS's "._name") are left out, and what else is left out is logged."""
+def list_inputs(input_path: str | pathlib.Path,
+                suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[pathlib.Path]:
+  """The file itself, or the files of the `suffixes` directly inside a folder, sorted; hidden
+  files (".name", macOS's "._name") are left out, and what else is left out is logged."""
   path = pathlib.Path(input_path)
   if path.is_file():
     return [path]
@@ -33,7 +37,7 @@ def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
   except OSError as e:
     raise UserError(f"--input={path}: cannot read the folder ({e.strerror})") from None
-  files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+  files = [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
   stems = {p.stem for p in files}
   # A patient folder of the LGG layout holds each slice's mask beside it: not an input.
   masks = [p for p in files if p.stem.endswith("_mask") and p.stem[:-len("_mask")] in stems]
@@ -46,10 +50,10 @@ def list_inputs(input_path: str | pathlib.Path) -> list[pathlib.Path]:
   others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in kept]
   if others:
     logging.warning("%s: %d entries are not image files (%s) and are left out: %s%s", path,
-                    len(others), ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]),
+                    len(others), ", ".join(suffixes), ", ".join(others[:5]),
                     ", ..." if len(others) > 5 else "")
   if not files:
-    raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    raise UserError(f"{path}: no image files ({', '.join(suffixes)}) in this folder")
   return files
 
 
@@ -104,7 +108,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   if config.eval.decode == "threshold" and config.eval.tune_threshold:
     logging.warning("predict uses eval.threshold=%g, not a tuned one (eval/<split>/summary.json "
                     "has those; pass --config.eval.threshold)", config.eval.threshold)
-  files = list_inputs(input_path)
+  brats_slices = data_lib.data_format(config.data) == "brats"
+  files = list_inputs(input_path, SLICE_SUFFIXES if brats_slices else IMAGE_SUFFIXES)
   stems = output_stems(files)
   out = pathlib.Path(output_dir)
   _check_output(out, files, stems)
@@ -113,7 +118,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out, [])  # Marks the folder as predict's, so a rerun after a stop may write over.
-  size, threshold = config.data.image_size, config.eval.threshold
+  threshold = config.eval.threshold
   logging.info("Predicting %d images with checkpoint %d of %s%s", len(files), step, workdir,
                f" and {len(ensemble)} more runs averaged" if ensemble else "")
 
@@ -123,9 +128,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     loaded, errors = {}, {}  # path -> (image, model input); path -> why it was skipped
     for path, _ in batch_files:
       try:
-        # The model sees the image exactly as training prepared it.
-        model_input, _ = images_lib.load_image(path, config.data.channels, size)
-        loaded[path] = images_lib.read_image(path, config.data.channels), model_input
+        loaded[path] = _read_input(path, config.data)
       except UserError as e:
         logging.warning("skipped: %s", e)
         errors[path] = str(e)
@@ -146,6 +149,19 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     raise UserError(f"{input_path}: none of the {len(rows)} files could be read "
                     f"({out / 'predictions.csv'} says why)")
   return rows
+
+
+def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """The image at its own size in [0, 1] (for the overlay) and the model's input, prepared
+  exactly as training prepared its images."""
+  size = data_config.image_size
+  if data_lib.data_format(data_config) == "brats":
+    image = brats.normalise(brats.read_image(path, data_config.modalities),
+                            data_config.clip_percentiles)
+    return image, images_lib.resize_image(image, size)
+  model_input, _ = images_lib.load_image(path, data_config.channels, size)
+  return images_lib.read_image(path, data_config.channels), model_input
 
 
 def _write_csv(out: pathlib.Path, rows: list[dict[str, Any]]) -> None:

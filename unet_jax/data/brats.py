@@ -98,12 +98,19 @@ def _checked(path: pathlib.Path, modalities: Sequence[int],
   Raises:
     UserError: unreadable file, a missing dataset, or shapes that do not fit.
   """
+  with _opened(path) as fid:
+    image, mask = _dataset(fid, "image", path), _dataset(fid, "mask", path)
+    _check_shapes(path, image.shape, mask.shape, modalities, mask_channels)
+    yield image, mask
+
+
+@contextlib.contextmanager
+def _opened(path: pathlib.Path) -> Iterator[Any]:
+  """The low-level id of an open slice file; a missing or damaged file is a UserError."""
   h5py = h5py_module()
   try:
     with contextlib.closing(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)) as fid:
-      image, mask = _dataset(fid, "image", path), _dataset(fid, "mask", path)
-      _check_shapes(path, image.shape, mask.shape, modalities, mask_channels)
-      yield image, mask
+      yield fid
   except FileNotFoundError:
     raise UserError(f"{path}: slice file not found") from None
   except OSError as e:
@@ -170,6 +177,20 @@ def read_slice(path: pathlib.Path, modalities: Sequence[int],
   with _checked(path, modalities, mask_channels) as (image, mask):
     image, mask = _read(image), _read(mask)
   return image[..., list(modalities)], _merged(mask, mask_channels)
+
+
+def read_image(path: pathlib.Path, modalities: Sequence[int]) -> np.ndarray:
+  """Reads the chosen modalities (H, W, M) of a slice as stored; it needs no mask (a new scan).
+
+  Raises:
+    UserError: unreadable file, no "image" dataset, or one that does not fit `modalities`.
+  """
+  with _opened(path) as fid:
+    image = _dataset(fid, "image", path)
+    if len(image.shape) != 3 or max(modalities) >= image.shape[-1]:
+      raise UserError(f"{path}: image of shape {image.shape} is not (H, W, channels) with "
+                      f"the channels data.modalities={tuple(modalities)} names")
+    return _read(image)[..., list(modalities)]
 
 
 def _check_indices(name: str, values: Sequence[int]) -> tuple[int, ...]:
