@@ -201,6 +201,19 @@ def test_exif_orientation_is_applied(tmp_path):
     coco.CocoSource(root, "train", 8)[0]
 
 
+@pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+def test_a_tiff_turned_by_its_orientation_reads_upright(tmp_path, compression):
+  """Pillow maps an uncompressed one's pixels as if already turned, and sizes TIFFs so."""
+  shown = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6) * 10  # 6 wide, 4 high as displayed
+  exif = Image.Exif()
+  exif[ExifTags.Base.Orientation] = 6
+  path = tmp_path / "slice.tif"
+  Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif,
+                                                                   compression=compression)
+  np.testing.assert_allclose(images.read_image(path, 1)[..., 0], shown / 255, atol=1e-6)
+  assert images.displayed_size(path) == (6, 4) and images.load_image(path, 1, 4)[1] == (6, 4)
+
+
 @pytest.mark.parametrize("mode, pixel, expected", [
     ("I", 200, 200 / 65535), ("I", 65535, 1.0), ("F", 0.25, 0.25),
     ("I", 70000, "integer pixels span \\[70000, 70000\\]"),

@@ -2,7 +2,9 @@
 
 from collections.abc import Iterator
 import contextlib
+import io
 import os
+import pathlib
 import struct
 
 import numpy as np
@@ -17,7 +19,12 @@ from unet_jax.errors import UserError
 def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
   """Opens an image, turning every way of failing into a one-line UserError."""
   try:
-    with Image.open(path) as img:
+    with contextlib.ExitStack() as stack:
+      img = stack.enter_context(Image.open(path))
+      if img.format == "TIFF" and _turned(img):
+        # Pillow maps an uncompressed TIFF's pixels from the file as if already turned: they
+        # come out scrambled. Read from memory, they are turned as they should be.
+        img = stack.enter_context(Image.open(io.BytesIO(pathlib.Path(path).read_bytes())))
       # A TIFF stack or volume would silently be read as its first page. (Other formats'
       # extra frames, a JPEG's embedded preview say, are not slices.)
       if img.format == "TIFF" and img.n_frames > 1:
@@ -60,12 +67,16 @@ def _upright(img: Image.Image) -> None:
   ImageOps.exif_transpose(img, in_place=True)
 
 
+def _turned(img: Image.Image) -> bool:
+  """Whether an open image is displayed a quarter turn from how it is stored (EXIF 5 to 8)."""
+  return img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+
+
 def _upright_size(img: Image.Image) -> tuple[int, int]:
   """The (width, height) of an open image as displayed, before it is decoded."""
-  width, height = img.size
-  if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
-    return height, width
-  return width, height
+  # A TIFF's size is its stored one or, in newer Pillows, the displayed one: its tags say which.
+  width, height = (img.tag_v2[256], img.tag_v2[257]) if img.format == "TIFF" else img.size
+  return (height, width) if _turned(img) else (width, height)
 
 
 _TIFF_OFFSETS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), the tile pair.
