@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def test_exported_model_matches_the_in_process_model(run, tmp_path):
   assert mask.shape == (32, 32) and mask.dtype == bool
   with pytest.raises(ValueError, match=r"the model takes \(N, 32, 32, 1\); predict_file"):
     model(images[:, :16])
+  with pytest.raises(ValueError, match=r"images of uint8: the model takes floats in \[0, 1\]"):
+    model((images * 255).astype(np.uint8))
 
 
 def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(tiny_config, tmp_path):
@@ -228,6 +231,10 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
   with pytest.raises(UserError, match="holds a_mask.png, which predict would overwrite"):
     predict.predict(config, str(workdir), str(inputs), str(truths))
   assert [p.name for p in truths.iterdir()] == ["a_mask.png"]
+  # Nor does an earlier prediction there (c.png's) make the user's a_mask.png predict's.
+  predict.predict(config, str(workdir), str(inputs / "c.png"), str(truths))
+  with pytest.raises(UserError, match="holds a_mask.png, which predict would overwrite"):
+    predict.predict(config, str(workdir), str(inputs), str(truths))
   # Nothing readable: the CSV says why, and the command fails.
   with pytest.raises(UserError, match="none of the 1 files could be read"):
     predict.predict(config, str(workdir), str(inputs / "b.png"), str(tmp_path / "none"))
@@ -249,3 +256,28 @@ def test_predict_and_export_write_nothing_into_the_run(run, tmp_path, run_env):
   assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
   assert (tmp_path / "out" / f"{_phantom(copy).stem}_mask.png").is_file()
   assert (tmp_path / "export" / export.MODEL_FILE).is_file()
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("decode", "expected_dic", "eval.decode='expected_dic' is not one of"),
+    ("threshold", 2.0, r"eval.threshold=2.0: a probability, in \[0, 1\]"),
+    ("batch_size", 0, "eval.batch_size: "),
+])
+def test_a_bad_eval_value_stops_predict_before_it_writes(run, tmp_path, field, value, problem):
+  config, workdir = run
+  out = tmp_path / "out"
+  predict.predict(config, str(workdir), str(_phantom(workdir)), str(out))
+  before = (out / "predictions.csv").read_text()
+  config.eval[field] = value
+  with pytest.raises(UserError, match=problem):
+    predict.predict(config, str(workdir), str(_phantom(workdir)), str(out))
+  assert (out / "predictions.csv").read_text() == before  # The earlier prediction's, whole.
+
+
+def test_a_12_bit_scan_in_a_16_bit_file_is_predicted_with_a_warning(run, tmp_path, caplog):
+  config, workdir = run
+  scan = np.asarray(Image.open(_phantom(workdir)).convert("L"), np.uint16) * 16  # max 4080
+  Image.fromarray(scan).save(tmp_path / "scan.png")
+  rows = predict.predict(config, str(workdir), str(tmp_path / "scan.png"), str(tmp_path / "out"))
+  assert rows[0]["error"] == ""
+  assert re.search(r"scan.png: its brightest pixel is 0\.0[0-6]\d+ of full scale", caplog.text)

@@ -28,6 +28,27 @@ from unet_jax.errors import UserError
 THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
 
 
+def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:
+  """Checks the eval.* values that eval, predict, export and validation use, before anything
+  is read or written: a known decode rule, a threshold in [0, 1], a batch that splits over
+  the devices."""
+  decoding.check_decoder(eval_config.decode)
+  if not 0 <= eval_config.threshold <= 1:
+    raise UserError(f"eval.threshold={eval_config.threshold}: a probability, in [0, 1] "
+                    "(pixels above it are tumour)")
+  try:
+    pipeline.local_batch_size(eval_config.batch_size)
+  except UserError as e:
+    raise UserError(f"eval.batch_size: {e}") from None
+
+
+def warn_untuned_threshold(config: ml_collections.ConfigDict, command: str) -> None:
+  """predict and export decode with eval.threshold: a threshold tuned by eval is not saved."""
+  if config.eval.decode == "threshold" and config.eval.tune_threshold:
+    logging.warning("%s uses eval.threshold=%g, not a tuned one (eval/<split>/summary.json "
+                    "has those; pass --config.eval.threshold)", command, config.eval.threshold)
+
+
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   mesh) -> tuple[steps.TrainState, int]:
   """The train state of the checkpoint named by `config.eval.checkpoint`, and its step."""
@@ -263,6 +284,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The summary written to eval/<split>[_ensemble]/summary.json.
   """
+  check_eval_config(config.eval)
   mesh = parallel.make_mesh()
   split = config.eval.split
   # The checkpoint first: a folder without a run is an error before anything is written there.

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from unet_jax import data as data_lib
-from unet_jax import decoding
 from unet_jax import evaluate
 from unet_jax import onednn
 from unet_jax import parallel
@@ -43,7 +42,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   Returns:
     The folder holding model.jax_exported and model.json.
   """
-  decoding.check_decoder(config.eval.decode)  # model.json names it for serving.
+  evaluate.check_eval_config(config.eval)  # model.json names the decoding for serving.
+  evaluate.warn_untuned_threshold(config, "export")
   out = pathlib.Path(output_dir) if output_dir else pathlib.Path(workdir) / "export"
   states, step, ensemble = evaluate.restore_runs(config, workdir, parallel.make_mesh())
   # On the host: the weights become the artifact's constants, on no device's mesh.

@@ -1,6 +1,7 @@
 """Inference on new images: masks at the original size, overlays and a CSV summary."""
 
 import csv
+import io
 import pathlib
 from typing import Any
 
@@ -15,11 +16,14 @@ from unet_jax import data as data_lib
 from unet_jax import evaluate
 from unet_jax import images as images_lib
 from unet_jax import parallel
+from unet_jax import reports
 from unet_jax.data import brats
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLICE_SUFFIXES = (".h5",)  # What a BraTS run predicts from.
+CSV_FILE = "predictions.csv"
+PENDING = "not predicted: the command stopped before this file"
 CSV_FIELDS = ("file", "mask_file", "tumour_pixels", "tumour_fraction", "max_probability",
               "error")
 
@@ -62,13 +66,30 @@ def _check_output(out: pathlib.Path, files: list[pathlib.Path], stems: list[str]
   if out.resolve() in {f.parent.resolve() for f in files}:
     raise UserError(f"--output={out} is where the images are: the masks would mix with "
                     "them (and could overwrite one); give another folder")
-  if (out / "predictions.csv").is_file():  # An earlier prediction's folder: written over.
-    return
-  for name in ("predictions.csv", *(f"{stem}_{kind}.png" for stem in stems
-                                    for kind in ("mask", "overlay"))):
-    if (out / name).exists():
+  ours = _listed_outputs(out)
+  for name in (CSV_FILE, *(f"{stem}_{kind}.png" for stem in stems for kind in ("mask", "overlay"))):
+    if (out / name).exists() and name not in ours:
       raise UserError(f"--output={out} holds {name}, which predict would overwrite; give an "
                       "empty or new folder")
+
+
+def _listed_outputs(out: pathlib.Path) -> set[str]:
+  """The files an earlier predict into `out` wrote, or was writing when stopped: its CSV and
+  the masks and overlays the CSV lists, which a new predict there may write over."""
+  path = out / CSV_FILE
+  if not path.is_file():
+    return set()
+  try:
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+    ours = reader.fieldnames == list(CSV_FIELDS)
+  except (OSError, UnicodeDecodeError, csv.Error):
+    ours = False
+  if not ours:
+    return set()  # Not predict's CSV: nothing in the folder is known to be predict's.
+  masks = {row["mask_file"] for row in rows if row["mask_file"].endswith("_mask.png")}
+  return {CSV_FILE, *masks, *(m[:-len("_mask.png")] + "_overlay.png" for m in masks)}
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -105,9 +126,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   Raises:
     UserError: no file could be read (after writing the CSV that says why).
   """
-  if config.eval.decode == "threshold" and config.eval.tune_threshold:
-    logging.warning("predict uses eval.threshold=%g, not a tuned one (eval/<split>/summary.json "
-                    "has those; pass --config.eval.threshold)", config.eval.threshold)
+  evaluate.check_eval_config(config.eval)
+  evaluate.warn_untuned_threshold(config, "predict")
   brats_slices = data_lib.data_format(config.data) == "brats"
   files = list_inputs(input_path, SLICE_SUFFIXES if brats_slices else IMAGE_SUFFIXES)
   stems = output_stems(files)
@@ -115,20 +135,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   _check_output(out, files, stems)
   mesh = parallel.make_mesh()
   predict_fn, state, step, ensemble = evaluate.restore_predictor(config, workdir, mesh)
+  rows, named = [], list(zip(files, stems))
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out, [])  # Marks the folder as predict's, so a rerun after a stop may write over.
+    # Lists what it will write, so the same command rerun after a stop may write over it.
+    _write_csv(out, [{"file": path.name, "mask_file": f"{stem}_mask.png", "error": PENDING}
+                     for path, stem in named])
   threshold = config.eval.threshold
   logging.info("Predicting %d images with checkpoint %d of %s%s", len(files), step, workdir,
                f" and {len(ensemble)} more runs averaged" if ensemble else "")
 
-  rows, named = [], list(zip(files, stems))
   for start in range(0, len(files), config.eval.batch_size):
     batch_files = named[start:start + config.eval.batch_size]
     loaded, errors = {}, {}  # path -> (image, model input); path -> why it was skipped
     for path, _ in batch_files:
       try:
         loaded[path] = _read_input(path, config.data)
+        _warn_if_dark(path, loaded[path][0])
       except UserError as e:
         logging.warning("skipped: %s", e)
         errors[path] = str(e)
@@ -147,7 +170,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   logging.info("Wrote %d predictions (%d skipped) to %s", written, len(rows) - written, out)
   if not written:
     raise UserError(f"{input_path}: none of the {len(rows)} files could be read "
-                    f"({out / 'predictions.csv'} says why)")
+                    f"({out / CSV_FILE} says why)")
   return rows
 
 
@@ -164,11 +187,21 @@ def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
   return images_lib.read_image(path, data_config.channels), model_input
 
 
+def _warn_if_dark(path: pathlib.Path, image: np.ndarray) -> None:
+  """Warns of an image far darker than full scale: a 12-bit scan saved in a 16-bit file."""
+  brightest = float(image.max())
+  if 0 < brightest <= 1 / 16:
+    logging.warning("%s: its brightest pixel is %.4f of full scale (a 12-bit scan in a 16-bit "
+                    "file reads so): the model sees it that dark; scale it as the training "
+                    "images were", path, brightest)
+
+
 def _write_csv(out: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-  with open(out / "predictions.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, CSV_FIELDS, restval="")
+  writer.writeheader()
+  writer.writerows(rows)
+  reports.write_atomic(out / CSV_FILE, text.getvalue())
 
 
 def _write_prediction(path: pathlib.Path, stem: str, image: np.ndarray, prob: np.ndarray,

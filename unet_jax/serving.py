@@ -34,7 +34,14 @@ class ExportedModel:
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """(N, height, width, channels) in [0, 1], at model.json's size -> (N, height, width)."""
     spec = self.meta["input"]
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    scaled = ("the model takes floats in [0, 1] (model.json's input.scale); predict_file "
+              "scales a file")
+    if not np.issubdtype(images.dtype, np.floating):
+      raise ValueError(f"images of {images.dtype}: {scaled}")
+    if images.size and not 0 <= images.min() <= images.max() <= 1:
+      raise ValueError(f"images span [{images.min():g}, {images.max():g}]: {scaled}")
+    images = images.astype(np.float32)
     if images.ndim != 4 or images.shape[1:] != (spec["height"], spec["width"], spec["channels"]):
       raise ValueError(f"images of shape {images.shape}: the model takes (N, {spec['height']}, "
                        f"{spec['width']}, {spec['channels']}); predict_file resizes a file")

@@ -100,14 +100,14 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
-  devices (the evaluation batch too, first used after an epoch); loader settings of 0 or more;
+  devices and the rest of eval.* (first used after an epoch); loader settings of 0 or more;
   at least one checkpoint kept; one epoch or more; logging and checkpoint cadences of 1 or
   more; one logit, or one loss weight, per category needs that many COCO categories."""
-  for name in ("train", "eval"):
-    try:
-      pipeline.local_batch_size(config[name].batch_size)
-    except UserError as e:
-      raise UserError(f"{name}.batch_size: {e}") from None
+  try:
+    pipeline.local_batch_size(config.train.batch_size)
+  except UserError as e:
+    raise UserError(f"train.batch_size: {e}") from None
+  evaluate.check_eval_config(config.eval)
   pipeline.check_loader(config.data)
   keep = config.train.keep_checkpoints
   if keep < 1:
