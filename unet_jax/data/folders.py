@@ -84,8 +84,6 @@ def check_pair(root: pathlib.Path, image: str, mask: str) -> None:
   _check_sizes(root / mask, images_lib.displayed_size(root / mask, "mask"), image_size)
 
 
-
-
 class FolderSource:
   """One subset of an LGG-layout dataset: {"image", "mask", "file_name"} records.
 
