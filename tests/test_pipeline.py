@@ -2,10 +2,13 @@
 
 import itertools
 import json
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -293,3 +296,38 @@ def test_input_pipeline_benchmark_memory_mode_runs(run_env):
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads(result.stdout.strip().splitlines()[-1])
   assert [run["images"] for run in record["runs"]] == [8, 16]
+
+
+_STOPPED_WITH_WORKERS = """
+import multiprocessing, os, sys
+from configs import brain
+from unet_jax import data
+from unet_jax.data import pipeline
+
+if __name__ == "__main__":
+  config = brain.get_config("smoke")
+  config.data.num_workers = 2
+  batches = pipeline.train_batches(data.build_source(config.data, "train", sys.argv[1]), config)
+  next(batches)
+  print(*(worker.pid for worker in multiprocessing.active_children()), flush=True)
+  os._exit(130)  # As launch.py exits on Ctrl-C: at once, nothing cleaned up.
+"""
+
+
+def test_loader_workers_end_with_the_run_they_load_for(tmp_path, run_env):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  script = tmp_path / "stopped.py"  # A script, as launch.py: its workers are spawned.
+  script.write_text(_STOPPED_WITH_WORKERS)
+  result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=repo,
+                          env={**run_env(devices=1), "PYTHONPATH": str(repo)},
+                          capture_output=True, text=True, timeout=120)  # Workers left: hangs.
+  workers = [int(pid) for pid in result.stdout.split()]
+  assert result.returncode == 130 and len(workers) == 2, result.stderr[-2000:]
+  for _ in range(50):  # Each checks on its parent every second.
+    alive = [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]
+    if not alive:
+      break
+    time.sleep(0.1)
+  for pid in alive:  # Not left running, whatever the test finds.
+    os.kill(pid, signal.SIGKILL)
+  assert not alive

@@ -7,6 +7,9 @@ of every global batch.
 """
 
 import functools
+import os
+import threading
+import time
 from typing import Any, Iterator
 
 from absl import flags
@@ -64,8 +67,23 @@ def _to_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -
       # parsed them, so take their defaults.
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+        grain.MultiprocessingOptions(num_workers=config.data.num_workers),
+        worker_init_fn=_exit_with_parent)
   return iter(iter_dataset)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Ends a loader worker once the process it loads for is gone: a run stopped by Ctrl-C
+  (which exits at once) or killed leaves no workers behind, each holding its memory."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+
+  threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
 
 def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[dict]:
