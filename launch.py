@@ -159,7 +159,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
-  made = [path for path in (_topmost_missing(workdir), os.path.join(workdir, "compile_cache"))
+  made = [path for path in (_topmost_missing(workdir), os.path.join(workdir, xla_config.CACHE_DIR))
           if path and not os.path.exists(path)]
   if _MODE.value != "describe":  # describe reads files only; it never starts jax
     from unet_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -223,7 +223,7 @@ def _remove_unused(made: list[str], workdir: str) -> None:
   cache) if the workdir holds nothing else: an error before any output leaves no trace. The
   demo's phantoms, generated before the model's fields are checked, are no output."""
   from unet_jax.data import PHANTOMS_DIR  # pylint: disable=g-import-not-at-top
-  left = {"compile_cache", PHANTOMS_DIR}
+  left = {xla_config.CACHE_DIR, PHANTOMS_DIR}
   if _MODE.value != "describe":  # Processes share the workdir: one removes.
     import jax  # pylint: disable=g-import-not-at-top
     from unet_jax import run_lock  # pylint: disable=g-import-not-at-top

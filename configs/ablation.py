@@ -11,7 +11,7 @@ runs/ablation/ablation.md and ablation.csv, best validation Dice first. The
 minutes in all on a busy one). Running the command again skips finished
 variants, so an interrupted sweep resumes; it may not change the variants'
 overrides, eval.* included, beyond their length, patience, logging,
-checkpointing and data.root. A variant that fails (a NaN loss, a config the
+checkpointing, data.root and loader settings. A variant that fails (a NaN loss, a config the
 data refuses) is a "failed" row, the others still run, and the command then
 exits non-zero. On the demo (one seed, so gaps under about 0.03 are noise)
 the batch-norm variants reach a validation Dice of 0.81-0.85; group norm

@@ -111,6 +111,15 @@ def test_rerun_skips_finished_variants_and_resumes_the_rest(smoke, monkeypatch):
   rows = ablation.run_sweep(config, str(smoke))
   assert [r["variant"] for r in rows] == [r["variant"] for r in before]
   assert _csv_rows(smoke) == before
+  config.overrides.train.log_every_steps = 2  # Changes nothing a finished variant computes.
+  ablation.run_sweep(config, str(smoke))
+  assert _csv_rows(smoke) == before
+  # Fewer epochs: restored, found finished, not trained: its wall time is what it was.
+  monkeypatch.undo()
+  config.overrides.train.epochs = 1
+  ablation.run_sweep(config, str(smoke))
+  assert [r["wall_s"] for r in _csv_rows(smoke)] == [r["wall_s"] for r in before]
+  config = ablation_config.get_config("smoke")
 
   # An interrupted variant (no result file yet) is run again; train resumes it.
   (smoke / "max_relu" / ablation.RESULT_FILE).unlink()
@@ -296,6 +305,7 @@ def test_base_config_is_found_from_any_folder(monkeypatch, tmp_path):
     ({"a": {"pooling": "median"}}, "model.pooling='median'"),
     ({"a": {"depth": "deep"}}, "wrong type"),
     ({"phantoms": {}}, "cannot name a variant folder"),
+    ({"compile_cache": {}}, "cannot name a variant folder"),
     ({}, "sweep is empty"),
 ])
 def test_bad_sweeps_are_clear_errors(sweep, message):

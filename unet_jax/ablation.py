@@ -15,6 +15,7 @@ refuses) is a row of its own, "failed: WHY", and the others still run.
 import copy
 import csv
 import importlib.util
+import io
 import json
 import pathlib
 import re
@@ -35,6 +36,7 @@ from unet_jax import reports
 from unet_jax import run_lock
 from unet_jax import saved_config
 from unet_jax import train
+from unet_jax import xla_config
 from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 from unet_jax.saved_config import CONFIG_FILE
@@ -47,6 +49,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # A variant's validation at every epoch decodes as eval.* says, so unlike a resumed run, a
 # sweep's started variants keep their eval.*: the table compares them alike.
 _VARIANT_MAY_CHANGE = tuple(f for f in saved_config.RESUME_MAY_CHANGE if f != "eval.")
+# Changed for a started variant, these make it unlike one trained so from scratch.
+_SCHEDULE = ("train.epochs", "train.early_stopping_patience", "train.plateau_patience")
 OK = "ok"  # The status of a variant that trained and evaluated.
 
 
@@ -110,7 +114,7 @@ def variant_configs(config: ml_collections.ConfigDict,
     raise UserError("config.sweep is empty; give at least one variant")
   variants = {}
   for name, fields in config.sweep.items():
-    if not _NAME.fullmatch(name) or name == data_lib.PHANTOMS_DIR:
+    if not _NAME.fullmatch(name) or name in (data_lib.PHANTOMS_DIR, xla_config.CACHE_DIR):
       raise UserError(f"config.sweep: {name!r} cannot name a variant folder")
     variant = copy.deepcopy(base)
     for field, value in fields.items():
@@ -152,13 +156,17 @@ def _check_resumable(name: str, config: ml_collections.ConfigDict,
   if not _has_checkpoint(workdir):
     return  # Training starts it again from scratch, under any config.
   hint = ("rerun the sweep with the variant's own values or use another --workdir (a sweep's "
-          "started variants may change only their length, patience, logging, checkpointing and "
-          "data.root); to evaluate this variant at other eval.* settings: python launch.py "
+          "started variants may change only their length, patience, logging, checkpointing, "
+          "data.root and loader settings); to evaluate this variant at other eval.* settings: python launch.py "
           f"--mode=eval --workdir={workdir} --config.eval.FIELD=VALUE")
   try:
     saved_config.check_resumable(config, str(workdir), _VARIANT_MAY_CHANGE, hint)
   except UserError as e:
     raise UserError(f"variant {name!r}: {e}") from None
+  schedule = saved_config.changed(config, str(workdir), _SCHEDULE)
+  if schedule:
+    logging.warning("Variant %s was started with %s: it goes on from there, not as a variant "
+                    "trained so from its start would (its schedule differs)", name, schedule)
 
 
 def _refusal(name: str, config: ml_collections.ConfigDict) -> str | None:
@@ -176,7 +184,9 @@ def _settled(result: dict[str, Any], config: ml_collections.ConfigDict,
   """Whether the variant, whose ablation_result.json holds `result` ({}: none), finished or
   diverged before with this config: rerunning it would only do the same again."""
   return (bool(result) and ("error" not in result or result.get("diverged", False))
-          and _read_json(workdir / CONFIG_FILE) == saved_config.as_json(config))
+          and (workdir / CONFIG_FILE).is_file()
+          and not saved_config.changed(config, str(workdir), saved_config.OUTCOME_NEUTRAL,
+                                       but=True))
 
 
 def _run_variant(name: str, config: ml_collections.ConfigDict,
@@ -196,7 +206,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
       logging.info("Variant %s finished before; skipped.", name)
     return result.get("error")
   # Its wall time counts the commands that trained it before, interrupted or failed.
-  start = time.perf_counter() - reports.seconds_spent(reports.read_metrics(workdir))
+  records = reports.read_metrics(workdir)
+  start = time.perf_counter() - reports.seconds_spent(records)
   record = {"variant": name}
   try:
     # Evaluates a run trained before, if need be; {} if it had been.
@@ -210,7 +221,10 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     # Kept, as the sweep scored it: a later --mode=eval at other settings rewrites eval/<split>/.
     record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
                            else _sweep_dice(result, config, workdir))
-  record["wall_s"] = time.perf_counter() - start
+  trained = reports.read_metrics(workdir) != records
+  # One that had finished keeps its time: restoring it to find that out is not training it.
+  record["wall_s"] = (time.perf_counter() - start if trained or "wall_s" not in result
+                      else result["wall_s"])
   if jax.process_index() == 0:  # Whole or not at all: every process reads it for its row.
     workdir.mkdir(parents=True, exist_ok=True)
     reports.write_atomic(workdir / RESULT_FILE, json.dumps(record) + "\n")
@@ -301,17 +315,18 @@ def write_tables(rows: list[dict[str, Any]], workdir: pathlib.Path, title: str) 
   if not rows:
     return
   columns = list(rows[0])
-  with open(workdir / CSV_FILE, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(columns)
-    writer.writerows([_raw(row[c]) for c in columns] for row in rows)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(columns)
+  writer.writerows([_raw(row[c]) for c in columns] for row in rows)
+  reports.write_atomic(workdir / CSV_FILE, text.getvalue())
   numeric = {c for c in columns for row in rows
              if isinstance(row[c], (int, float)) and not isinstance(row[c], bool)}
   headers = [{"wall_s": "wall (m:s)", "img_per_s": "train img/s"}.get(c, c) for c in columns]
   lines = [title, "", "| " + " | ".join(headers) + " |",
            "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|"]
   lines += ["| " + " | ".join(_cell(row[c], c) for c in columns) + " |" for row in rows]
-  (workdir / MD_FILE).write_text("\n".join(lines) + "\n")
+  reports.write_atomic(workdir / MD_FILE, "\n".join(lines) + "\n")
 
 
 def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> str:

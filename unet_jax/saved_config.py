@@ -24,6 +24,10 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.time_budget_minutes", "train.early_s
                      "data.prefetch", "data.cache_dir")
 RESUME_HINT = ("resume it with its own values or use another --workdir (a resumed run may change "
                "only its length, patience, logging, checkpointing, eval.* and data.root)")
+# What never changes what a run computes: how often it logs and checkpoints, where it reads.
+OUTCOME_NEUTRAL = ("train.log_every_steps", "train.keep_checkpoints",
+                   "train.checkpoint_every_epochs", "data.root", "data.num_workers",
+                   "data.prefetch", "data.cache_dir")
 # What decides the function a checkpoint computes, beside its parameters' shapes (its
 # compute dtype may change: the parameters are float32 either way).
 _MODEL_FIELDS = ("model.", "data.image_size", "data.channels")
@@ -107,10 +111,18 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     UserError: a field outside `may_change` differs, naming it and both values.
   """
-  difference = _first_difference(config, workdir, lambda key: not key.startswith(may_change))
+  difference = changed(config, workdir, may_change, but=True)
   if difference:
     raise UserError(f"{pathlib.Path(workdir) / CONFIG_FILE}: the run was trained with "
                     f"{difference}; {hint}")
+
+
+def changed(config: ml_collections.ConfigDict, workdir: str, fields: tuple[str, ...],
+            but: bool = False) -> str | None:
+  """"KEY=SAVED, the config has NOW" for the first of `fields` (dotted names, or prefixes
+  ending in ".") that differs from the run's saved config, or (`but`) of all other fields;
+  None when they agree or nothing is saved."""
+  return _first_difference(config, workdir, lambda key: key.startswith(fields) != but)
 
 
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:

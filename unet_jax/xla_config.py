@@ -38,11 +38,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 # Compilations faster than this are not worth a cache entry (seconds).
 MIN_COMPILE_SECS = 1.0
+CACHE_DIR = "compile_cache"  # A run's own, in its workdir.
 
 
 def cache_dir_for(workdir: str) -> str:
   """UNET_JAX_CACHE_DIR if set, else the run's own `<workdir>/compile_cache`."""
-  return os.environ.get("UNET_JAX_CACHE_DIR", os.path.join(workdir, "compile_cache"))
+  return os.environ.get("UNET_JAX_CACHE_DIR", os.path.join(workdir, CACHE_DIR))
 
 
 def merge_flags(current: str, flags) -> str:
