@@ -24,8 +24,9 @@ On real data, with the full recipe:
 
 `--config.overrides.<field>=VALUE` sets any field of configs/default.py in
 every variant (a misspelt field is an error). A variant is a set of
-`config.model` fields; `--config.sweep.<variant>.<field>=VALUE` changes one,
-and `--config.sweep="{'a': {}, 'b': {'pooling': 'avg'}}"` replaces the sweep.
+`config.model` fields; `--config.sweep.<variant>.<field>=VALUE` changes one
+the variant sets, and `--config.sweep="{'a': {}, 'b': {'pooling': 'avg'}}"`
+replaces the sweep (the way to give a variant another field).
 
 The smoke variant (two variants, tiny phantoms and budget) finishes in a
 minute or two:
