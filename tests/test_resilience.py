@@ -108,34 +108,60 @@ SMOKE = ["--config=configs/brain.py:smoke", "--config.train.epochs=4",
          "--config.eval.split=none"]  # no final evaluation: the parameters are compared
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env, sig):
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
-  subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=run_env(4), check=True,
-                 capture_output=True, timeout=300)
+def _steps_saved(workdir):
+  folder = workdir / "checkpoints"
+  return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
 
-  proc = subprocess.Popen([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+def _start(command, workdir, run_env):
+  """`command` on `workdir` in a process of its own, its output in `workdir`.log."""
+  with open(f"{workdir}.log", "w") as log:
+    return subprocess.Popen([*command, f"--workdir={workdir}"], cwd=REPO, env=run_env(4),
+                            stdout=log, stderr=log, text=True)
+
+
+def _stop_after_a_checkpoint(proc, workdir, sig):
+  """Sends `sig` to `proc` once it saves a checkpoint past those it started from."""
+  start = max(_steps_saved(workdir), default=0)
   deadline = time.time() + 240
-  while not (killed / "checkpoints" / "4").is_dir() and time.time() < deadline:
+  while max(_steps_saved(workdir), default=0) <= start:
+    assert proc.poll() is None, "it ended before a new checkpoint"
+    assert time.time() < deadline, "no new checkpoint in 240 s"
     time.sleep(0.05)
   proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=60)  # Ctrl-C exits at once, whatever threads run.
-  if sig == signal.SIGINT:
-    assert proc.returncode == 130, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: the same command resumes")
-  assert not (killed / "eval").exists(), "the run finished before it was killed"
-  subprocess.run([*command, f"--workdir={killed}"], cwd=REPO, env=run_env(4), check=True,
-                 capture_output=True, timeout=300)
+  proc.wait(timeout=60)  # Ctrl-C exits at once, whatever threads run.
+
+
+def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env):
+  straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+  command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
+  # Beside the stopped runs: much of a start is single-threaded, and the machine has two cores.
+  uninterrupted = _start(command, straight, run_env)
+  try:
+    # Ctrl-C, resumed, then kill -9 of the resumed run, resumed again: each in an epoch after
+    # a checkpoint, before the last.
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)):
+      proc = _start(command, stopped, run_env)
+      _stop_after_a_checkpoint(proc, stopped, sig)
+      output = pathlib.Path(f"{stopped}.log").read_text()
+      assert proc.returncode == code, output[-2000:]
+      if sig == signal.SIGINT:
+        assert output.strip().splitlines()[-1].startswith(
+            "interrupted: the same command resumes")
+      assert 8 not in _steps_saved(stopped), "the run finished before it was stopped"
+    subprocess.run([*command, f"--workdir={stopped}"], cwd=REPO, env=run_env(4), check=True,
+                   capture_output=True, timeout=300)
+    assert uninterrupted.wait(timeout=300) == 0, pathlib.Path(f"{straight}.log").read_text()[-2000:]
+  finally:
+    uninterrupted.kill()
 
   step_a, params_a = _final_params(straight)
-  step_b, params_b = _final_params(killed)
+  step_b, params_b = _final_params(stopped)
   assert step_a == step_b == 8
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
-  assert _untimed(killed) == _untimed(straight)
-  assert [r["epoch"] for r in _untimed(killed) if r["split"] == "valid"] == [1, 2, 3, 4]
+  assert _untimed(stopped) == _untimed(straight)
+  assert [r["epoch"] for r in _untimed(stopped) if r["split"] == "valid"] == [1, 2, 3, 4]
 
 
 def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
