@@ -9,6 +9,7 @@ are the ones a run compiles, and the suite takes 0.70x the time (7 min 30 s
 against 10 min 41 s on a 2-core AMD EPYC Zen 3)."""
 
 import os
+import shutil
 import tempfile
 
 _TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -49,6 +50,15 @@ def trained_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   summary = train.train_and_evaluate(config, str(workdir))
   return config, workdir, summary
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path):
+  """`trained_run`'s folder copied without eval/, to train further: (config, workdir)."""
+  config, workdir, _ = trained_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+  return config.copy_and_resolve_references(), copy
 
 
 @pytest.fixture(scope="session")

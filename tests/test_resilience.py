@@ -189,29 +189,27 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   assert _final_params(tmp_path / "two")[0] == 6
 
 
-def test_resuming_under_a_config_that_trains_something_else_is_refused(tiny_config, tmp_path):
-  tiny_config.train.epochs = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  before = (tmp_path / "config.json").read_text()
-  tiny_config.train.epochs, tiny_config.train.learning_rate = 3, 0.1
+def test_resuming_under_a_config_that_trains_something_else_is_refused(trained_copy):
+  config, workdir = trained_copy
+  before = (workdir / "config.json").read_text()
+  config.train.epochs, config.train.learning_rate = 2, 0.1
   with pytest.raises(UserError, match=r"config.json: the run was trained with "
                      r"train.learning_rate=0.001, the config has 0.1; resume it with"):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-  assert (tmp_path / "config.json").read_text() == before
+    train.train_and_evaluate(config, str(workdir))
+  assert (workdir / "config.json").read_text() == before
   # Its length, patience and evaluation may change.
-  tiny_config.train.learning_rate, tiny_config.train.early_stopping_patience = 1e-3, 5
-  tiny_config.eval.tta = True
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  assert [r["epoch"] for r in reports.read_metrics(tmp_path) if r["split"] == "valid"] == [1, 2, 3]
+  config.train.learning_rate, config.train.early_stopping_patience = 1e-3, 5
+  config.eval.tta = True
+  train.train_and_evaluate(config, str(workdir))
+  assert [r["epoch"] for r in reports.read_metrics(workdir) if r["split"] == "valid"] == [1, 2]
 
 
-def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_started_again(tiny_config,
-                                                                             tmp_path):
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  summary = json.loads((tmp_path / "eval/test/summary.json").read_text())
-  shutil.rmtree(tmp_path / "eval")
-  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == summary
-  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == {}  # Now nothing is left.
+def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_started_again(trained_run,
+                                                                             trained_copy):
+  config, workdir = trained_copy  # Trained, with no eval/.
+  summary = {**trained_run[2], "data_root": str(workdir / "phantoms")}
+  assert train.train_and_evaluate(config, str(workdir)) == summary
+  assert train.train_and_evaluate(config, str(workdir)) == {}  # Now nothing is left.
 
 
 def test_fewer_epochs_than_the_plan_end_the_run_there(tiny_config, tmp_path, monkeypatch):
@@ -242,17 +240,16 @@ def test_budget_shorter_than_an_epoch_still_trains_one_epoch_and_evaluates(tiny_
   assert summary["checkpoint_step"] == 2
 
 
-def test_a_run_started_again_before_its_first_checkpoint_logs_its_steps_once(tiny_config,
-                                                                            tmp_path):
-  tiny_config.eval.split = "none"
-  train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+def test_a_run_started_again_before_its_first_checkpoint_logs_its_steps_once(
+    trained_run, tiny_config, tmp_path):
+  tiny_config.eval.split = "none"  # Its final evaluation logs nothing.
   run = tmp_path / "run"
   run.mkdir()
   # A run killed in its first epoch: steps logged, no checkpoint, its last line cut short.
   (run / reports.METRICS_FILE).write_text(
       '{"step": 1, "epoch": 1, "split": "train", "loss": 9.0}\n{"step": 2, "ep')
   train.train_and_evaluate(tiny_config, str(run))
-  assert _untimed(run) == _untimed(tmp_path / "straight")
+  assert _untimed(run) == _untimed(trained_run[1])
 
 
 def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp_path):
@@ -265,7 +262,8 @@ def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp
       ablation.run_sweep(ablation_config.get_config("smoke"), str(tmp_path))
   assert [p.name for p in tmp_path.iterdir()] == [run_lock.LOCK_FILE]
   assert not run_lock.training(tmp_path)
-  assert train.train_and_evaluate(tiny_config, str(tmp_path))  # Released when the run ends.
+  with run_lock.held(tmp_path):  # Released when the run ends: the next one takes it.
+    pass
 
 
 def test_a_run_starting_while_an_eval_tests_the_lock_is_not_refused(tmp_path):
@@ -296,15 +294,15 @@ def test_a_run_of_no_epochs_is_an_error_not_a_finished_run(tiny_config, tmp_path
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
-def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_config, tmp_path):
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  damaged = max((tmp_path / "checkpoints" / "2" / "state").rglob("*"),
+def test_a_damaged_checkpoint_is_one_line_naming_it(trained_copy):
+  config, workdir = trained_copy
+  damaged = max((workdir / "checkpoints" / "2" / "state").rglob("*"),
                 key=lambda p: p.stat().st_size if p.is_file() else 0)
   damaged.write_bytes(damaged.read_bytes()[:10])
-  tiny_config.eval.split = "valid"
+  config.eval.split = "valid"
   with pytest.raises(UserError, match=r"checkpoints/2: unreadable checkpoint \(.*\); if its "
                                       r"files are damaged, delete that folder"):
-    evaluate.evaluate(tiny_config, str(tmp_path))
+    evaluate.evaluate(config, str(workdir))
 
 
 def _free_port():

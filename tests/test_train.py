@@ -175,19 +175,23 @@ def test_two_evaluations_of_a_split_write_their_files_one_after_the_other(traine
   assert free_while_writing[-1]  # Free once the evaluation is written.
 
 
-def test_a_run_trained_further_then_stopped_before_evaluating_evaluates(tiny_config, tmp_path,
+def test_a_run_trained_further_then_stopped_before_evaluating_evaluates(trained_run, trained_copy,
                                                                         monkeypatch):
-  assert train.train_and_evaluate(tiny_config, str(tmp_path))["checkpoint_step"] == 2
-  tiny_config.train.epochs = 2
+  config, workdir = trained_copy
+  first = workdir / "eval/test/summary.json"  # The first finish's evaluation.
+  first.parent.mkdir(parents=True)
+  first.write_text(json.dumps(trained_run[2]))
+  config.train.epochs = 2
   def stopped(*args, **kwargs):
     raise KeyboardInterrupt
   with monkeypatch.context() as patch:
     patch.setattr(evaluate, "evaluate", stopped)
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(tiny_config, str(tmp_path))
+      train.train_and_evaluate(config, str(workdir))
   # The first finish's summary does not stand for the longer run's evaluation.
-  summary = train.train_and_evaluate(tiny_config, str(tmp_path))
-  assert summary and summary == json.loads((tmp_path / "eval/test/summary.json").read_text())
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary and summary == json.loads(first.read_text())
+  assert summary["checkpoint_step"] == 4
 
 
 def test_validation_decodes_as_evaluation_does(trained):
