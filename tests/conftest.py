@@ -52,6 +52,34 @@ def trained_run(tmp_path_factory):
   return config, workdir, summary
 
 
+@pytest.fixture(scope="session")
+def ema_run(tmp_path_factory):
+  """The tiny run with an EMA of its parameters (decay 0.9), not evaluated: (config, workdir).
+
+  Tests that change the config work on a copy.
+  """
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_demo_config()
+  config.train.ema_decay, config.eval.split = 0.9, "none"
+  workdir = tmp_path_factory.mktemp("ema_run")
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+@pytest.fixture(scope="session")
+def other_run(tmp_path_factory):
+  """Another model for ensembles of `trained_run`: seed 1, 8 features: (config, workdir).
+
+  Tests that change the config work on a copy.
+  """
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_demo_config()
+  config.train.seed, config.model.features = 1, 8
+  workdir = tmp_path_factory.mktemp("other_run")
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
 @pytest.fixture
 def trained_copy(trained_run, tmp_path):
   """`trained_run`'s folder copied without eval/, to train further: (config, workdir)."""

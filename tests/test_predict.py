@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from unet_jax import evaluate, export, parallel, predict, serving, steps, train
+from unet_jax import evaluate, export, parallel, predict, serving, steps
 from unet_jax.errors import UserError
 
 
@@ -109,21 +109,21 @@ def test_exported_model_matches_the_in_process_model(run, tmp_path):
     model((images * 255).astype(np.uint8))
 
 
-def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(tiny_config, tmp_path):
-  tiny_config.train.ema_decay = 0.9
-  train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
-  state, _ = evaluate.restore_state(tiny_config, str(tmp_path / "run"), parallel.make_mesh())
+def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(ema_run, tmp_path):
+  config, workdir = ema_run
+  config = config.copy_and_resolve_references()
+  state, _ = evaluate.restore_state(config, str(workdir), parallel.make_mesh())
   images = np.random.default_rng(1).random((3, 32, 32, 1)).astype(np.float32)
-  model = serving.load(export.export(tiny_config, str(tmp_path / "run"),
-                                     str(tmp_path / "export"), platforms=("cpu",)))
+  model = serving.load(export.export(config, str(workdir), str(tmp_path / "export"),
+                                     platforms=("cpu",)))
   np.testing.assert_allclose(model(images), steps.predict_step(state, images), atol=1e-6)
   live = steps.predict_step(state.replace(ema_params=None), images)
   assert not np.allclose(model(images), live, atol=1e-6)
   # No probability reaches a threshold of 1, yet every image holds a tumour.
-  tiny_config.eval.update(threshold=1.0, never_empty=True)
-  model = serving.load(export.export(tiny_config, str(tmp_path / "run"),
-                                     str(tmp_path / "export"), platforms=("cpu",)))
-  assert model.predict_file(_phantom(tmp_path / "run")).any()
+  config.eval.update(threshold=1.0, never_empty=True)
+  model = serving.load(export.export(config, str(workdir), str(tmp_path / "export"),
+                                     platforms=("cpu",)))
+  assert model.predict_file(_phantom(workdir)).any()
 
 
 def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(run, tmp_path):
@@ -160,12 +160,9 @@ def test_serving_runs_without_the_model_code():
 
 
 def test_export_and_predict_compute_as_evaluation_tta_post_processing_and_ensemble(
-    run, tmp_path):
+    run, other_run, tmp_path):
   config, workdir = run
-  other_config = config.copy_and_resolve_references()
-  other_config.train.seed = 1
-  other = tmp_path / "other"
-  train.train_and_evaluate(other_config, str(other))
+  other_config, other = other_run  # Another model: 8 features.
   config.eval.update(tta=True, tta_up_down=False, decode="expected_dice",
                      largest_component=True, fill_box=True, ensemble=str(other))
   folder = export.export(config, str(workdir), str(tmp_path / "export"), platforms=("cpu",))
@@ -175,7 +172,8 @@ def test_export_and_predict_compute_as_evaluation_tta_post_processing_and_ensemb
   assert meta["ensemble"] == [{"workdir": str(other), "checkpoint_step": 2}]
 
   mesh = parallel.make_mesh()
-  states = [evaluate.restore_state(config, str(w), mesh)[0] for w in (workdir, other)]
+  states = [evaluate.restore_state(c, str(w), mesh)[0]
+            for c, w in ((config, workdir), (other_config, other))]
   images = np.random.default_rng(1).random((3, 32, 32, 1)).astype(np.float32)
   expected = sum(steps.predict_step(s, images, tta=True, up_down=False) for s in states) / 2
   model = serving.load(folder)

@@ -211,12 +211,9 @@ def test_validation_decodes_as_evaluation_does(trained):
   assert val["dice"] != pytest.approx(logged["dice"], abs=1e-3)  # Logged at threshold 0.5.
 
 
-def test_an_ensemble_scores_the_runs_averaged_probabilities(trained, tmp_path):
+def test_an_ensemble_scores_the_runs_averaged_probabilities(trained, other_run, tmp_path):
   config, workdir, _ = trained
-  other_config = config.copy_and_resolve_references()
-  other_config.train.seed, other_config.model.features = 1, 8  # another model, saved with it
-  other = tmp_path / "other"
-  train.train_and_evaluate(other_config, str(other))
+  other_config, other = other_run  # Another model (8 features), saved with it.
   config.eval.split = "valid"
   mesh = parallel.make_mesh()
   source = data.build_source(config.data, "valid", str(workdir))
@@ -276,18 +273,18 @@ def test_checkpoint_of_a_model_computing_otherwise_is_a_clear_error(trained):
 
 
 def test_evaluation_restores_whatever_optimiser_and_ema_the_run_trained_with(
-    tmp_path, tiny_config):
-  tiny_config.train.ema_decay = 0.9
-  tiny_config.eval.split = "valid"
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  trained_as = evaluate.evaluate(tiny_config, str(tmp_path))["metrics"]
-  tiny_config.train.update(ema_decay=0.0, optimizer="sgd", grad_clip=1.0)
-  assert evaluate.evaluate(tiny_config, str(tmp_path))["metrics"] == trained_as
+    ema_run, tmp_path):
+  config, workdir = ema_run
+  config = config.copy_and_resolve_references()
+  config.eval.split = "valid"
+  trained_as = evaluate.evaluate(config, str(workdir))["metrics"]
+  config.train.update(ema_decay=0.0, optimizer="sgd", grad_clip=1.0)
+  assert evaluate.evaluate(config, str(workdir))["metrics"] == trained_as
   # Checkpoints moved without their run's config.json are restored as the config says.
-  (tmp_path / "config.json").unlink()
+  shutil.copytree(workdir / "checkpoints", tmp_path / "moved" / "checkpoints")
   with pytest.raises(UserError, match="checkpoints/2: checkpoint does not match the config: "
                                       "opt_state/.* is missing in the checkpoint"):
-    evaluate.evaluate(tiny_config, str(tmp_path))
+    evaluate.evaluate(config, str(tmp_path / "moved"))
 
 
 def test_every_best_epoch_is_saved_whatever_the_cadence(tmp_path, tiny_config):
