@@ -110,19 +110,24 @@ def test_flip_tta_of_a_unet_matches_xla(monkeypatch):
   # other (errors of 0.2 in probabilities of at most 0.3 at this size).
   unet = model_lib.UNet(features=16, depth=4)
   images = jax.random.uniform(jax.random.key(0), (16, 128, 128, 1))
-  variables = unet.init(jax.random.key(1), images, train=False)
+  # The parameters' shapes do not depend on the image size.
+  variables = jax.jit(lambda key: unet.init(key, images[:1, :16, :16], train=False))(
+      jax.random.key(1))
 
   def tta():  # A new function each time: jit must trace it afresh.
-    def logits():
+    def logits(variables, images):
       apply = lambda x: unet.apply(variables, x, train=False)
       return apply(images) + jnp.flip(apply(jnp.flip(images, 2)), 2)
-    return jax.jit(logits)()
+    return jax.jit(logits).lower(variables, images)
 
   monkeypatch.setattr(onednn, "wanted", lambda: False)
-  want = tta()
+  want = tta().compile()(variables, images)
   monkeypatch.setattr(onednn, "wanted", lambda: True)
+  lowered = tta()
+  assert "@unet_onednn_conv_fwd(" in lowered.as_text()  # Not a silent fall back to XLA.
+  on_onednn = lowered.compile()
   for _ in range(3):
-    _assert_close(tta(), want)
+    _assert_close(on_onednn(variables, images), want)
 
 
 def test_conv_is_deterministic():
@@ -239,11 +244,17 @@ def test_a_run_on_one_cpu_device_trains_on_onednn_and_exports_without_it(tmp_pat
   env = run_env(1, UNET_JAX_CONV="onednn")
   workdir = tmp_path / "run"
   launch = [sys.executable, str(REPO / "launch.py"), f"--workdir={workdir}"]
-  for mode in ("--config=configs/brain.py:smoke", "--mode=export"):
-    subprocess.run([*launch, mode], cwd=REPO, env=env, check=True, capture_output=True,
-                   timeout=300)
+  subprocess.run([*launch, "--config=configs/brain.py:smoke", "--config.train.epochs=1"],
+                 cwd=REPO, env={**env, "JAX_DUMP_IR_TO": str(tmp_path / "ir")}, check=True,
+                 capture_output=True, timeout=300)
+  subprocess.run([*launch, "--mode=export"], cwd=REPO, env=env, check=True, capture_output=True,
+                 timeout=300)
   summary = json.loads((workdir / "eval/test/summary.json").read_text())
   assert summary["n_images"] == 8 and 0 <= summary["metrics"]["dice"]["mean"] <= 1
+  # The programs it ran: not a silent fall back to XLA.
+  train_step = "".join(p.read_text() for p in (tmp_path / "ir").glob("*_jit_train_step_*"))
+  for target in ("conv_fwd", "conv_bwd_data", "conv_bwd_weights", "batch_norm_fwd"):
+    assert f"@unet_onednn_{target}(" in train_step, target
   # The artifact runs on machines without our library: XLA's convolutions only.
   exported = jax.export.deserialize((workdir / "export" / export.MODEL_FILE).read_bytes())
   module = exported.mlir_module()
