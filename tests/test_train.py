@@ -312,23 +312,25 @@ def test_finished_run_is_not_trained_again(trained):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("warmup, first_decay", [(10.0, 0.1), (2.0, 0.5)])
-def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path, warmup, first_decay):
-  tiny_config.train.ema_decay, tiny_config.train.ema_warmup = 0.75, warmup
+def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
+  # The decay min(ema_decay, (1 + t) / (ema_warmup + t)): the warm-up's 1/2 at step 0, then
+  # the cap, 0.6 (not 2/3), at step 1. At a constant rate, so the first step moves too.
+  config = tiny_config
+  config.train.update(ema_decay=0.6, ema_warmup=2.0, schedule="constant", learning_rate=0.01)
   mesh = parallel.make_mesh()
-  tx = optim.make_optimizer(tiny_config, 10, 2)
-  initial = steps.create_train_state(tiny_config, (32, 32, 1), tx)
-  start = jax.device_get(initial.params)
+  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
   state = jax.device_put(initial, parallel.replicated(mesh))
-  p_train, _ = steps.jit_steps(tiny_config, mesh)
-  batch = next(pipeline.train_batches(data.build_source(tiny_config.data, "train", str(tmp_path)),
-                                      tiny_config))
-  state, _ = p_train(state, parallel.device_batch(batch, mesh))
-  trained = jax.device_get(state.params)
-  # At step 0 the warm-up decay min(0.75, 1 / warmup) applies.
-  for e, p0, p1 in zip(*map(jax.tree.leaves, (jax.device_get(state.ema_params), start, trained))):
-    np.testing.assert_allclose(e, first_decay * p0 + (1 - first_decay) * p1, rtol=1e-5,
-                               atol=1e-7)
+  p_train, _ = steps.jit_steps(config, mesh)
+  batches = pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
+                                   config)
+  params = ema = jax.device_get(initial.params)
+  for decay in (0.5, 0.6):
+    state, _ = p_train(state, parallel.device_batch(next(batches), mesh))
+    before, params = params, jax.device_get(state.params)
+    assert not all(np.allclose(a, b) for a, b in zip(*map(jax.tree.leaves, (before, params))))
+    ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, params)
+    for got, want in zip(*map(jax.tree.leaves, (jax.device_get(state.ema_params), ema))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def _sgd_at_rate_0_1(config, tmp_path):
