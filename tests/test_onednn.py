@@ -189,17 +189,18 @@ def test_without_avx512_bfloat16_models_keep_xla_kernels(run_env):
       from unet_jax import model as model_lib, onednn
       from unet_jax.errors import UserError
       assert onednn.cpu_dtypes() == (np.dtype("float32"),), onednn.cpu_dtypes()
-      images = jnp.ones((2, 16, 16, 1))
+      images = jnp.ones((2, 8, 8, 1))
       for dtype, on_onednn in (("bfloat16", False), ("float32", True)):
-        unet = model_lib.UNet(features=8, depth=2, dtype=dtype)
-        variables = unet.init(jax.random.key(0), images, train=False)
+        unet = model_lib.UNet(features=4, depth=1, dtype=dtype)
+        variables = jax.jit(lambda key: unet.init(key, images, train=False))(jax.random.key(0))
         def loss(params):
           logits, _ = unet.apply({**variables, "params": params}, images, train=True,
                                  mutable=["batch_stats"])
           return jnp.mean(logits.astype(jnp.float32) ** 2)
-        grad = jax.jit(jax.grad(loss))
-        assert ("unet_onednn" in grad.lower(variables["params"]).as_text()) == on_onednn, dtype
-        assert np.isfinite(jax.tree.leaves(grad(variables["params"]))[0]).all()
+        grad = jax.jit(jax.grad(loss)).lower(variables["params"])
+        assert ("unet_onednn" in grad.as_text()) == on_onednn, dtype
+        if not on_onednn:  # It trains, on XLA's kernels.
+          assert np.isfinite(jax.tree.leaves(grad.compile()(variables["params"]))[0]).all()
       x, scale = jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((2,))
       for call in (lambda: onednn.conv(x, jnp.ones((3, 3, 2, 2), jnp.bfloat16)),
                    lambda: onednn.batch_norm(x, scale, scale, 1e-5)):

@@ -200,9 +200,10 @@ import resource
 from unet_jax import xla_config
 xla_config.keep_freed_memory()
 import jax, jax.numpy as jnp
-# A 256 MiB temporary per call, as a train step's activations.
+# A 64 MiB temporary per call, as a train step's activations: over the 32 MiB above which
+# glibc maps every block.
 f = jax.jit(lambda x: (jnp.tanh(jnp.outer(x, x)) @ x).sum())
-x = jnp.ones(8192)
+x = jnp.ones(4096)
 for _ in range(5):  # The heap grows to hold the temporaries of overlapping calls.
   f(x).block_until_ready()
 for _ in range(10):
@@ -221,7 +222,7 @@ def test_steps_reuse_their_temporaries_instead_of_faulting_them_in(keep):
   faults = [int(n) for n in subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env,
                                             cwd=root, check=True, capture_output=True,
                                             text=True).stdout.split()]
-  temp_pages = 256 * 2**20 // 4096
+  temp_pages = 64 * 2**20 // 4096
   # The fewest faults of ten calls: the host may now and then take back a freed
   # block (some calls here faulted it all in again), but without the setting no
   # call ever finds it kept.

@@ -354,10 +354,11 @@ def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config
     return losses.dice_bce_loss(logits, batch["mask"] > 0).mean(), updates["batch_stats"]
 
   # Jitted: op by op, the reference would compile each of the U-Net's ops on its own.
-  (loss, batch_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(start)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (loss, batch_stats), grads = value_and_grad(start)
   scale = 0.5 / np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
   worst = jax.tree.map(lambda p, g: p + scale * g, start, grads)
-  worst_grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(worst)
+  _, worst_grads = value_and_grad(worst)
   p_train, _ = steps.jit_steps(config, mesh)
   state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
                            parallel.device_batch(batch, mesh))
@@ -532,11 +533,8 @@ def test_command_line_errors_are_one_line(tmp_path, launch):
        "error: train.batch_size: batch size 0: use 1 or more"),
       (["--config=configs/brain.py:smoke", "--config.model.pooling=maxx"],
        "error: model.pooling='maxx' is not one of"),
-      (["--config=configs/brain.py:smoke", "--config.data.prefetch=-1"],
-       "error: data.prefetch=-1: use 0 or more"),
       ([f"--config={tmp_path / 'run' / 'config.json'}"],
        f"error: --config={tmp_path / 'run' / 'config.json'}: not a config file (path.py"),
-      (["--config=README.md"], "error: --config=README.md: not a config file (path.py"),
       (["--config=configs/brain.py:smoke", f"--workdir={tmp_path / 'a_file' / 'run'}"],
        f"error: --workdir={tmp_path / 'a_file' / 'run'}: cannot write there (Not a directory")):
     result = launch(f"--workdir={tmp_path / 'run'}", *args)
