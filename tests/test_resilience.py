@@ -10,8 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -266,13 +266,15 @@ def test_a_second_run_in_the_same_folder_stops_before_it_writes(tiny_config, tmp
     pass
 
 
-def test_a_run_starting_while_an_eval_tests_the_lock_is_not_refused(tmp_path):
+def test_a_run_starting_while_an_eval_tests_the_lock_is_not_refused(tmp_path, monkeypatch):
   (tmp_path / run_lock.LOCK_FILE).touch()
   tester = open(tmp_path / run_lock.LOCK_FILE)
-  fcntl.flock(tester, fcntl.LOCK_SH)  # run_lock.training's instant.
-  threading.Timer(0.05, tester.close).start()
+  fcntl.flock(tester, fcntl.LOCK_SH)  # run_lock.training's instant, over while the run waits.
+  waits = []
+  monkeypatch.setattr(run_lock, "time", types.SimpleNamespace(
+      sleep=lambda seconds: waits.append(seconds) or tester.close()))
   with run_lock.held(tmp_path):  # Waits out that instant instead of refusing the run.
-    assert tester.closed
+    assert tester.closed and len(waits) == 1
 
 
 def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
