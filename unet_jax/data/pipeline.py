@@ -68,15 +68,18 @@ def _to_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers),
-        worker_init_fn=_exit_with_parent)
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return iter(iter_dataset)
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """Ends a loader worker once the process it loads for is gone: a run stopped by Ctrl-C
-  (which exits at once) or killed leaves no workers behind, each holding its memory."""
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+  """Ends a loader worker once `parent`, the process it loads for, is gone: a run stopped by
+  Ctrl-C (which exits at once) or killed leaves no workers behind, each holding its memory."""
   del worker_index, worker_count
-  parent = os.getppid()
+  if os.getppid() != parent:  # Reparented, or another process's child (a fork server's).
+    if not _running(parent):  # The run ended while this worker started.
+      os._exit(0)
+    return
 
   def watch():
     while os.getppid() == parent:
@@ -84,6 +87,23 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
     os._exit(0)
 
   threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+  """Whether process `pid` runs (an ended one not yet reaped, a zombie, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    if os.path.isdir("/proc"):
+      return False
+  try:  # No /proc (macOS).
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
 
 
 def train_batches(source, config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[dict]:
