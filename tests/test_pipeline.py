@@ -298,6 +298,22 @@ def test_input_pipeline_benchmark_memory_mode_runs(run_env):
   assert [run["images"] for run in record["runs"]] == [8, 16]
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--synthetic=8,x"], "phantom counts are whole numbers"),
+    (["--synthetic=8", "--batch_size=0"], "--batch_size=0"),
+    # The run of 2 phantoms fails, in its own process: its error comes through.
+    (["--synthetic=2", "--batch_size=4", "--split=valid"], "fewer than one batch of 4"),
+])
+def test_input_pipeline_benchmark_errors_are_one_line(run_env, flags, says):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+      [sys.executable, "benchmarks/input_pipeline.py", "--synthetic_size=32", "--num_workers=0",
+       *flags], cwd=repo, env=run_env(devices=1), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+  assert says in result.stderr
+
+
 _STOPPED_WITH_WORKERS = """
 import multiprocessing, os, sys
 from configs import brain
