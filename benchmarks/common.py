@@ -37,35 +37,80 @@ from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-
 from unet_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser, a bad flag ending the command with one line: `error: ...`."""
+
+  def error(self, message):
+    sys.exit(f"error: {message}")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: a whole number of `minimum` or more."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value}: use {minimum} or more")
+    return value
+
+  return parse
+
+
+positive = at_least(1)
+
+
+def positive_list(text: str) -> list[int]:
+  """An argparse type: comma-separated whole numbers of 1 or more."""
+  return [positive(value) for value in text.split(",")]
 
 
 def _parse_widths(text: str) -> int | tuple[int, ...]:
   """--features: one width (doubling per level down) or comma-separated widths per level."""
-  values = tuple(int(value) for value in text.split(","))
+  values = tuple(positive_list(text))
   return values[0] if len(values) == 1 else values
 
 
-def shape_flags(parser: argparse.ArgumentParser) -> None:
-  """The flags that size the U-Net's layers: input size, batch, widths and depth."""
-  parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=8)
+class _Refused(argparse.Action):
+  """A flag the script does not take, refused with the one it takes instead."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    parser.error(f"{option_string}: not taken here; {self.help}")
+
+
+def shape_flags(parser: argparse.ArgumentParser, sized: bool = True) -> None:
+  """The flags that size the U-Net's layers: input size, batch, widths and depth.
+
+  Without `sized`, --image_size and --batch_size are refused (the script takes lists).
+  """
+  if sized:
+    parser.add_argument("--image_size", type=positive, default=256)
+    parser.add_argument("--batch_size", type=positive, default=8)
+  else:
+    parser.add_argument("--image_size", action=_Refused, help="use --sizes")
+    parser.add_argument("--batch_size", action=_Refused, help="use --batches")
   parser.add_argument("--features", type=_parse_widths, default=16,
                       help="Width of level 0 (doubling per level down), or depth + 1 "
                            "comma-separated widths, one per level (model.features).")
-  parser.add_argument("--depth", type=int, default=4)
+  parser.add_argument("--depth", type=positive, default=4)
 
 
-def model_flags(parser: argparse.ArgumentParser) -> None:
-  """The flags that pick the U-Net variant."""
-  shape_flags(parser)
-  parser.add_argument("--channels", type=int, default=1)
+def model_flags(parser: argparse.ArgumentParser, sized: bool = True) -> None:
+  """The flags that pick the U-Net variant (`sized`: shape_flags')."""
+  shape_flags(parser, sized)
+  parser.add_argument("--channels", type=positive, default=1)
   parser.add_argument("--pooling", default="max")
   parser.add_argument("--activation", default="relu")
   parser.add_argument("--norm", default="batch")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--reference", default="none", choices=("none", "torch"),
                       help="torch: time the same U-Net in PyTorch in the same run.")
-  parser.add_argument("--repeats", type=int, default=3,
+  parser.add_argument("--repeats", type=positive, default=3,
                       help="Rounds of alternation between the implementations.")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--cache_dir", default="off",
@@ -88,8 +133,33 @@ def setup(args) -> bool:
   if not args.xla_defaults:
     os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
   os.environ["UNET_JAX_CONV"] = args.conv
-  xla_config.configure(cache_dir=args.cache_dir)
+  configure(args.cache_dir)
   return KEPT_FREED_MEMORY
+
+
+def configure(cache_dir: str) -> None:
+  """The project's XLA:CPU flags and, unless `cache_dir` is "off", the compilation cache."""
+  if xla_config.configure(cache_dir=cache_dir) is None:
+    # Off for JAX_COMPILATION_CACHE_DIR as well, so that compile_s is a cold compile.
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def require_torch(what: str):
+  """The torch module, or an exit with one line saying that `what` needs it."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    sys.exit(f"error: {what} needs PyTorch: pip install -e '.[bench]' (on Linux with PyTorch's "
+             "CPU index: README, Performance)")
+  return torch
+
+
+def run(main: Callable[[], None]) -> None:
+  """Calls `main`; a value the project refuses (UserError) ends it with one line."""
+  try:
+    main()
+  except UserError as e:
+    sys.exit(f"error: {e}")
 
 
 def conv_backend(dtype: str) -> str:
@@ -162,6 +232,7 @@ def model_flops(lower: Callable[[], Any]) -> float:
 
 
 def peak_rss_mb() -> float:
+  """The process's peak resident memory in MiB (ru_maxrss is in KiB on Linux)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -248,8 +319,9 @@ def torch_unet(config):
   from torch import nn  # pylint: disable=g-import-not-at-top
 
   m = config.model
+  # GELU's tanh form, as flax's gelu (approximate=True), not PyTorch's default erf form.
   acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(m.leaky_slope),
-          "gelu": lambda: nn.GELU(), "silu": nn.SiLU, "elu": nn.ELU}
+          "gelu": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "elu": nn.ELU}
   if (m.upsampling != "transpose" or m.residual or m.attention or m.dropout or m.deep_supervision
       or m.coord_channels or m.bottleneck_heads):
     raise SystemExit("the torch reference mirrors transpose up-sampling, plain blocks, no dropout,"

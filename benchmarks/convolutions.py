@@ -7,15 +7,16 @@ out: it is a sum of taps, unet_jax.layers) and each of forward, input
 gradient and kernel gradient, the three implementations alternate call by
 call, the order rotated each round. Prints one JSON line: per layer and op the
 median milliseconds, and the totals per implementation with `ratio` (PyTorch's
-total time over ours) for XLA's and oneDNN's.
+total time over ours) for XLA's and oneDNN's. Needs PyTorch (the bench extra:
+README, Performance).
 """
 
-import argparse
 import functools
 import statistics
 import time
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
+# First: common sets malloc up before numpy and jax start threads (XLA flags: main).
+import common  # pylint: disable=g-bad-import-order
 
 import jax
 import numpy as np
@@ -93,11 +94,15 @@ def time_layer(size, cin, cout, batch, impls, reps) -> dict[str, dict[str, float
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = common.ArgumentParser(description=__doc__.splitlines()[0])
   common.shape_flags(parser)
-  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--reps", type=common.positive, default=10)
   args = parser.parse_args()
-  common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
+  if args.image_size < 2**args.depth:
+    parser.error(f"--image_size={args.image_size}: the deepest of --depth={args.depth} levels "
+                 f"needs {2**args.depth} or more")
+  common.require_torch("convolutions.py")
+  common.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
   kept_memory = common.KEPT_FREED_MEMORY
   onednn.ensure_registered()
   xla_conv = functools.partial(_lax_conv, dilation=1)
@@ -127,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -5,15 +5,17 @@
 
 Prints one JSON line: per case (size, batch) img_per_s, call_s (median),
 compile_s and, with --reference=torch, the same U-Net in PyTorch eval mode
-(channels_last, inference_mode) timed alternately in the same run, with
-ratio = ours / torch; min_ratio over the cases.
+(channels_last, inference_mode, bfloat16 autocast for --dtype=bfloat16) timed
+alternately in the same run, with ratio = ours / torch; min_ratio over the
+cases; peak_rss_mb (MiB). --sizes and --batches stand for --image_size and
+--batch_size, which it refuses.
 """
 
-import argparse
 import functools
 import time
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
+# First: common sets malloc up before numpy and jax start threads (XLA flags: common.setup).
+import common  # pylint: disable=g-bad-import-order
 
 import jax
 import numpy as np
@@ -23,14 +25,17 @@ from unet_jax import steps
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  common.model_flags(parser)
-  parser.add_argument("--sizes", default="256,640")
-  parser.add_argument("--batches", default="1,16")
+  parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+  common.model_flags(parser, sized=False)
+  parser.add_argument("--sizes", type=common.positive_list, default="256,640")
+  parser.add_argument("--batches", type=common.positive_list, default="1,16")
   args = parser.parse_args()
+  if args.reference == "torch":
+    common.require_torch("--reference=torch")
   kept_memory = common.setup(args)
-  sizes = [int(s) for s in args.sizes.split(",")]
-  batches = [int(b) for b in args.batches.split(",")]
+  sizes, batches = args.sizes, args.batches
+  # The config's shapes are the first case's; each case compiles its own.
+  args.image_size, args.batch_size = sizes[0], batches[0]
 
   config = common.make_config(args)
   mesh = parallel.make_mesh()
@@ -56,9 +61,9 @@ def main():
       compile_s = time.perf_counter() - start
       runners = {"jax": lambda c=compiled, x=device_images: c(state, x).block_until_ready()}
       if torch_model is not None:
-        runners["torch"] = _torch_predict(torch_model, images)
+        runners["torch"] = _torch_predict(torch_model, images, args.dtype)
       warm = {name: common.time_calls(run, 1)[0] for name, run in runners.items()}
-      # Blocks of about a second each, so that small calls are timed many times.
+      # Blocks of about half a second each, so that small calls are timed many times.
       per_block = max(1, min(20, round(0.5 / max(warm.values()))))
       times = common.alternate(runners, per_block, args.repeats)
       call_s = common.median(times["jax"])
@@ -88,16 +93,24 @@ def _torch_model(config):
   return model.eval()
 
 
-def _torch_predict(model, images):
+def _torch_predict(model, images, dtype_name):
+  """One prediction per call, under bfloat16 autocast for bfloat16 (as train_step's)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   x, _ = common.torch_inputs({"image": images, "mask": images[..., :1]})
+  if dtype_name == "bfloat16":
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+  else:
+    autocast = contextlib.nullcontext
 
   def run():
     with torch.inference_mode():
-      torch.sigmoid(model(x))[:, 0].contiguous()
+      with autocast():
+        logits = model(x)
+      torch.sigmoid(logits.float())[:, 0].contiguous()
 
   return run
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

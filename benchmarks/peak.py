@@ -9,11 +9,12 @@ best of `repeats` timed calls, alternating between the libraries, so it
 estimates what the machine can do rather than a loaded average.
 """
 
-import argparse
 import os
 import platform
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA flags before jax starts)
+# First: common sets malloc up before numpy and jax start threads. XLA's flags stay the
+# jaxlib's: they only change where convolutions run.
+import common  # pylint: disable=g-bad-import-order
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,9 @@ def cpu_model() -> str:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--size", type=int, default=2048)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", type=common.positive, default=2048)
+  parser.add_argument("--repeats", type=common.positive, default=10)
   args = parser.parse_args()
   n = args.size
   flop = 2.0 * n**3
@@ -67,4 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -5,19 +5,19 @@
 
 Prints one JSON line: img_per_s, step_s (median), compile_s, gflop_per_step
 (XLA's cost analysis of the step as lowered: the model's FLOPs), gflops_per_s,
-peak_rss_mb (the process after the JAX steps, before any PyTorch work), device;
+peak_rss_mb (MiB, the process after the JAX steps, before any PyTorch work), device;
 matmul_gflops_per_s (a --peak_size^3 matmul in --dtype timed between the steps)
 and peak_fraction (gflops_per_s over it); mfu (over --chip_peak_tflops, when
 given); with --reference=torch also torch_img_per_s, torch_step_s and ratio
 (ours / torch), timed alternately with ours; with --against_float32=1 also
 float32_img_per_s, float32_step_s and float32_ratio (the float32 step's time
-over ours), likewise alternated.
+over ours), likewise alternated (with --dtype=bfloat16 only).
 """
 
-import argparse
 import copy
 import time
 
+# First: common sets malloc up before numpy and jax start threads (XLA flags: common.setup).
 import common  # pylint: disable=g-bad-import-order
 
 import jax
@@ -27,19 +27,25 @@ from unet_jax import steps
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.ArgumentParser(description=__doc__.split("\n")[0])
   common.model_flags(parser)
-  parser.add_argument("--steps", type=int, default=10, help="Timed steps per implementation.")
-  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--steps", type=common.positive, default=10,
+                      help="Timed steps per implementation.")
+  parser.add_argument("--warmup", type=common.at_least(0), default=1)
   parser.add_argument("--peak", type=int, default=1,
                       help="1: also time a --peak_size^3 matmul (in --dtype) between the steps.")
-  parser.add_argument("--peak_size", type=int, default=2048,
+  parser.add_argument("--peak_size", type=common.positive, default=2048,
                       help="Matmul size for --peak; 8192 fills an accelerator.")
   parser.add_argument("--against_float32", type=int, default=0,
                       help="1: also time the same step in float32 (for --dtype=bfloat16).")
   parser.add_argument("--chip_peak_tflops", type=float, default=0.0,
                       help="The chip's datasheet dense peak in --dtype, for `mfu` (0: not given).")
   args = parser.parse_args()
+  if args.against_float32 and args.dtype == "float32":
+    parser.error("--against_float32=1 with --dtype=float32 would time the same step twice; "
+                 "give --dtype=bfloat16")
+  if args.reference == "torch":
+    common.require_torch("--reference=torch")
   kept_memory = common.setup(args)
   hits = common.count_cache_hits()
 
@@ -168,4 +174,4 @@ def _torch_step(config, host_batch, dtype_name):
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)
