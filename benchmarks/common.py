@@ -139,9 +139,7 @@ def setup(args) -> bool:
 
 def configure(cache_dir: str) -> None:
   """The project's XLA:CPU flags and, unless `cache_dir` is "off", the compilation cache."""
-  if xla_config.configure(cache_dir=cache_dir) is None:
-    # Off for JAX_COMPILATION_CACHE_DIR as well, so that compile_s is a cold compile.
-    jax.config.update("jax_enable_compilation_cache", False)
+  xla_config.configure(cache_dir=cache_dir)  # Off by default: compile_s is a cold compile.
 
 
 def require_torch(what: str):

@@ -126,12 +126,15 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   import jax  # pylint: disable=g-import-not-at-top
 
   if cache_dir in ("", "off"):
+    # Off means off, for a cache that $JAX_COMPILATION_CACHE_DIR names too.
+    jax.config.update("jax_enable_compilation_cache", False)
     return None
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   try:
     os.makedirs(cache_dir, exist_ok=True)
   except OSError as e:
     logging.warning("no compilation cache: cannot make %s (%s)", cache_dir, e.strerror)
+    jax.config.update("jax_enable_compilation_cache", False)
     return None
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
