@@ -133,13 +133,9 @@ def setup(args) -> bool:
   if not args.xla_defaults:
     os.environ["UNET_JAX_XLA_DEFAULTS"] = "0"
   os.environ["UNET_JAX_CONV"] = args.conv
-  configure(args.cache_dir)
+  # The cache off by default, as any other (JAX_COMPILATION_CACHE_DIR): compile_s is cold.
+  xla_config.configure(cache_dir=args.cache_dir)
   return KEPT_FREED_MEMORY
-
-
-def configure(cache_dir: str) -> None:
-  """The project's XLA:CPU flags and, unless `cache_dir` is "off", the compilation cache."""
-  xla_config.configure(cache_dir=cache_dir)  # Off by default: compile_s is a cold compile.
 
 
 def require_torch(what: str):

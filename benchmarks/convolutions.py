@@ -102,7 +102,7 @@ def main():
     parser.error(f"--image_size={args.image_size}: the deepest of --depth={args.depth} levels "
                  f"needs {2**args.depth} or more")
   common.require_torch("convolutions.py")
-  common.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
+  common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
   kept_memory = common.KEPT_FREED_MEMORY
   onednn.ensure_registered()
   xla_conv = functools.partial(_lax_conv, dilation=1)
