@@ -222,6 +222,9 @@ def test_a_run_keeps_its_split_when_patients_are_added_or_removed(tmp_path):
   test = data.build_source(config.data, "test", workdir)
   assert test.patients == sorted(recorded["test"] + ["TCGA_HT_9999_20000101"])
   assert data.build_source(config.data, "valid", workdir).patients == recorded["valid"]
+  data.record_splits(config.data, workdir)  # As a resume does: the gone patient stays trained.
+  again = json.loads((tmp_path / "run" / splits.RECORD_FILE).read_text())
+  assert again["train"] == recorded["train"] and "TCGA_HT_9999_20000101" in again["test"]
   (tmp_path / "run" / splits.RECORD_FILE).write_text("[1, 2]")
   with pytest.raises(UserError, match=r"splits.json: not the run's split"):
     evaluate.evaluate(config, workdir)

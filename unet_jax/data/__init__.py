@@ -88,10 +88,15 @@ def group_subsets(data_config: ml_collections.ConfigDict, root: pathlib.Path,
 
 
 def record_splits(data_config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records the run's patients or volumes by subset (`splits.json`; COCO splits are folders)."""
+  """Records the run's patients or volumes by subset (`splits.json`; COCO splits are folders).
+
+  A resume adds those new under `data.root` (as test) and keeps those gone from it: a patient
+  trained on stays recorded as trained on.
+  """
   if data_format(data_config) != "coco":
     root = data_root(data_config, workdir)
-    splits.write_record(workdir, group_subsets(data_config, root, workdir))
+    recorded = splits.read_record(workdir) or {}
+    splits.write_record(workdir, {**group_subsets(data_config, root, workdir), **recorded})
 
 
 def _recorded_split(data_config: ml_collections.ConfigDict, split: str, root: pathlib.Path,
