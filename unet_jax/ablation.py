@@ -157,8 +157,9 @@ def _check_resumable(name: str, config: ml_collections.ConfigDict,
     return  # Training starts it again from scratch, under any config.
   hint = ("rerun the sweep with the variant's own values or use another --workdir (a sweep's "
           "started variants may change only their length, patience, logging, checkpointing, "
-          "data.root and loader settings); to evaluate this variant at other eval.* settings: python launch.py "
-          f"--mode=eval --workdir={workdir} --config.eval.FIELD=VALUE")
+          "data.root and loader settings); to evaluate this variant at other eval.* "
+          f"settings: python launch.py --mode=eval --workdir={workdir} "
+          "--config.eval.FIELD=VALUE")
   try:
     saved_config.check_resumable(config, str(workdir), _VARIANT_MAY_CHANGE, hint)
   except UserError as e:

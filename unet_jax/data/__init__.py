@@ -82,7 +82,11 @@ def group_subsets(data_config: ml_collections.ConfigDict, root: pathlib.Path,
                   workdir: str | None = None) -> dict[str, str]:
   """Patient (lgg) or volume (brats) -> subset: as the run in `workdir` recorded them when it
   started (those added since: test), else as the configured split assigns them."""
-  recorded = splits.read_record(workdir) if workdir else None
+  return _assigned(data_config, root, splits.read_record(workdir) if workdir else None)
+
+
+def _assigned(data_config: ml_collections.ConfigDict, root: pathlib.Path,
+              recorded: dict[str, str] | None) -> dict[str, str]:
   return splits.assign(_groups(data_config, root), data_config.val_fraction,
                        data_config.test_fraction, data_config.split_seed, recorded)
 
@@ -94,23 +98,19 @@ def record_splits(data_config: ml_collections.ConfigDict, workdir: str) -> None:
   trained on stays recorded as trained on.
   """
   if data_format(data_config) != "coco":
-    root = data_root(data_config, workdir)
-    recorded = splits.read_record(workdir) or {}
-    splits.write_record(workdir, {**group_subsets(data_config, root, workdir), **recorded})
+    recorded = splits.read_record(workdir)
+    assigned = _assigned(data_config, data_root(data_config, workdir), recorded)
+    splits.write_record(workdir, {**assigned, **(recorded or {})})
 
 
-def _recorded_split(data_config: ml_collections.ConfigDict, split: str, root: pathlib.Path,
-                    workdir: str) -> dict[str, str] | None:
-  """The run's recorded split, warning of the groups it does not hold when `split` is test."""
-  recorded = splits.read_record(workdir)
-  if recorded is not None and split == splits.TEST:
-    added = sorted({g for g in _groups(data_config, root) if g not in recorded})
-    if added:
-      logging.warning("%s: %d patients/volumes under data.root were not there when the run "
-                      "started (%s%s); never trained on, they are evaluated as test",
-                      pathlib.Path(workdir) / splits.RECORD_FILE, len(added),
-                      ", ".join(added[:3]), ", ..." if len(added) > 3 else "")
-  return recorded
+def _warn_added(groups: list[str], recorded: dict[str, str], workdir: str) -> None:
+  """Warns of the test split's groups that the run's record does not hold."""
+  added = [g for g in groups if g not in recorded]
+  if added:
+    logging.warning("%s: %d patients/volumes under data.root were not there when the run "
+                    "started (%s%s); never trained on, they are evaluated as test",
+                    pathlib.Path(workdir) / splits.RECORD_FILE, len(added),
+                    ", ".join(added[:3]), ", ..." if len(added) > 3 else "")
 
 
 def subset_names(data_config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -157,13 +157,13 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
     raise UserError(f"data.image_size={data_config.image_size}: images are resized to this "
                     "square size in pixels; use 1 or more")
   root = data_root(data_config, workdir)
+  recorded = None if fmt == "coco" else splits.read_record(workdir)
   if fmt == "coco":
     source = _coco_source(data_config, split, root)
   elif fmt == "lgg":
     source = folders.FolderSource(root, split, data_config.image_size, data_config.channels,
                                   data_config.val_fraction, data_config.test_fraction,
-                                  data_config.split_seed,
-                                  _recorded_split(data_config, split, root, workdir))
+                                  data_config.split_seed, recorded)
   else:
     if data_config.channels != len(data_config.modalities):
       raise UserError(f"data.channels={data_config.channels} but data.modalities="
@@ -172,8 +172,9 @@ def build_source(data_config: ml_collections.ConfigDict, split: str, workdir: st
     source = brats.BratsSource(root, split, data_config.image_size, data_config.modalities,
                                data_config.mask_channels, data_config.clip_percentiles,
                                data_config.val_fraction, data_config.test_fraction,
-                               data_config.split_seed,
-                               _recorded_split(data_config, split, root, workdir))
+                               data_config.split_seed, recorded)
+  if recorded is not None and split == splits.TEST:
+    _warn_added(source.patients if fmt == "lgg" else source.volumes, recorded, workdir)
   if data_config.get("cache_dir", ""):
     source = cache.CachedSource(source, data_config.cache_dir)
   return source
