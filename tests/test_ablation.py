@@ -179,6 +179,41 @@ def _fake_training(calls, bug=False):
   return fake
 
 
+def test_a_variant_extended_after_it_started_is_marked_and_resumed_after_a_stop(
+    tmp_path, monkeypatch):
+  config = ablation_config.get_config("smoke")
+  config.sweep = {"only": {}}
+  calls = []
+
+  def fake(variant, workdir, stop=False):
+    """Trains one more epoch, as train_and_evaluate would (config.json first)."""
+    calls.append(variant.train.epochs)
+    pathlib.Path(workdir).mkdir(exist_ok=True)
+    train.write_config(variant, pathlib.Path(workdir))
+    if stop:
+      raise KeyboardInterrupt
+    epoch = len(calls)
+    reports.append_metrics(workdir, {"step": epoch, "epoch": epoch, "split": "valid",
+                                     "dice": 0.5, "iou": 0.4, "train_s": float(epoch)})
+    return {}
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  ablation.run_sweep(config, str(tmp_path))
+  assert _csv_rows(tmp_path)[0]["status"] == "ok"
+  monkeypatch.setattr(ablation, "_has_checkpoint", lambda workdir: True)
+  config.overrides.train.epochs = 4
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: fake(c, w, stop=True))
+  with pytest.raises(KeyboardInterrupt):  # Stopped after it saved its new epochs.
+    ablation.run_sweep(config, str(tmp_path))
+  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  ablation.run_sweep(config, str(tmp_path))  # Not mistaken for the finished 2-epoch run.
+  assert calls == [2, 4, 4]
+  for _ in range(2):  # Finished now: skipped, still marked.
+    ablation.run_sweep(config, str(tmp_path))
+    assert calls == [2, 4, 4]
+    assert _csv_rows(tmp_path)[0]["status"] == "ok; started with train.epochs=2"
+
+
 def test_failed_variants_are_rows_and_the_others_run(tmp_path, monkeypatch):
   config = ablation_config.get_config("smoke")
   config.sweep = {"diverges": {"norm": "none"}, "broken": {}, "fine": {"pooling": "avg"},

@@ -41,7 +41,8 @@ from unet_jax.errors import Diverged
 from unet_jax.errors import UserError
 from unet_jax.saved_config import CONFIG_FILE
 
-RESULT_FILE = "ablation_result.json"  # In a variant's folder once it has finished.
+# In a variant's folder: its score once it has finished (before: the schedule it started with).
+RESULT_FILE = "ablation_result.json"
 CSV_FILE = "ablation.csv"
 MD_FILE = "ablation.md"
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -164,10 +165,24 @@ def _check_resumable(name: str, config: ml_collections.ConfigDict,
     saved_config.check_resumable(config, str(workdir), _VARIANT_MAY_CHANGE, hint)
   except UserError as e:
     raise UserError(f"variant {name!r}: {e}") from None
-  schedule = saved_config.changed(config, str(workdir), _SCHEDULE)
-  if schedule:
+  started_with = _started_with(config, workdir)
+  if started_with:
     logging.warning("Variant %s was started with %s: it goes on from there, not as a variant "
-                    "trained so from its start would (its schedule differs)", name, schedule)
+                    "trained so from its start would (its schedule differs)", name,
+                    _settings(started_with))
+
+
+def _started_with(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+  """The schedule fields (_SCHEDULE) the run in `workdir` has other values of than `config`:
+  field -> the run's value."""
+  saved = saved_config.flat(_read_json(workdir / CONFIG_FILE) or {})
+  now = saved_config.flat(saved_config.as_json(config))
+  return {field: saved[field] for field in _SCHEDULE
+          if field in saved and saved[field] != now[field]}
+
+
+def _settings(fields: dict[str, Any]) -> str:
+  return ", ".join(f"{field}={value}" for field, value in fields.items())
 
 
 def _refusal(name: str, config: ml_collections.ConfigDict) -> str | None:
@@ -184,7 +199,7 @@ def _settled(result: dict[str, Any], config: ml_collections.ConfigDict,
              workdir: pathlib.Path) -> bool:
   """Whether the variant, whose ablation_result.json holds `result` ({}: none), finished or
   diverged before with this config: rerunning it would only do the same again."""
-  return (bool(result) and ("error" not in result or result.get("diverged", False))
+  return ("wall_s" in result and ("error" not in result or result.get("diverged", False))
           and (workdir / CONFIG_FILE).is_file()
           and not saved_config.changed(config, str(workdir), saved_config.OUTCOME_NEUTRAL,
                                        but=True))
@@ -206,10 +221,19 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     else:
       logging.info("Variant %s finished before; skipped.", name)
     return result.get("error")
+  # The schedule it started with, kept while it goes on under another length or patience:
+  # a variant extended so is not one trained so from its start. Written now, without the
+  # finished result it replaces, so that a rerun after an interruption resumes it.
+  record = {"variant": name}
+  if _has_checkpoint(workdir):
+    started_with = {**_started_with(config, workdir), **result.get("started_with", {})}
+    if started_with:
+      record["started_with"] = started_with
+  if jax.process_index() == 0 and workdir.is_dir():
+    reports.write_atomic(workdir / RESULT_FILE, json.dumps(record) + "\n")
   # Its wall time counts the commands that trained it before, interrupted or failed.
   records = reports.read_metrics(workdir)
   start = time.perf_counter() - reports.seconds_spent(records)
-  record = {"variant": name}
   try:
     # Evaluates a run trained before, if need be; {} if it had been.
     summary = train.train_and_evaluate(config, str(workdir))
@@ -223,6 +247,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
     record["eval_dice"] = (summary["metrics"]["dice"]["mean"] if summary
                            else _sweep_dice(result, config, workdir))
   trained = reports.read_metrics(workdir) != records
+  if not trained and "started_with" not in result:  # Found finished: nothing went on.
+    record.pop("started_with", None)
   # One that had finished keeps its time: restoring it to find that out is not training it.
   record["wall_s"] = (time.perf_counter() - start if trained or "wall_s" not in result
                       else result["wall_s"])
@@ -281,7 +307,8 @@ def variant_row(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
       f"{config.eval.split}_dice": eval_dice,
       "img_per_s": statistics.median(speeds) if speeds else None,
       "wall_s": result.get("wall_s"),
-      "status": status,
+      "status": (f"{status}; started with {_settings(result['started_with'])}"
+                 if "started_with" in result else status),
   }
 
 
@@ -341,7 +368,8 @@ def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -
       f"first (its epoch's IoU beside it); {base.eval.split}_dice: mean per-image Dice of the "
       f"best checkpoint on the {base.eval.split} split. Train img/s: median over the log "
       "windows after the first (which includes compilation); wall: training and evaluation. "
-      "Status: ok, failed (and why; its numbers left empty) or pending (not run yet).",
+      "Status: ok (and the schedule it started with, if it went on under another), failed "
+      "(and why; its numbers left empty) or pending (not run yet).",
   ])
 
 
@@ -403,7 +431,7 @@ def _run_sweep(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dic
     if jax.process_index() == 0:
       write_tables(sorted(rows.values(), key=_sort_key), out, title)
   logging.info("Ablation table: %s", out / MD_FILE)
-  failed = [name for name, row in rows.items() if row["status"] != OK]
+  failed = [name for name, row in rows.items() if not row["status"].startswith(OK)]
   if failed:
     raise UserError(f"{len(failed)} of {len(rows)} variants failed ({', '.join(failed)}); "
                     f"{out / MD_FILE} and the log say why")

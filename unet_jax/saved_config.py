@@ -67,14 +67,15 @@ def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
+def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A config.json's tree as {dotted name: value}."""
+  leaves = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      leaves.update(flat(value, f"{prefix}{key}."))
     else:
-      flat[prefix + key] = value
-  return flat
+      leaves[prefix + key] = value
+  return leaves
 
 
 def _first_difference(config: ml_collections.ConfigDict, workdir: str,
@@ -85,10 +86,10 @@ def _first_difference(config: ml_collections.ConfigDict, workdir: str,
   if not path.is_file():
     return None
   try:
-    saved = _flat(json.loads(path.read_text()))
+    saved = flat(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: malformed JSON ({e})") from None
-  now = _flat(as_json(config))
+  now = flat(as_json(config))
   differ = [key for key, value in saved.items() if compared(key) and now.get(key, value) != value]
   if not differ:
     return None
