@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from configs import brats as brats_config
-from unet_jax import data, export, predict, train
+from unet_jax import data, export, predict, serving, train
 from unet_jax.data import brats
 from unet_jax.errors import UserError
 
@@ -185,3 +185,9 @@ def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path):
   export.export(config, workdir, str(tmp_path / "export"))
   meta = json.loads((tmp_path / "export" / "model.json").read_text())
   assert meta["input"]["scale"].startswith("an h5 slice's 'image' channels (0, 1, 2, 3)")
+  model = serving.load(tmp_path / "export")
+  predicted = np.asarray(Image.open(tmp_path / "out" / "new_scan_mask.png")) > 0
+  assert 0 < predicted.sum() < predicted.size
+  np.testing.assert_array_equal(model.predict_file(scans / "new_scan.h5"), predicted)
+  with pytest.raises(UserError, match=r"photo\.png: not a readable HDF5 file"):
+    model.predict_file(scans / "photo.png")

@@ -35,6 +35,19 @@ def test_empty_only_when_allowed_and_likeliest():
   assert forced.sum() >= 1 and forced[3, 3]
 
 
+@pytest.mark.parametrize("rule", ["threshold", "expected_dice"])
+def test_never_empty_takes_the_likeliest_region_and_one_pixel_of_a_map_of_zeros(rule):
+  probs = np.full((8, 8), 0.01)
+  probs[2:4, 2:5] = 0.3  # Nothing passes 0.5.
+  assert decoding.decode(probs, rule, 0.5, False, False, False).sum() == (
+      6 if rule == "expected_dice" else 0)
+  np.testing.assert_array_equal(decoding.decode(probs, rule, 0.5, True, False, False),
+                                probs == 0.3)
+  # A logit under -88 is a probability of 0 in float32: no region, not the whole image.
+  zeros = decoding.decode(np.zeros((8, 8), np.float32), rule, 0.5, True, True, True)
+  assert zeros.sum() == 1 and zeros[0, 0]
+
+
 def test_no_fixed_threshold_beats_it_in_expected_dice():
   # Truths drawn pixel by pixel from the map: the decoded mask's mean Dice is
   # at least that of every threshold's mask, for maps of different confidence.

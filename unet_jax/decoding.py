@@ -37,8 +37,11 @@ def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: b
   else:
     mask = probs > threshold
     if never_empty and not mask.any():
-      # The data promise a tumour in every image: take the likeliest region.
-      mask = probs >= probs.max() / 2
+      # The data promise a tumour in every image: take the likeliest region (a map of zeros,
+      # as a logit under -88 gives, has none: its first pixel, as expected_dice_mask takes).
+      mask = probs > probs.max() / 2
+      if not mask.any():
+        mask.flat[np.argmax(probs)] = True
   if largest_component:
     mask = largest_blob(mask)
   if fill_box:

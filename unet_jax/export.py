@@ -63,6 +63,10 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
   meta = {
       "input": {"height": size, "width": size, "channels": channels, "dtype": "float32",
                 "scale": _input_scale(config.data), "resize": "bilinear to height x width"},
+      # What serving's predict_file reads from an .h5 slice, and how it scales it.
+      **({"h5_slices": {"modalities": list(config.data.modalities),
+                        "clip_percentiles": list(config.data.clip_percentiles)}}
+         if data_lib.data_format(config.data) == "brats" else {}),
       "output": "tumour probability per pixel, (N, height, width)",
       "tta": ("the image and its " + ("left-right, up-down and double flips"
                                       if config.eval.tta_up_down else "left-right flip")

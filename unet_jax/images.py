@@ -165,9 +165,11 @@ def load_image(path: str | os.PathLike, channels: int,
                size: int) -> tuple[np.ndarray, tuple[int, int]]:
   """Reads an image resized to float32 (size, size, channels) in [0, 1], and its stored size.
 
-  The same image as `resize_image(read_image(path, channels), size)`, made
-  faster: 8-bit images are resized before they become floats, and JPEGs are
-  decoded straight at a reduced scale when that is still at least `size`.
+  Nearly the same image as `resize_image(read_image(path, channels), size)`
+  (within a few 8-bit levels), made faster: 8-bit images are resized before
+  they become floats, and JPEGs are decoded straight at a reduced scale when
+  that is still at least `size`. Training, evaluation, predict and serving all
+  read images so.
 
   Returns:
     The image and the file's (width, height) as displayed (EXIF orientation applied).

@@ -4,10 +4,12 @@
     model = serving.load("runs/demo/export")
     probs = model(images)            # (N, H, W, C) float32 in [0, 1], model.json's size
     mask = model.predict_file("scan.png")   # bool mask at the file's own size
+    mask = model.predict_file("volume_1_slice_80.h5")   # a BraTS model's: an h5 slice
 
 This module deliberately imports nothing of the model code (only `decoding`,
 `images` and `errors`, themselves numpy, scipy and Pillow), so it, those three
-and the export folder run beside any jax installation. A file is read and
+and the export folder run beside any jax installation; a BraTS model's .h5
+slices also need h5py and `unet_jax.data`. A file is read and
 resized exactly as in training, and decoded as model.json says, post-processing
 included: as evaluation and `--mode=predict` decode it.
 """
@@ -50,14 +52,26 @@ class ExportedModel:
     return np.asarray(self._exported.call(images))
 
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
-    """The mask (model.json's decode rule) of one image file, at the file's own size."""
+    """The mask (model.json's decode rule) of one image file, or of a BraTS model's .h5
+    slice, at the file's own size."""
     spec = self.meta["input"]
-    image, size = images.load_image(path, spec["channels"], spec["height"])
+    if self.meta.get("h5_slices"):
+      image, size = self._load_slice(pathlib.Path(path))
+    else:
+      image, size = images.load_image(path, spec["channels"], spec["height"])
     prob = Image.fromarray(self(image[None])[0]).resize(size, Image.Resampling.BILINEAR)
     meta = self.meta
     return decoding.decode(np.asarray(prob), meta.get("decode", "threshold"), meta["threshold"],
                            meta.get("never_empty", False), meta.get("largest_component", False),
                            meta.get("fill_box", False))
+
+  def _load_slice(self, path: pathlib.Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """A BraTS slice's model input, scaled and resized as training read it, and its size."""
+    # Only a BraTS model's: h5py and the data package, which serving otherwise does without.
+    from unet_jax.data import brats  # pylint: disable=g-import-not-at-top
+    h5 = self.meta["h5_slices"]
+    image = brats.normalise(brats.read_image(path, h5["modalities"]), h5["clip_percentiles"])
+    return images.resize_image(image, self.meta["input"]["height"]), image.shape[1::-1]
 
 
 def load(folder: str | pathlib.Path) -> ExportedModel:
