@@ -135,6 +135,12 @@ def test_zero_area_polygons_are_ignored_with_a_warning(tmp_path, caplog):
   assert source.mask(0).sum() > 0  # the one real triangle is kept
   assert caplog.text.count("zero-area polygon ignored") == 2
   caplog.clear()
+  bow_tie = [[1, 1, 7, 7, 7, 1, 1, 7]]  # Signed area 0, yet two triangles.
+  source = _one(tmp_path / "bow_tie", {"image_id": 0, "category_id": 1, "segmentation": bow_tie})
+  np.testing.assert_array_equal(source.mask(0), mask_utils.decode(
+      mask_utils.merge(mask_utils.frPyObjects(bow_tie, 8, 8))))
+  assert source.mask(0).sum() > 10 and not caplog.text
+  caplog.clear()
   outside = coco.CocoSource(_export(tmp_path / "two", {0: "a.png", 1: "b.png"}, [
       {"image_id": 0, "category_id": 1, "segmentation": [[20, 20, 30, 20, 30, 30]]},
       {"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]), "train", 8)

@@ -94,9 +94,14 @@ class Shape:
   rle: dict[str, Any] | None = None
 
 
-def _polygon_area(points: np.ndarray) -> float:
-  x, y = points[:, 0], points[:, 1]
-  return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+def _on_one_line(points: np.ndarray) -> bool:
+  """Whether a polygon's points lie on one line (or are one point): it covers no area.
+
+  Not its signed area: that of a self-crossing "bow-tie" can be 0, and pycocotools fills
+  its two triangles."""
+  offsets = points - points[0]
+  direction = offsets[np.abs(offsets).sum(axis=1).argmax()]
+  return not np.any(offsets[:, 0] * direction[1] - offsets[:, 1] * direction[0])
 
 
 def _clip(points: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -136,12 +141,12 @@ def _checked_polygons(polygons: list[list[float]], height: int, width: int, wher
   kept = []
   for polygon in polygons:
     points = np.asarray(polygon, np.float64).reshape(-1, 2)
-    if len(points) < 3 or _polygon_area(points) == 0:
+    if len(points) < 3 or _on_one_line(points):
       problems.append(f"{where}: zero-area polygon ignored")
       continue
     if (points < 0).any() or (points[:, 0] > width).any() or (points[:, 1] > height).any():
       points = _clip(points, width, height)
-      if len(points) < 3 or _polygon_area(points) == 0:
+      if len(points) < 3 or _on_one_line(points):
         problems.append(f"{where}: polygon lies outside the {width}x{height} image; ignored")
         continue
       problems.append(f"{where}: polygon reaches outside the {width}x{height} image; clipped")
