@@ -112,7 +112,8 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_scores_break_down_by_the_category_of_each_image():
   counts = np.array([[4, 0, 0, 60], [2, 2, 2, 58], [0, 0, 0, 64]])
   scores = metrics.per_image_metrics(counts)
-  result = metrics.by_category(scores, counts, np.array([1, 1, 0]), (7, 9))
+  result = metrics.by_category(scores, counts, np.array([1, 1, 0]), {7: "seven", 9: "nine"})
   assert result["7"]["n_images"] == 2 and result["7"]["dice"] == pytest.approx((1 + 0.5) / 2)
   assert result["7"]["pooled"]["dice"] == pytest.approx(12 / 16)
-  assert result["9"] == {"n_images": 0, "dice": None, "iou": None, "pooled": None}
+  assert result["9"] == {"name": "nine", "n_images": 0, "dice": None, "iou": None,
+                         "pooled": None}

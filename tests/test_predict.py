@@ -126,17 +126,24 @@ def test_export_holds_the_evaluated_weights_the_ema_and_never_empty(ema_run, tmp
   assert model.predict_file(_phantom(workdir)).any()
 
 
-def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(run, tmp_path):
+def test_expected_dice_decoding_needs_no_threshold_and_predict_and_export_agree(run, tmp_path,
+                                                                              caplog):
   config, workdir = run
   config.eval.decode = "expected_dice"
-  config.eval.tune_threshold = True  # Ignored: nothing to tune.
+  config.eval.tune_threshold = True  # Ignored, with a warning: nothing to tune.
+  ignored = "eval.threshold and eval.tune_threshold are ignored"
   summary = evaluate.evaluate(config, str(workdir))
   assert summary["decode"] == "expected_dice"
   assert summary["threshold"] is None and summary["threshold_tuned_on"] is None
+  assert caplog.text.count(ignored) == 1
+  config.eval.tune_threshold = False
+  config.eval.threshold = 0.9
   predict.predict(config, str(workdir), str(_phantom(workdir)), str(tmp_path / "out"))
   predicted = np.asarray(Image.open(tmp_path / "out" / f"{_phantom(workdir).stem}_mask.png")) > 0
   exported = serving.load(export.export(config, str(workdir), str(tmp_path / "export"),
                                         platforms=("cpu",)))
+  assert caplog.text.count(ignored) == 3  # predict's and export's.
+  assert exported.meta["threshold"] is None
   np.testing.assert_array_equal(exported.predict_file(_phantom(workdir)), predicted)
   assert predicted.any()
 

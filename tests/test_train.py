@@ -436,6 +436,7 @@ def test_one_logit_per_category_trains_and_scores_their_union(tiny_config, tmp_p
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert summary["n_images"] == 8 and 0 <= summary["metrics"]["dice"]["mean"] <= 1
   rows = list(csv.DictReader(open(tmp_path / "run" / "eval" / "test" / "per_image.csv")))
+  assert [result["name"] for result in summary["by_category"].values()] == ["tumor", "other"]
   for category, result in summary["by_category"].items():
     mine = [float(row["dice"]) for row in rows if row["category"] == category]
     assert result["n_images"] == len(mine) > 0

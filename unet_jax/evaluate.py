@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import default as default_config
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import decoding
@@ -36,6 +37,13 @@ def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:
   if not 0 <= eval_config.threshold <= 1:
     raise UserError(f"eval.threshold={eval_config.threshold}: a probability, in [0, 1] "
                     "(pixels above it are tumour)")
+  # The default threshold is nobody's choice; another one, or tuning it, is.
+  if eval_config.decode != "threshold" and (
+      eval_config.tune_threshold
+      or eval_config.threshold != default_config.get_config().eval.threshold):
+    logging.warning("eval.decode=%s picks each image's mask without a threshold: "
+                    "eval.threshold and eval.tune_threshold are ignored (they are "
+                    "eval.decode=threshold's)", eval_config.decode)
   try:
     pipeline.local_batch_size(eval_config.batch_size)
   except UserError as e:
@@ -318,7 +326,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "pooled": metrics_lib.pooled_metrics(counts),
   }
   if category_ids:
-    summary["by_category"] = metrics_lib.by_category(scores, counts, labels, category_ids)
+    summary["by_category"] = metrics_lib.by_category(scores, counts, labels,
+                                                     source.category_names)
   out = output_dir(config, workdir)
   with contextlib.ExitStack() as writer:
     if jax.process_index() == 0:
@@ -334,6 +343,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                summary["metrics"]["iou"]["mean"], summary["metrics"]["hd95"]["mean"],
                len(source), out)
   for category, result in summary.get("by_category", {}).items():
-    logging.info("%s, category %s: mean Dice %s over %d images", split, category,
-                 "-" if result["dice"] is None else f"{result['dice']:.4f}", result["n_images"])
+    logging.info("%s, category %s (%r): mean Dice %s over %d images", split, category,
+                 result["name"], "-" if result["dice"] is None else f"{result['dice']:.4f}",
+                 result["n_images"])
   return summary

@@ -72,7 +72,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
                                       if config.eval.tta_up_down else "left-right flip")
               + ", averaged inside the model") if config.eval.tta else "none",
       "decode": config.eval.decode,
-      "threshold": config.eval.threshold,
+      "threshold": config.eval.threshold if config.eval.decode == "threshold" else None,
       "never_empty": config.eval.never_empty,
       "largest_component": config.eval.largest_component,
       "fill_box": config.eval.fill_box,

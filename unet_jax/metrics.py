@@ -77,17 +77,19 @@ def pooled_metrics(counts: np.ndarray) -> dict[str, float]:
 
 
 def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
-                category_ids) -> dict[str, dict]:
-  """Category id -> its images' count, mean Dice and IoU, and pooled Dice and IoU; an image
-  counts for the category covering most of its tumour (label k: the k-th id)."""
+                category_names: dict) -> dict[str, dict]:
+  """Category id -> its name, its images' count, mean Dice and IoU, and pooled Dice and IoU;
+  an image counts for the category covering most of its tumour (label k: the k-th id of
+  `category_names`, id -> name)."""
   summary = {}
-  for label, category in enumerate(category_ids, start=1):
+  for label, (category, name) in enumerate(category_names.items(), start=1):
     chosen = labels == label
     if not chosen.any():
-      summary[str(category)] = {"n_images": 0, "dice": None, "iou": None, "pooled": None}
+      summary[str(category)] = {"name": name, "n_images": 0, "dice": None, "iou": None,
+                                "pooled": None}
       continue
     summary[str(category)] = {
-        "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
+        "name": name, "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
         "iou": float(scores["iou"][chosen].mean()),
         "pooled": pooled_metrics(counts[chosen])}
   return summary

@@ -54,6 +54,10 @@ class CachedSource:
   def file_names(self) -> list[str]:
     return self._file_names
 
+  @property
+  def category_names(self) -> dict:
+    return self.source.category_names
+
   def _write(self, path: pathlib.Path, stacked: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:

@@ -251,6 +251,8 @@ class CocoSource:
     self.json_path, self.image_dir, self.split = subset.json_path, subset.image_dir, split
     self.image_size, self.channels = image_size, channels
     self.category_ids = tuple(category_ids)
+    # The export's own names, which need not be its ids (the brain-tumour export's 1 is "0").
+    self.category_names = {c: subset.categories.get(c, str(c)) for c in self.category_ids}
     unknown = set(self.category_ids) - set(subset.categories)
     if subset.categories and unknown:
       known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())
