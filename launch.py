@@ -239,6 +239,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, --config file, variant or field one line, not a
   traceback (ml_collections puts one in its messages)."""
   config = _flag_value(argv, "config")
+  if config is None and any(arg.startswith("--config.") for arg in argv):
+    # Else absl calls the first override an unknown flag.
+    sys.exit(f"error: --config is required in --mode={_flag_value(argv, 'mode') or 'train'} "
+             "(its --config.* fields are set on it)")
   if config and not config.partition(":")[0].endswith(".py"):  # It would be run as Python.
     sys.exit(f"error: --config={config}: not a config file (path.py or path.py:arg); without "
              "--config, --mode=eval, predict and export read the run's own config.json")

@@ -559,6 +559,8 @@ def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):
   for args, line in (
       ([], "error: --config is required in --mode=train"),
       (["--mode=describe"], "error: --config is required in --mode=describe"),
+      (["--config.data.root=DATA"],
+       "error: --config is required in --mode=train (its --config.* fields are set on it)"),
       (["--config=configs/brain.py:smoke", "runs/x"], "error: unexpected arguments: ['runs/x']"),
       (["--mode=predict", "--config=configs/brain.py:smoke", f"--output={tmp_path / 'out'}"],
        "error: --mode=predict needs --input=IMAGE_OR_FOLDER and --output=FOLDER"),

@@ -324,5 +324,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   checkpoints.close()
   if evaluates:
     return evaluate.evaluate(config, workdir)
-  logging.info("No %r split in the dataset; skipped the final evaluation.", config.eval.split)
+  logging.info("No %r split in the dataset; skipped the final evaluation (another split: "
+               "python launch.py --mode=eval --workdir=%s --config.eval.split=%s)",
+               config.eval.split, workdir, config.data.val_split)
   return {}
