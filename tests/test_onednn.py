@@ -222,6 +222,32 @@ def test_without_avx512_bfloat16_models_keep_xla_kernels(run_env):
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_a_primitive_runs_on_threads_other_than_the_one_that_made_it(run_env):
+  """XLA runs a custom call on any of its threads. oneDNN's own scratchpad is the creating
+  thread's: on another, the dilated kernel's gradient (a gemm convolution) wrote through a
+  null one and the process died (a segfault) at a random step of a dilated model."""
+  script = textwrap.dedent("""
+      import threading
+      import jax, jax.numpy as jnp, numpy as np
+      from unet_jax import onednn
+      x = jax.random.normal(jax.random.key(0), (2, 12, 12, 16))
+      kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+      grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(onednn.conv(x, k, 2))), (0, 1)))
+      first = jax.block_until_ready(grad(x, kernel))  # Its primitives made on this thread.
+      for _ in range(3):
+        out = []
+        thread = threading.Thread(target=lambda: out.append(jax.block_until_ready(
+            grad(x, kernel))))
+        thread.start()
+        thread.join()
+        for a, b in zip(first, out[0]):
+          np.testing.assert_array_equal(a, b)
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=run_env(1),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+
+
 def test_several_devices_keep_xla(monkeypatch):
   assert jax.device_count() == 4
   monkeypatch.setenv("UNET_JAX_CONV", "auto")

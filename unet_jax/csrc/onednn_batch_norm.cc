@@ -31,7 +31,7 @@ using Key = std::tuple<bool, int64_t, int64_t, int64_t, int64_t, dnnl::memory::d
 
 struct Plan {
   dnnl::primitive primitive;
-  Desc data, channels;
+  Desc data, channels, scratchpad;
 };
 
 std::shared_ptr<const Plan> GetPlan(bool backward, int64_t n, int64_t h, int64_t w, int64_t c,
@@ -52,8 +52,10 @@ std::shared_ptr<const Plan> GetPlan(bool backward, int64_t n, int64_t h, int64_t
         Engine(), dnnl::prop_kind::backward, made->data, made->data, made->data, epsilon, kFlags,
         fwd, unet_onednn::Strict());
     made->primitive = dnnl::batch_normalization_backward(bwd);
+    made->scratchpad = bwd.scratchpad_desc();
   } else {
     made->primitive = dnnl::batch_normalization_forward(fwd);
+    made->scratchpad = fwd.scratchpad_desc();
   }
   plan = made;
   return plan;
@@ -83,6 +85,7 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims,
       args.emplace(arg, dnnl::memory(per_channel ? plan->channels : plan->data, Engine(), data));
     }
     std::lock_guard<std::mutex> lock(unet_onednn::ExecutionMutex());
+    args.emplace(DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(plan->scratchpad));
     plan->primitive.execute(unet_onednn::Stream(), args);
     unet_onednn::Stream().wait();
   });

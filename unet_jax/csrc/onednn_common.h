@@ -3,8 +3,11 @@
 #ifndef UNET_JAX_CSRC_ONEDNN_COMMON_H_
 #define UNET_JAX_CSRC_ONEDNN_COMMON_H_
 
+#include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -35,10 +38,12 @@ inline dnnl::engine& Engine() {
 
 // Float32 computed as float32 whatever ONEDNN_DEFAULT_FPMATH_MODE says: set to bf16 or any,
 // it would let oneDNN round float32 layers to bfloat16 on CPUs with such kernels, silently.
+// And the scratchpad is the caller's (Scratchpad below).
 inline const dnnl::primitive_attr& Strict() {
   static const dnnl::primitive_attr attr = [] {
     dnnl::primitive_attr strict;
     strict.set_fpmath_mode(dnnl::fpmath_mode::strict);
+    strict.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     return strict;
   }();
   return attr;
@@ -49,13 +54,32 @@ inline dnnl::stream& Stream() {
   return stream;
 }
 
-// XLA runs independent thunks on several threads at once, and a primitive
-// owns one scratchpad: two branches running the same cached primitive (a
-// TTA flip, the kernel gradients of two layers of one shape) corrupted each
-// other. One primitive at a time, each on all cores (OpenMP), loses nothing.
+// XLA runs independent thunks on several threads at once, and the primitives
+// share one scratchpad (Scratchpad below): two branches running at once (a
+// TTA flip, the kernel gradients of two layers of one shape) would corrupt
+// each other. One primitive at a time, each on all cores (OpenMP), loses
+// nothing.
 inline std::mutex& ExecutionMutex() {
   static std::mutex mutex;
   return mutex;
+}
+
+// The scratchpad of a primitive with scratchpad `desc`, in one buffer that every primitive
+// shares, grown to the largest need: they run one at a time, and the caller holds
+// ExecutionMutex. oneDNN's own scratchpad is per thread, sized on the thread that created
+// the primitive, and XLA runs a custom call on any of its threads: there a kernel wrote
+// through a null one (the gemm convolution of dilated kernels crashed at random steps).
+inline dnnl::memory Scratchpad(const Desc& desc) {
+  static std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
+  static size_t size = 0;
+  const size_t need = desc.get_size();
+  if (need > size) {
+    const size_t rounded = (need + 4095) / 4096 * 4096;
+    buffer.reset(std::aligned_alloc(4096, rounded));
+    if (!buffer) throw std::bad_alloc();
+    size = rounded;
+  }
+  return dnnl::memory(desc, Engine(), buffer.get());
 }
 
 // Runs `body`, turning an exception into an error XLA reports, named `name`.

@@ -46,22 +46,31 @@ struct Operand {
   Desc user, prim;
   bool output;
   dnnl::reorder reorder;  // user -> prim for inputs, prim -> user for outputs.
+  Desc reorder_scratchpad;
 };
 
 struct Plan {
   dnnl::primitive primitive;
+  Desc scratchpad;
   std::vector<Operand> operands;  // In the order of the handler's buffers.
 };
 
 Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
-  Operand op{arg, user, prim, output, dnnl::reorder()};
+  Operand op{arg, user, prim, output, dnnl::reorder(), Desc()};
   if (user != prim) {
     const Desc& from = output ? prim : user;
     const Desc& to = output ? user : prim;
-    op.reorder = dnnl::reorder(
-        dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, unet_onednn::Strict()));
+    dnnl::reorder::primitive_desc reorder(Engine(), from, Engine(), to, unet_onednn::Strict());
+    op.reorder = dnnl::reorder(reorder);
+    op.reorder_scratchpad = reorder.scratchpad_desc();
   }
   return op;
+}
+
+void Reorder(const Operand& op, const dnnl::memory& from, const dnnl::memory& to) {
+  op.reorder.execute(unet_onednn::Stream(),
+                     {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                      {DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(op.reorder_scratchpad)}});
 }
 
 // Element types of the handler's three buffers, in their order.
@@ -90,6 +99,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
   auto plan = std::make_shared<Plan>();
   if (kind == kFwd) {
     plan->primitive = dnnl::convolution_forward(fwd);
+    plan->scratchpad = fwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_SRC, src, fwd.src_desc(), false),
                       MakeOperand(DNNL_ARG_WEIGHTS, hwio, fwd.weights_desc(), false),
                       MakeOperand(DNNL_ARG_DST, dst, fwd.dst_desc(), true)};
@@ -98,6 +108,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
                                                         strides, dilates, pad_l, pad_r, fwd,
                                                         unet_onednn::Strict());
     plan->primitive = dnnl::convolution_backward_data(bwd);
+    plan->scratchpad = bwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
                       MakeOperand(DNNL_ARG_WEIGHTS, hwio, bwd.weights_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_SRC, src, bwd.diff_src_desc(), true)};
@@ -106,6 +117,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
                                                            strides, dilates, pad_l, pad_r, fwd,
                                                            unet_onednn::Strict());
     plan->primitive = dnnl::convolution_backward_weights(bwd);
+    plan->scratchpad = bwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_SRC, src, bwd.src_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_WEIGHTS, hwio, bwd.diff_weights_desc(), true)};
@@ -143,12 +155,13 @@ void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
     if (op.output) {
       write_back.emplace_back(&op, user);
     } else {
-      op.reorder.execute(stream, user, reordered);
+      Reorder(op, user, reordered);
     }
     args.emplace(op.arg, reordered);
   }
+  args.emplace(DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(plan.scratchpad));
   plan.primitive.execute(stream, args);
-  for (auto& [op, user] : write_back) op->reorder.execute(stream, args.at(op->arg), user);
+  for (auto& [op, user] : write_back) Reorder(*op, args.at(op->arg), user);
   stream.wait();
 }
 
