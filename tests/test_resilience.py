@@ -283,8 +283,10 @@ def test_keep_checkpoints_must_keep_one(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
-@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_epochs"])
+@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_epochs",
+                                   "step_every_epochs"])
 def test_cadences_must_be_one_or_more(tiny_config, tmp_path, field):
+  tiny_config.train.schedule = "step"  # Else its step_every_epochs is not used.
   setattr(tiny_config.train, field, 0)
   with pytest.raises(UserError, match=f"train.{field}=0: use 1 or more"):
     train.train_and_evaluate(tiny_config, str(tmp_path))

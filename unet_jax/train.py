@@ -101,8 +101,8 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
   devices and the rest of eval.* (first used after an epoch); loader settings of 0 or more;
-  at least one checkpoint kept; one epoch or more; logging and checkpoint cadences of 1 or
-  more; one logit, or one loss weight, per category needs that many COCO categories."""
+  at least one checkpoint kept; one epoch or more; logging, checkpoint and step-schedule
+  cadences of 1 or more; one logit, or one loss weight, per category needs that many COCO categories."""
   try:
     pipeline.local_batch_size(config.train.batch_size)
   except UserError as e:
@@ -115,7 +115,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     "resumed run starts from; the best is kept besides)")
   if config.train.epochs < 1:
     raise UserError(f"train.epochs={config.train.epochs}: train 1 or more")
-  for name, unit in (("log_every_steps", "steps"), ("checkpoint_every_epochs", "epochs")):
+  cadences = [("log_every_steps", "steps"), ("checkpoint_every_epochs", "epochs")]
+  if config.train.schedule == "step":
+    cadences.append(("step_every_epochs", "epochs"))
+  for name, unit in cadences:
     every = config.train[name]
     if every < 1:
       raise UserError(f"train.{name}={every}: use 1 or more (how many {unit} apart)")
