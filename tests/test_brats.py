@@ -106,6 +106,7 @@ def _write(path, **datasets):
     ({"image": np.zeros((16, 16, 4)), "mask": np.zeros((3, 16, 16))},
      r"image of shape \(16, 16, 4\) and mask of shape \(3, 16, 16\) are not \(H, W, channels\)"),
     ({"image": np.zeros((4, 16, 16)), "mask": np.zeros((16, 16, 3))}, r"image .* are not \(H, W"),
+    ({"image": np.zeros((4, 16, 16)), "mask": np.zeros((3, 16, 16))}, r"image .* are not \(H, W"),
     ({"image": np.zeros((16, 16, 4)), "mask": np.zeros((8, 8, 3))},
      r"image of 16x16 pixels but mask of 8x8; a slice's image and mask must be the same size"),
     ({"image": np.zeros((16, 16, 4)), "mask": np.zeros((16, 16))},

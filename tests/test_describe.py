@@ -13,6 +13,7 @@ import pytest
 
 from configs import brain, brats as brats_config, lgg
 from unet_jax import describe
+from unet_jax.errors import UserError
 import test_coco
 import test_folders
 
@@ -92,6 +93,41 @@ def test_coco_annotation_of_an_undeclared_category_is_listed_not_foreground(tmp_
   assert "annotation 1 of b.png: category_id 7 is not among" in summary["problems"][0]
   # Training reads b.png as a negative: so does the summary.
   assert summary["all"]["empty_images"] == 1 and summary["all"]["mask_area_pixels"]["max"] == 4
+
+
+def test_what_training_would_refuse_of_a_coco_export(tmp_path):
+  root = _coco_export(tmp_path)
+  (root / "train" / "b.png").write_bytes(b"not a png")
+  coco = json.loads((root / "valid" / "_annotations.coco.json").read_text())
+  coco["images"] = []
+  (root / "valid" / "_annotations.coco.json").write_text(json.dumps(coco))
+  config = brain.get_config()
+  config.data.root = str(root)
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert summary["subsets"]["train"]["images"] == 2 and summary["subsets"]["valid"]["images"] == 0
+  assert summary["num_problems"] == 2
+  assert "b.png: not a readable image" in summary["problems"][0]
+  assert "lists no images, so split 'valid' is empty" in summary["problems"][1]
+  config.data.category_ids = (7,)
+  with pytest.raises(UserError, match=r"category_ids \[7\] are not among its categories"):
+    describe.describe(config, str(tmp_path / "out"))
+
+
+def test_a_folder_it_cannot_write_leaves_the_earlier_description_whole(tmp_path):
+  root = _coco_export(tmp_path)
+  coco = json.loads((root / "train" / "_annotations.coco.json").read_text())
+  coco["categories"][1]["name"] = "T1$^{gd$ core"  # Not mathtext for matplotlib.
+  (root / "train" / "_annotations.coco.json").write_text(json.dumps(coco))
+  config = brain.get_config()
+  config.data.root = str(root)
+  out = tmp_path / "out"
+  describe.describe(config, str(out))
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  (out / f"{describe.PLOT_FILE}.tmp").mkdir()  # Where the picture would be written.
+  config.data.category_ids = (1,)
+  with pytest.raises(UserError, match=r"dataset_summary.png.tmp: Is a directory$"):
+    describe.describe(config, str(out))
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_one_annotation_file_layout(tmp_path):
@@ -177,6 +213,15 @@ def test_brats_2d_masks_name_the_problem(tmp_path):
     describe.describe(config, str(tmp_path / "out"))
 
 
+def test_brats_channels_training_would_refuse_are_an_error(tmp_path):
+  config, paths, write = _brats_config(tmp_path, volumes=[1])
+  for path in paths:
+    write(path, image=np.zeros((16, 16, 4)), mask=np.zeros((16, 16, 3), np.uint8))
+  config.data.mask_channels = ()
+  with pytest.raises(UserError, match=r"data.mask_channels must be distinct channel indices"):
+    describe.describe(config, str(tmp_path / "out"))
+
+
 def test_brats_slices_training_would_refuse_are_listed(tmp_path):
   config, paths, write = _brats_config(tmp_path, volumes=[1, 2])
   write(paths[0], image=np.zeros((16, 16, 4)), mask=np.zeros((3, 16, 16), np.uint8))
@@ -210,7 +255,7 @@ def test_describe_from_the_command_line(tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((tmp_path / "out" / describe.SUMMARY_FILE).read_text())
-  assert summary["all"]["images"] == 4
+  assert summary["all"]["images"] == 3  # Training refuses it: so does the summary.
   assert summary["num_problems"] == 1 and "c.png: image file not found" in summary["problems"][0]
   assert (tmp_path / "out" / describe.CSV_FILE).is_file()
 

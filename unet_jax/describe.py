@@ -14,14 +14,16 @@ writes into OUT:
                           configured categories, per image with any)
     dataset_summary.png   images per subset, annotations per category, mask-area histogram
 
-Only annotation files and masks are read (COCO images never are; of LGG and
-BraTS slices, the image header or h5 metadata too, checked as training checks
-them), and neither jax nor grain is imported. Problems are listed in the
-summary and the rest is described.
+Only annotation files, masks and image headers are read (of COCO images and
+LGG slices the header, of BraTS slices the h5 metadata, checked as training
+checks them), and neither jax nor grain is imported. Problems are listed in
+the summary and the rest is described; a config training would refuse (a
+category the data lack, bad BraTS channels) is an error.
 """
 
 import collections
 from collections.abc import Iterator
+import contextlib
 import csv
 import json
 import pathlib
@@ -47,7 +49,6 @@ SUMMARY_FILE = "dataset_summary.json"
 PLOT_FILE = "dataset_summary.png"
 COLUMNS = ("file_name", "width", "height", "category_id", "segmentation", "subset", "area")
 _QUANTILES = {"min": 0, "p05": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}
-_MAX_PROBLEMS = 50
 
 
 class _Image:
@@ -71,18 +72,24 @@ def _rle_text(mask: np.ndarray) -> str:
 
 
 def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
-                 categories: dict[str, str], problems: list[str]) -> Iterator[_Image]:
+                 categories: dict[str, str], problems: list[str],
+                 subset_names: list[str]) -> Iterator[_Image]:
   layout = data_lib.coco_layout(data_config)
   wanted = set(data_config.category_ids)
-  for subset_name in coco.subset_names(root, layout):
+  subset_names += coco.subset_names(root, layout)
+  for subset_name in subset_names:
     subset = coco.load_subset(root, subset_name, layout)
+    coco.check_category_ids(subset, data_config.category_ids)
     categories.update({str(k): v for k, v in subset.categories.items()})
+    if not subset.images:  # Training stops on it.
+      problems.append(f"{subset.json_path}: lists no images, so split {subset_name!r} is empty")
     problems.extend(coco.duplicate_file_names(subset))
     for image in subset.images:
-      try:
-        coco.image_path(subset, image["file_name"])
+      try:  # Missing, unreadable, or of another size: training refuses it.
+        coco.check_image(subset, image)
       except UserError as e:
         problems.append(str(e))
+        continue
       height, width = image["height"], image["width"]
       described = _Image(subset_name, image["file_name"], width, height)
       foreground = []
@@ -121,12 +128,15 @@ def _checked_mask(data_config: ml_collections.ConfigDict, root: pathlib.Path, fi
 
 
 def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
-                  problems: list[str]) -> Iterator[_Image]:
+                  problems: list[str], subset_names: list[str]) -> Iterator[_Image]:
   fmt = data_lib.data_format(data_config)
   subsets = data_lib.group_subsets(data_config, root)
+  subset_names += splits.ordered(set(subsets.values()))
   if fmt == "lgg":
     slices = folders.scan(root)
   else:
+    brats.check_indices("modalities", data_config.modalities)
+    brats.check_indices("mask_channels", data_config.mask_channels)
     slices = [(volume, name, name) for volume, name in brats.scan(root)]
   for group, file_name, mask_name in slices:
     try:
@@ -181,8 +191,19 @@ class _Stats:
             "mask_area_fraction": quantiles(self.fractions)}
 
 
+def _plain(text: str) -> str:
+  """`text` as matplotlib shows it, not as mathtext between two $."""
+  return text.replace("$", r"\$")
+
+
+def _legend(ax) -> None:
+  if ax.get_legend_handles_labels()[0]:  # Else matplotlib warns of an empty legend.
+    ax.legend()
+
+
 def _plot(path: pathlib.Path, stats: dict[str, _Stats], categories: dict[str, str]) -> None:
-  names = list(stats)
+  names = [_plain(name) for name in stats]
+  stats = dict(zip(names, stats.values()))
   fig = matplotlib.figure.Figure(figsize=(15, 4.5), layout="constrained")
   ax_images, ax_categories, ax_areas = fig.subplots(1, 3)
   x = np.arange(len(names))
@@ -192,24 +213,46 @@ def _plot(path: pathlib.Path, stats: dict[str, _Stats], categories: dict[str, st
                        color="tab:gray")
   ax_images.bar_label(bars, labels=[str(stats[n].images) for n in names])
   ax_images.set(xticks=x, xticklabels=names, title="Images per subset", ylabel="images")
-  ax_images.legend()
+  _legend(ax_images)
   category_ids = sorted({c for n in names for c in stats[n].per_category})
   width = 0.8 / max(1, len(names))
   for i, name in enumerate(names):
     counts = [stats[name].per_category[c] for c in category_ids]
     ax_categories.bar(np.arange(len(category_ids)) + i * width, counts, width, label=name)
   ax_categories.set(xticks=np.arange(len(category_ids)) + width * (len(names) - 1) / 2,
-                    xticklabels=[f"{c} ({categories.get(c, '?')})"[:24] for c in category_ids],
+                    xticklabels=[_plain(f"{c} ({categories.get(c, '?')})"[:24])
+                                 for c in category_ids],
                     title="Annotations per category", ylabel="annotations")
-  ax_categories.legend()
+  _legend(ax_categories)
   bins = np.linspace(0, max([max(s.fractions, default=0) for s in stats.values()] + [0.01]), 31)
   for name in names:
     if stats[name].fractions:
       ax_areas.hist(stats[name].fractions, bins=bins, histtype="step", linewidth=1.5, label=name)
   ax_areas.set(title="Foreground area per image (with any)", xlabel="fraction of the image",
                ylabel="images")
-  ax_areas.legend()
-  fig.savefig(path, dpi=100)
+  _legend(ax_areas)
+  fig.savefig(path, dpi=100, format="png")
+
+
+def _summary(data_config: ml_collections.ConfigDict, root: pathlib.Path,
+             categories: dict[str, str], stats: dict[str, _Stats], total: _Stats,
+             problems: list[str]) -> dict[str, Any]:
+  fmt = data_lib.data_format(data_config)
+  foreground = list(data_config.category_ids) if fmt == "coco" else []
+  summary = {
+      "format": fmt, "root": str(root), "foreground_category_ids": foreground or "all",
+      "categories": categories,
+      "subsets": {name: s.summary() for name, s in stats.items()},
+      "all": total.summary(),
+      "num_problems": len(problems), "problems": problems,
+  }
+  if fmt != "coco":
+    groups = collections.Counter(data_lib.group_subsets(data_config, root).values())
+    key = "patients" if fmt == "lgg" else "volumes"
+    for name, s in summary["subsets"].items():
+      s[key] = groups[name]
+    summary["all"][key] = sum(groups.values())
+  return summary
 
 
 def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -225,18 +268,19 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   root = data_lib.data_root(data_config, workdir)
   problems: list[str] = []
   categories: dict[str, str] = {}
+  subset_names: list[str] = []
   if fmt == "coco":
-    images = _coco_images(data_config, root, categories, problems)
+    images = _coco_images(data_config, root, categories, problems, subset_names)
   else:
-    images = _slice_images(data_config, root, problems)
+    images = _slice_images(data_config, root, problems, subset_names)
     categories["1"] = "tumour"
   stats: dict[str, _Stats] = collections.defaultdict(_Stats)
   total = _Stats()
-  # Written aside and moved into place once described: a dataset that stops describe leaves
-  # no header-only annotations.csv behind, nor one in place of an earlier description's.
-  partial = out / (CSV_FILE + ".tmp")
+  # Written aside and moved into place once all three are: a dataset or a folder that stops
+  # describe leaves an earlier description whole, and nothing of this one.
+  partial = {name: out / f"{name}.tmp" for name in (CSV_FILE, SUMMARY_FILE, PLOT_FILE)}
   try:
-    with open(partial, "w", newline="", encoding="utf-8") as f:
+    with open(partial[CSV_FILE], "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=COLUMNS)
       writer.writeheader()
       for image in images:
@@ -247,27 +291,19 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not total.images:
       first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
       raise UserError(f"data.root {root}: no images found{first}")
-  except BaseException:
-    partial.unlink(missing_ok=True)
-    raise
-  partial.replace(out / CSV_FILE)
-  stats = {name: stats[name] for name in splits.ordered(stats)}
-  foreground = list(data_config.category_ids) if fmt == "coco" else []
-  summary = {
-      "format": fmt, "root": str(root), "foreground_category_ids": foreground or "all",
-      "categories": categories,
-      "subsets": {name: s.summary() for name, s in stats.items()},
-      "all": total.summary(),
-      "num_problems": len(problems), "problems": problems[:_MAX_PROBLEMS],
-  }
-  if fmt != "coco":
-    groups = collections.Counter(data_lib.group_subsets(data_config, root).values())
-    key = "patients" if fmt == "lgg" else "volumes"
-    for name, s in summary["subsets"].items():
-      s[key] = groups[name]
-    summary["all"][key] = sum(groups.values())
-  (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-  _plot(out / PLOT_FILE, stats, categories)
-  logging.info("%s: %d images, %d annotations in %s -> %s", root, total.images,
-               total.annotations, ", ".join(stats), out)
+    stats = {name: stats[name] for name in splits.ordered(set(stats) | set(subset_names))}
+    summary = _summary(data_config, root, categories, stats, total, problems)
+    partial[SUMMARY_FILE].write_text(json.dumps(summary, indent=2) + "\n")
+    _plot(partial[PLOT_FILE], stats, categories)
+    for name, path in partial.items():
+      path.replace(out / name)
+  except OSError as e:  # A folder it may not write to, a full disk.
+    raise UserError(f"{e.filename or out}: {e.strerror or e}") from None
+  finally:
+    for path in partial.values():
+      with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+  listed = f"; {len(problems)} problems, listed in {SUMMARY_FILE}" if problems else ""
+  logging.info("%s: %d images, %d annotations in %s -> %s%s", root, total.images,
+               total.annotations, ", ".join(stats), out, listed)
   return summary

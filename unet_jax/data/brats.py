@@ -120,7 +120,9 @@ def _opened(path: pathlib.Path) -> Iterator[Any]:
 def _check_shapes(path: pathlib.Path, image: tuple[int, ...], mask: tuple[int, ...],
                   modalities: Sequence[int], mask_channels: Sequence[int]) -> None:
   """Checks stored shapes: image (H, W, C), mask (H, W, K) or (H, W), the channels asked for."""
-  channels_first = mask[1:3] == image[:2] or image[1:3] == mask[:2]  # (C, H, W) beside (H, W, ...)
+  # (C, H, W) beside (H, W, ...), or both so.
+  channels_first = (mask[1:3] == image[:2] or image[1:3] == mask[:2]
+                    or (len(image) == len(mask) == 3 and image[1:] == mask[1:]))
   if len(image) != 3 or len(mask) not in (2, 3) or (image[:2] != mask[:2] and channels_first):
     raise UserError(f"{path}: image of shape {image} and mask of shape {mask} are not "
                     "(H, W, channels) of one H, W; store slices channels-last")
@@ -193,7 +195,7 @@ def read_image(path: pathlib.Path, modalities: Sequence[int]) -> np.ndarray:
     return _read(image)[..., list(modalities)]
 
 
-def _check_indices(name: str, values: Sequence[int]) -> tuple[int, ...]:
+def check_indices(name: str, values: Sequence[int]) -> tuple[int, ...]:
   values = tuple(values)
   if not values or len(set(values)) != len(values) or not all(
       isinstance(v, int) and v >= 0 for v in values):
@@ -215,8 +217,8 @@ class BratsSource:
                test_fraction: float = 0.1, split_seed: int = 0,
                recorded_split: Mapping[str, str] | None = None):
     h5py_module()
-    self.modalities = _check_indices("modalities", modalities)
-    self.mask_channels = _check_indices("mask_channels", mask_channels)
+    self.modalities = check_indices("modalities", modalities)
+    self.mask_channels = check_indices("mask_channels", mask_channels)
     self.percentiles = tuple(float(p) for p in percentiles)
     if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
       raise UserError(f"data.clip_percentiles must be (low, high) in [0, 100], got {percentiles}")

@@ -176,6 +176,36 @@ def image_path(subset: Subset, file_name: str) -> pathlib.Path:
   return path
 
 
+def check_category_ids(subset: Subset, category_ids: Sequence[Any]) -> None:
+  """Refuses `data.category_ids` the subset's file does not declare (one that declares none
+  takes any)."""
+  unknown = set(category_ids) - set(subset.categories)
+  if subset.categories and unknown:
+    known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())
+    raise UserError(f"{subset.json_path}: data.category_ids {sorted(unknown, key=str)} are not "
+                    f"among its categories: {known}")
+
+
+def check_image(subset: Subset, image: dict[str, Any]) -> pathlib.Path:
+  """The path of one of the subset's images, which exists, is an image (its header is read)
+  and has the size the file lists.
+
+  Raises:
+    UserError: it is none of these, or its file_name leaves the dataset's folder.
+  """
+  path = image_path(subset, image["file_name"])
+  check_size(path, images_lib.displayed_size(path), image["width"], image["height"],
+             subset.json_path)
+  return path
+
+
+def check_size(path: pathlib.Path, stored: tuple[int, int], width: int, height: int,
+               json_path: pathlib.Path) -> None:
+  if stored != (width, height):
+    raise UserError(f"{path}: image is {stored[0]}x{stored[1]} but {json_path.name} says "
+                    f"{width}x{height}")
+
+
 def undeclared_category(subset: Subset, annotation: dict[str, Any], where: str) -> str | None:
   """The problem of an annotation whose category the file does not declare (it is ignored),
   or None."""
@@ -251,18 +281,12 @@ class CocoSource:
     self.json_path, self.image_dir, self.split = subset.json_path, subset.image_dir, split
     self.image_size, self.channels = image_size, channels
     self.category_ids = tuple(category_ids)
+    check_category_ids(subset, self.category_ids)
     # The export's own names, which need not be its ids (the brain-tumour export's 1 is "0").
     self.category_names = {c: subset.categories.get(c, str(c)) for c in self.category_ids}
-    unknown = set(self.category_ids) - set(subset.categories)
-    if subset.categories and unknown:
-      known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())
-      raise UserError(f"{self.json_path}: data.category_ids {sorted(unknown)} are not among "
-                      f"its categories: {known}")
     self._file_names = [image["file_name"] for image in subset.images]
-    self._paths = [image_path(subset, name) for name in self._file_names]
     # Headers only: a fraction of a second for thousands.
-    for path, image in zip(self._paths, subset.images):
-      self._check_size(path, images_lib.displayed_size(path), image["width"], image["height"])
+    self._paths = [check_image(subset, image) for image in subset.images]
     self._sizes = np.array([(image["height"], image["width"]) for image in subset.images],
                            np.int64).reshape(-1, 2)
     problems: list[str] = []
@@ -280,12 +304,6 @@ class CocoSource:
 
   def __len__(self) -> int:
     return len(self._file_names)
-
-  def _check_size(self, path: pathlib.Path, stored: tuple[int, int], width: int,
-                  height: int) -> None:
-    if stored != (width, height):
-      raise UserError(f"{path}: image is {stored[0]}x{stored[1]} but {self.json_path.name} says "
-                      f"{width}x{height}")
 
   def __repr__(self) -> str:
     return f"CocoSource({self.json_path}, {self.split!r}, {len(self)} images)"
@@ -314,7 +332,7 @@ class CocoSource:
     file_name, path = self._file_names[index], self._paths[index]
     height, width = (int(v) for v in self._sizes[index])
     image, stored = images_lib.load_image(path, self.channels, self.image_size)
-    self._check_size(path, stored, width, height)
+    check_size(path, stored, width, height, self.json_path)
     return {
         "image": image,
         "mask": images_lib.resize_labels(self.labels(index), self.image_size),
