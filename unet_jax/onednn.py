@@ -33,6 +33,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -174,25 +175,29 @@ def library_path() -> pathlib.Path:
                     f"{platform.system()} {platform.machine()}")
   dnnl = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
   header = _wheel_file(_HEADERS_WHEEL, "oneapi/dnnl/dnnl.hpp")
-  versions = [importlib.metadata.version(name) for name in ("jaxlib", _LIBRARY_WHEEL)]
-  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES), str(dnnl).encode(),
+  compiler = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]  # "ccache g++" too.
+  command = [*compiler, "-O3", "-shared", "-fPIC", "-std=c++17",
+             "-isystem", jax.ffi.include_dir(), "-isystem", str(header.parents[2]),
+             *(str(f) for f in SOURCES if f.suffix == ".cc"), str(dnnl),
+             # RPATH, not RUNPATH: the wheel's oneDNN, not one LD_LIBRARY_PATH names (oneAPI's).
+             f"-Wl,-rpath,{dnnl.parent}", "-Wl,--disable-new-dtags"]
+  versions = [importlib.metadata.version(name)
+              for name in ("jaxlib", _LIBRARY_WHEEL, _HEADERS_WHEEL)]
+  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES),
+                                   *(part.encode() for part in command),
                                    *(v.encode() for v in versions)])).hexdigest()[:16]
   target = _build_dir() / f"onednn-{key}.so"
   if target.exists():
     return target
-  compiler = os.environ.get("CXX", "c++")
-  if not shutil.which(compiler):
-    raise UserError(f"no C++ compiler {compiler!r} to build {SOURCES[0].parent} (set CXX)")
+  if not shutil.which(compiler[0]):
+    raise UserError(f"no C++ compiler {compiler[0]!r} to build {SOURCES[0].parent} (set CXX)")
   target.parent.mkdir(parents=True, exist_ok=True)
   # Built under a temporary name and renamed, so concurrent processes never
   # load a half-written library.
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++17",
-               "-isystem", jax.ffi.include_dir(), "-isystem", str(header.parents[2]),
-               *(str(f) for f in SOURCES if f.suffix == ".cc"), str(dnnl),
-               f"-Wl,-rpath,{dnnl.parent}", "-o", str(built)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run([*command, "-o", str(built)], capture_output=True, text=True,
+                            check=False)
     if result.returncode != 0:
       first = next((l for l in result.stderr.splitlines() if "error" in l), result.stderr.strip())
       raise UserError(f"{SOURCES[0].parent}: could not be compiled ({first[:300]})")

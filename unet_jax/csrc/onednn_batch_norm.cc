@@ -85,7 +85,9 @@ ffi::Error Run(bool backward, ffi::Span<const int64_t> dims,
       args.emplace(arg, dnnl::memory(per_channel ? plan->channels : plan->data, Engine(), data));
     }
     std::lock_guard<std::mutex> lock(unet_onednn::ExecutionMutex());
-    args.emplace(DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(plan->scratchpad));
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 dnnl::memory(plan->scratchpad, Engine(),
+                              unet_onednn::ScratchpadBuffer(plan->scratchpad.get_size())));
     plan->primitive.execute(unet_onednn::Stream(), args);
     unet_onednn::Stream().wait();
   });

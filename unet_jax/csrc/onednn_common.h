@@ -64,22 +64,23 @@ inline std::mutex& ExecutionMutex() {
   return mutex;
 }
 
-// The scratchpad of a primitive with scratchpad `desc`, in one buffer that every primitive
-// shares, grown to the largest need: they run one at a time, and the caller holds
-// ExecutionMutex. oneDNN's own scratchpad is per thread, sized on the thread that created
-// the primitive, and XLA runs a custom call on any of its threads: there a kernel wrote
-// through a null one (the gemm convolution of dilated kernels crashed at random steps).
-inline dnnl::memory Scratchpad(const Desc& desc) {
+// The scratchpad buffer, of `bytes` at least: one that every primitive shares, grown to the
+// largest need, since they run one at a time (the caller holds ExecutionMutex). Growing it
+// frees the old one, so a call asks once for what all its primitives need. oneDNN's own
+// scratchpad is per thread, sized on the thread that created the primitive, and XLA runs a
+// custom call on any of its threads: there a kernel wrote through a null one (the gemm
+// convolution of dilated kernels crashed at random steps).
+inline void* ScratchpadBuffer(size_t bytes) {
   static std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
   static size_t size = 0;
-  const size_t need = desc.get_size();
-  if (need > size) {
-    const size_t rounded = (need + 4095) / 4096 * 4096;
-    buffer.reset(std::aligned_alloc(4096, rounded));
-    if (!buffer) throw std::bad_alloc();
+  if (bytes > size) {
+    const size_t rounded = (bytes + 4095) / 4096 * 4096;
+    void* grown = std::aligned_alloc(4096, rounded);
+    if (grown == nullptr) throw std::bad_alloc();  // The old buffer stays.
+    buffer.reset(grown);
     size = rounded;
   }
-  return dnnl::memory(desc, Engine(), buffer.get());
+  return buffer.get();
 }
 
 // Runs `body`, turning an exception into an error XLA reports, named `name`.

@@ -13,6 +13,7 @@
 // running it. bfloat16 buffers run on the CPU's bfloat16 instructions (AMX,
 // AVX512-BF16) where it has them.
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <map>
@@ -52,6 +53,7 @@ struct Operand {
 struct Plan {
   dnnl::primitive primitive;
   Desc scratchpad;
+  size_t scratchpad_bytes;  // The most that it or a reorder of its operands needs.
   std::vector<Operand> operands;  // In the order of the handler's buffers.
 };
 
@@ -67,10 +69,12 @@ Operand MakeOperand(int arg, const Desc& user, const Desc& prim, bool output) {
   return op;
 }
 
-void Reorder(const Operand& op, const dnnl::memory& from, const dnnl::memory& to) {
+void Reorder(const Operand& op, const dnnl::memory& from, const dnnl::memory& to,
+             void* scratchpad) {
   op.reorder.execute(unet_onednn::Stream(),
                      {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
-                      {DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(op.reorder_scratchpad)}});
+                      {DNNL_ARG_SCRATCHPAD, dnnl::memory(op.reorder_scratchpad, Engine(),
+                                                         scratchpad)}});
 }
 
 // Element types of the handler's three buffers, in their order.
@@ -122,6 +126,10 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
                       MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
                       MakeOperand(DNNL_ARG_DIFF_WEIGHTS, hwio, bwd.diff_weights_desc(), true)};
   }
+  plan->scratchpad_bytes = plan->scratchpad.get_size();
+  for (const Operand& op : plan->operands) {
+    plan->scratchpad_bytes = std::max(plan->scratchpad_bytes, op.reorder_scratchpad.get_size());
+  }
   return plan;
 }
 
@@ -142,6 +150,7 @@ void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
   std::lock_guard<std::mutex> lock(unet_onednn::ExecutionMutex());
   const auto& engine = Engine();
   auto& stream = unet_onednn::Stream();
+  void* scratchpad = unet_onednn::ScratchpadBuffer(plan.scratchpad_bytes);
   std::unordered_map<int, dnnl::memory> args;
   std::vector<std::pair<const Operand*, dnnl::memory>> write_back;
   for (size_t i = 0; i < plan.operands.size(); ++i) {
@@ -155,13 +164,13 @@ void Execute(const Plan& plan, const std::array<void*, 3>& buffers) {
     if (op.output) {
       write_back.emplace_back(&op, user);
     } else {
-      Reorder(op, user, reordered);
+      Reorder(op, user, reordered, scratchpad);
     }
     args.emplace(op.arg, reordered);
   }
-  args.emplace(DNNL_ARG_SCRATCHPAD, unet_onednn::Scratchpad(plan.scratchpad));
+  args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(plan.scratchpad, engine, scratchpad));
   plan.primitive.execute(stream, args);
-  for (auto& [op, user] : write_back) Reorder(*op, args.at(op->arg), user);
+  for (auto& [op, user] : write_back) Reorder(*op, args.at(op->arg), user, scratchpad);
   stream.wait();
 }
 
