@@ -104,6 +104,18 @@ def test_batch_norm_layer_matches_flax_in_training(monkeypatch, shape, dtype):
     _assert_close(a.astype(np.float32), b.astype(np.float32), RTOL[dtype])
 
 
+def test_batch_norm_without_a_dtype_computes_as_flax_does(monkeypatch):
+  # flax computes bfloat16 input in float32 (promoted with its parameters): not oneDNN's
+  # bfloat16 kernel, even where there is one.
+  monkeypatch.setattr(onednn, "takes", lambda dtype: True)
+  x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+  for module in (layers.BatchNorm(), nn.BatchNorm()):
+    def train_step(m=module):
+      variables = m.init(jax.random.key(0), x, use_running_average=False)
+      return m.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
+    assert jax.eval_shape(train_step).dtype == jnp.float32, module
+
+
 def test_flip_tta_of_a_unet_matches_xla(monkeypatch):
   # XLA runs the two flip branches on two threads at once, and they share the
   # cached primitives: without the lock in onednn_conv.cc they corrupted each

@@ -114,7 +114,8 @@ class BatchNorm(nn.BatchNorm):
     running = nn.merge_param("use_running_average", self.use_running_average,
                              use_running_average)
     # Activations float32 or bfloat16 throughout, float32 parameters and statistics.
-    dtypes = (jnp.dtype(self.dtype or x.dtype) == x.dtype
+    # flax computes dtype=None in x promoted with the parameters (float32 for bfloat16 x).
+    dtypes = (jnp.dtype(self.dtype or jnp.promote_types(x.dtype, self.param_dtype)) == x.dtype
               and jnp.dtype(self.param_dtype) == jnp.float32)
     plain = (not running and mask is None and x.ndim == 4 and self.axis in (-1, 3)
              and self.axis_name is None and self.use_scale and self.use_bias and dtypes)
