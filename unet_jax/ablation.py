@@ -151,11 +151,16 @@ def _has_checkpoint(workdir: pathlib.Path) -> bool:
 
 
 def _check_resumable(name: str, config: ml_collections.ConfigDict,
-                     workdir: pathlib.Path) -> None:
-  """Refuses, before anything trains, a config that a started variant could not resume with."""
+                     workdir: pathlib.Path) -> dict[str, Any] | None:
+  """Refuses, before anything trains, a config that a started variant could not resume with.
+
+  Returns:
+    None for a variant not started; for a started one, the schedule fields it goes on under
+    other values of: field -> the value it started with (_started_with; logged).
+  """
   _check_same_model(name, config, workdir)
   if not _has_checkpoint(workdir):
-    return  # Training starts it again from scratch, under any config.
+    return None  # Training starts it again from scratch, under any config.
   hint = ("rerun the sweep with the variant's own values or use another --workdir (a sweep's "
           "started variants may change only their length, patience, logging, checkpointing, "
           "data.root and loader settings); to evaluate this variant at other eval.* "
@@ -170,6 +175,7 @@ def _check_resumable(name: str, config: ml_collections.ConfigDict,
     logging.warning("Variant %s was started with %s: it goes on from there, not as a variant "
                     "trained so from its start would (its schedule differs)", name,
                     _settings(started_with))
+  return started_with
 
 
 def _started_with(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -205,9 +211,12 @@ def _settled(result: dict[str, Any], config: ml_collections.ConfigDict,
                                        but=True))
 
 
-def _run_variant(name: str, config: ml_collections.ConfigDict,
-                 workdir: pathlib.Path) -> str | None:
+def _run_variant(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 started_with: dict[str, Any] | None) -> str | None:
   """Trains and evaluates one variant, unless it finished or diverged before with this config.
+
+  `started_with`: None when it has not started, else the schedule it started with where it
+  goes on under another (_check_resumable's).
 
   Returns:
     None, or why it failed: the UserError that stopped its training (logged, and kept in
@@ -225,8 +234,8 @@ def _run_variant(name: str, config: ml_collections.ConfigDict,
   # a variant extended so is not one trained so from its start. Written now, without the
   # finished result it replaces, so that a rerun after an interruption resumes it.
   record = {"variant": name}
-  if _has_checkpoint(workdir):
-    started_with = {**_started_with(config, workdir), **result.get("started_with", {})}
+  if started_with is not None:  # Kept from an earlier command that went on so, too.
+    started_with = {**started_with, **result.get("started_with", {})}
     if started_with:
       record["started_with"] = started_with
   if jax.process_index() == 0 and workdir.is_dir():
@@ -375,19 +384,20 @@ def _title(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -
 
 def _check_before_training(variants: dict[str, ml_collections.ConfigDict],
                            base: ml_collections.ConfigDict,
-                           out: pathlib.Path) -> dict[str, str]:
+                           out: pathlib.Path) -> tuple[dict[str, str], dict[str, Any]]:
   """Refuses, before anything trains or is written, a sweep some started variant could not
   resume with, or data that no variant could train on.
 
   Returns:
     Variant name -> why training would refuse its config (e.g. one logit per category on
-    data without categories): a failed variant, not trained.
+    data without categories): a failed variant, not trained. And variant name -> the
+    schedule it started with (_check_resumable's).
   """
-  for name, variant in variants.items():
-    _check_resumable(name, variant, out / name)
+  started_with = {name: _check_resumable(name, variant, out / name)
+                  for name, variant in variants.items()}
   train.build_sources(base, str(out))  # The same data for every variant.
   refusals = {name: _refusal(name, variant) for name, variant in variants.items()}
-  return {name: why for name, why in refusals.items() if why is not None}
+  return {name: why for name, why in refusals.items() if why is not None}, started_with
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -415,7 +425,7 @@ def _run_sweep(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dic
   # Generates the demo phantoms once, here, instead of once per variant.
   base.data.root = str(data_lib.data_root(base.data, str(out)))
   variants = variant_configs(config, base)
-  refused = _check_before_training(variants, base, out)
+  refused, started_with = _check_before_training(variants, base, out)
   if jax.process_index() == 0:
     train.write_config(config, out)
   flags = swept_fields(config)
@@ -425,7 +435,7 @@ def _run_sweep(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dic
   for i, (name, variant) in enumerate(variants.items()):
     logging.info("Variant %d/%d: %s (%s)", i + 1, len(variants), name,
                  ", ".join(f"{k}={v}" for k, v in config.sweep[name].items()) or "base")
-    error = refused.get(name) or _run_variant(name, variant, out / name)
+    error = refused.get(name) or _run_variant(name, variant, out / name, started_with[name])
     rows[name] = variant_row(name, variant, out / name, flags,
                              f"failed: {error}" if error else OK)
     if jax.process_index() == 0:

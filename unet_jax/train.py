@@ -102,7 +102,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks of a config's values that need no data read: batches that split over the
   devices and the rest of eval.* (first used after an epoch); loader settings of 0 or more;
   at least one checkpoint kept; one epoch or more; logging, checkpoint and step-schedule
-  cadences of 1 or more; one logit, or one loss weight, per category needs that many COCO categories."""
+  cadences of 1 or more; one logit, or one loss weight, per category needs that many COCO
+  categories."""
   try:
     pipeline.local_batch_size(config.train.batch_size)
   except UserError as e:

@@ -38,7 +38,7 @@ inline dnnl::engine& Engine() {
 
 // Float32 computed as float32 whatever ONEDNN_DEFAULT_FPMATH_MODE says: set to bf16 or any,
 // it would let oneDNN round float32 layers to bfloat16 on CPUs with such kernels, silently.
-// And the scratchpad is the caller's (Scratchpad below).
+// And the scratchpad is the caller's (ScratchpadBuffer below).
 inline const dnnl::primitive_attr& Strict() {
   static const dnnl::primitive_attr attr = [] {
     dnnl::primitive_attr strict;
@@ -55,7 +55,7 @@ inline dnnl::stream& Stream() {
 }
 
 // XLA runs independent thunks on several threads at once, and the primitives
-// share one scratchpad (Scratchpad below): two branches running at once (a
+// share one scratchpad (ScratchpadBuffer below): two branches running at once (a
 // TTA flip, the kernel gradients of two layers of one shape) would corrupt
 // each other. One primitive at a time, each on all cores (OpenMP), loses
 // nothing.

@@ -201,6 +201,7 @@ def check_image(subset: Subset, image: dict[str, Any]) -> pathlib.Path:
 
 def check_size(path: pathlib.Path, stored: tuple[int, int], width: int, height: int,
                json_path: pathlib.Path) -> None:
+  """Refuses an image whose stored (width, height) is not the one `json_path` lists."""
   if stored != (width, height):
     raise UserError(f"{path}: image is {stored[0]}x{stored[1]} but {json_path.name} says "
                     f"{width}x{height}")
