@@ -116,6 +116,24 @@ def test_batch_norm_without_a_dtype_computes_as_flax_does(monkeypatch):
     assert jax.eval_shape(train_step).dtype == jnp.float32, module
 
 
+def test_an_empty_batch_gives_what_flax_gives(monkeypatch):
+  # oneDNN refuses zero-sized tensors; XLA returns empty results and zero kernel gradients.
+  monkeypatch.setattr(onednn, "wanted", lambda: True)
+  x = jnp.zeros((0, 8, 8, 4))
+  for ours, theirs in ((layers.Conv(8, (3, 3)), nn.Conv(8, (3, 3))),
+                       (layers.BatchNorm(use_running_average=False),
+                        nn.BatchNorm(use_running_average=False))):
+    variables = theirs.init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+
+    def loss(params, module):
+      y = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])[0]
+      return y.sum(), y.shape
+    got = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(variables["params"], ours)
+    want = jax.grad(loss, has_aux=True)(variables["params"], theirs)
+    assert got[1] == want[1]
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0])):
+      np.testing.assert_array_equal(a, b)
+
 def test_flip_tta_of_a_unet_matches_xla(monkeypatch):
   # XLA runs the two flip branches on two threads at once, and they share the
   # cached primitives: without the lock in onednn_conv.cc they corrupted each

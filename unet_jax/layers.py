@@ -82,7 +82,8 @@ class Conv(nn.Conv):
     same = plain and self.padding == "SAME" and rates[0] == rates[1]
     one_channel = same and inputs.shape[-1] == 1 and all(k % 2 == 1 for k in size)
     compute = jnp.dtype(self.dtype or jnp.promote_types(inputs.dtype, self.param_dtype))
-    on_onednn = same and not (pointwise or one_channel) and onednn.takes(compute)
+    on_onednn = (same and not (pointwise or one_channel) and inputs.size > 0
+                 and onednn.takes(compute))
     if not (pointwise or one_channel or on_onednn):
       return super().__call__(inputs)
     kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
@@ -117,7 +118,7 @@ class BatchNorm(nn.BatchNorm):
     # flax computes dtype=None in x promoted with the parameters (float32 for bfloat16 x).
     dtypes = (jnp.dtype(self.dtype or jnp.promote_types(x.dtype, self.param_dtype)) == x.dtype
               and jnp.dtype(self.param_dtype) == jnp.float32)
-    plain = (not running and mask is None and x.ndim == 4 and self.axis in (-1, 3)
+    plain = (not running and mask is None and x.ndim == 4 and x.size > 0 and self.axis in (-1, 3)
              and self.axis_name is None and self.use_scale and self.use_bias and dtypes)
     if not (plain and onednn.takes(x.dtype)):
       return super().__call__(x, use_running_average, mask=mask)
