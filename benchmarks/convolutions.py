@@ -23,7 +23,6 @@ import numpy as np
 
 from unet_jax import model as model_lib
 from unet_jax import onednn
-from unet_jax.layers import _lax_conv  # pylint: disable=protected-access
 
 OPS = ("fwd", "dx", "dkernel")
 
@@ -105,7 +104,7 @@ def main():
   common.xla_config.configure(cache_dir="off")  # The project's XLA:CPU flags, as in training.
   kept_memory = common.KEPT_FREED_MEMORY
   onednn.ensure_registered()
-  xla_conv = functools.partial(_lax_conv, dilation=1)
+  xla_conv = functools.partial(onednn.xla_conv, dilation=1)
   impls = {"xla": jax_ops(xla_conv), "onednn": jax_ops(onednn.conv), "torch": torch_ops()}
   layers, totals = [], {name: dict.fromkeys(OPS, 0.0) for name in impls}
   widths = model_lib.UNet(features=args.features, depth=args.depth).widths()

@@ -17,7 +17,6 @@ from unet_jax import layers
 from unet_jax import model as model_lib
 from unet_jax import onednn
 from unet_jax.errors import UserError
-from unet_jax.layers import _lax_conv as _xla_conv  # pylint: disable=protected-access
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,10 +58,32 @@ def test_conv_and_its_gradients_match_xla(shape, dtype):
     return (y, *vjp(dy))
 
   got = jax.jit(lambda: value_and_vjp(onednn.conv))()
-  want = jax.jit(lambda: value_and_vjp(_xla_conv))()
+  want = jax.jit(lambda: value_and_vjp(onednn.xla_conv))()
   for name, a, b in zip(("y", "dx", "dkernel"), got, want):
     assert a.shape == b.shape and a.dtype == b.dtype == dtype, name
     _assert_close(a.astype(np.float32), b.astype(np.float32), RTOL[dtype])
+
+
+def test_convolutions_without_an_optimised_onednn_kernel_are_xlas():
+  # oneDNN's reference kernel for a dilated kernel's gradient on an 800x800 image, 64
+  # channels, took minutes where XLA's took seconds: that gradient alone goes to XLA.
+  x, kernel = jnp.ones((1, 800, 800, 64)), jnp.ones((3, 3, 64, 64))
+  hlo = jax.jit(jax.grad(lambda x, k: onednn.conv(x, k, 2).sum(), argnums=(0, 1))).lower(
+      x, kernel).as_text()
+  assert "unet_onednn_conv_bwd_data" in hlo
+  assert "unet_onednn_conv_bwd_weights" not in hlo
+
+
+def test_xlas_stand_ins_compute_the_same_gradients(monkeypatch):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, dy = jax.random.normal(keys[0], (2, 9, 7, 3)), jax.random.normal(keys[1], (2, 9, 7, 5))
+  kernel = jax.random.normal(keys[2], (3, 3, 3, 5))
+  want = jax.vjp(lambda x, k: onednn.xla_conv(x, k, 2), x, kernel)[1](dy)
+  for missing in range(3):  # Forward, data gradient, kernel gradient.
+    monkeypatch.setattr(onednn, "_optimised", lambda kind, *_, m=missing: kind != m)
+    got = jax.jit(lambda: jax.vjp(lambda x, k: onednn.conv(x, k, 2), x, kernel)[1](dy))()
+    for a, b in zip(got, want):
+      _assert_close(a, b)
 
 
 def test_conv_refuses_mixed_or_other_dtypes():

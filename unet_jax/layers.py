@@ -17,11 +17,6 @@ import jax.numpy as jnp
 from unet_jax import onednn
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def single_channel_conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   """A stride-1 "SAME" convolution of a one-channel (N, H, W, 1) image, as a sum of taps.
@@ -52,7 +47,7 @@ def _single_channel_conv_fwd(x, kernel, dilation):
 
 def _single_channel_conv_bwd(dilation, res, g):
   x, kernel = res
-  return jax.vjp(functools.partial(_lax_conv, dilation=dilation), x, kernel)[1](g)
+  return jax.vjp(functools.partial(onednn.xla_conv, dilation=dilation), x, kernel)[1](g)
 
 
 single_channel_conv.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)

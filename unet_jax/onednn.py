@@ -206,11 +206,18 @@ def library_path() -> pathlib.Path:
 
 
 @functools.cache
+def _library() -> ctypes.CDLL:
+  library = ctypes.CDLL(str(library_path()))
+  library.UnetOnednnConvIsOptimised.argtypes = [ctypes.c_int64] * 10
+  library.UnetOnednnConvIsOptimised.restype = ctypes.c_int
+  return library
+
+
+@functools.cache
 def ensure_registered() -> None:
   """Builds and loads the library and registers its FFI targets (once per process)."""
-  library = ctypes.CDLL(str(library_path()))
   for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_library(), symbol)),
                                 platform="cpu")
 
 
@@ -222,6 +229,29 @@ def unavailable_reason() -> str | None:
   except (UserError, OSError) as e:
     return str(e)
   return None
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
+  """What `conv` computes, as XLA's convolution."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation,) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+_FWD, _BWD_DATA, _BWD_WEIGHTS = range(3)  # The kinds of convolution in csrc/onednn_conv.cc.
+
+
+@functools.cache
+def _optimised(kind: int, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dilation: int,
+               dtype: np.dtype) -> bool:
+  """Whether oneDNN runs this convolution (or gradient) on a kernel faster than its reference.
+
+  Its reference kernel took 20-100x XLA's time (a dilated kernel's gradient on an 800x800
+  image): such convolutions go to XLA.
+  """
+  n, h, w, cin = x_shape
+  kh, kw, _, cout = kernel_shape
+  return bool(_library().UnetOnednnConvIsOptimised(kind, n, h, w, cin, cout, kh, kw, dilation,
+                                                   dtype == jnp.bfloat16))
 
 
 def _call(target: str, out: jax.ShapeDtypeStruct, a, b, dilation: int):
@@ -247,6 +277,8 @@ def conv(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   if reason := _no_kernels(x.dtype):
     raise ValueError(f"onednn.conv: {reason}")
   ensure_registered()
+  if not _optimised(_FWD, x.shape, kernel.shape, dilation, x.dtype):
+    return xla_conv(x, kernel, dilation)
   out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
   return _call("unet_onednn_conv_fwd", out, x, kernel, dilation)
 
@@ -257,10 +289,21 @@ def _conv_fwd(x, kernel, dilation):
 
 def _conv_bwd(dilation, residuals, dy):
   x, kernel = residuals
-  dx = _call("unet_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype), dy, kernel,
-             dilation)
-  dkernel = _call("unet_onednn_conv_bwd_weights",
-                  jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), x, dy, dilation)
+  geometry = (x.shape, kernel.shape, dilation, x.dtype)
+
+  def xla_grads():
+    return jax.vjp(functools.partial(xla_conv, dilation=dilation), x, kernel)[1](dy)
+
+  if _optimised(_BWD_DATA, *geometry):
+    dx = _call("unet_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype), dy, kernel,
+               dilation)
+  else:
+    dx = xla_grads()[0]
+  if _optimised(_BWD_WEIGHTS, *geometry):
+    dkernel = _call("unet_onednn_conv_bwd_weights",
+                    jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), x, dy, dilation)
+  else:
+    dkernel = xla_grads()[1]
   return dx, dkernel
 
 

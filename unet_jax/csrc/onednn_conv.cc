@@ -52,6 +52,7 @@ struct Operand {
 
 struct Plan {
   dnnl::primitive primitive;
+  bool reference;  // oneDNN's reference kernel (UnetOnednnConvIsOptimised).
   Desc scratchpad;
   size_t scratchpad_bytes;  // The most that it or a reorder of its operands needs.
   std::vector<Operand> operands;  // In the order of the handler's buffers.
@@ -101,7 +102,11 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
                                                 src, any_weights, dst, strides, dilates, pad_l,
                                                 pad_r, unet_onednn::Strict());
   auto plan = std::make_shared<Plan>();
+  const auto is_reference = [](const dnnl::primitive_desc_base& pd) {
+    return std::string(pd.impl_info_str()).find("ref") != std::string::npos;
+  };
   if (kind == kFwd) {
+    plan->reference = is_reference(fwd);
     plan->primitive = dnnl::convolution_forward(fwd);
     plan->scratchpad = fwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_SRC, src, fwd.src_desc(), false),
@@ -111,6 +116,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
     dnnl::convolution_backward_data::primitive_desc bwd(engine, algo, src, any_weights, dst,
                                                         strides, dilates, pad_l, pad_r, fwd,
                                                         unet_onednn::Strict());
+    plan->reference = is_reference(bwd);
     plan->primitive = dnnl::convolution_backward_data(bwd);
     plan->scratchpad = bwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_DIFF_DST, dst, bwd.diff_dst_desc(), false),
@@ -120,6 +126,7 @@ std::shared_ptr<const Plan> CreatePlan(Kind kind, const Geometry& g, const Types
     dnnl::convolution_backward_weights::primitive_desc bwd(engine, algo, src, any_weights, dst,
                                                            strides, dilates, pad_l, pad_r, fwd,
                                                            unet_onednn::Strict());
+    plan->reference = is_reference(bwd);
     plan->primitive = dnnl::convolution_backward_weights(bwd);
     plan->scratchpad = bwd.scratchpad_desc();
     plan->operands = {MakeOperand(DNNL_ARG_SRC, src, bwd.src_desc(), false),
@@ -235,6 +242,22 @@ ffi::Error ConvBwdWeights(Input x, Input dy, Output dw, int64_t dilation) {
 }
 
 }  // namespace
+
+// 1 when oneDNN has an optimised kernel for this convolution (`kind` as Kind, buffers
+// float32 or, with `bfloat16`, bfloat16), else 0: its reference kernel ran a dilated
+// kernel's gradient on an 800x800 image 20-100x slower than XLA. Asked at trace time, so
+// the primitive is also created (and cached) before the first step.
+extern "C" int UnetOnednnConvIsOptimised(int64_t kind, int64_t n, int64_t h, int64_t w,
+                                         int64_t cin, int64_t cout, int64_t kh, int64_t kw,
+                                         int64_t dilation, int64_t bfloat16) {
+  const auto type = bfloat16 ? dnnl::memory::data_type::bf16 : kF32;
+  try {
+    return GetPlan(static_cast<Kind>(kind), Geometry{n, h, w, cin, cout, kh, kw, dilation},
+                   Types{type, type, type})->reference ? 0 : 1;
+  } catch (const std::exception&) {
+    return 0;  // No primitive for it: XLA's convolution instead of an error at run time.
+  }
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, ConvFwd,
                               ffi::Ffi::Bind().Arg<Input>().Arg<Input>().Ret<Input>()
