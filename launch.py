@@ -4,12 +4,39 @@
     python launch.py --mode=eval --workdir=runs/demo --config.eval.split=valid
 """
 
+import _thread
+import importlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 
-from unet_jax import xla_config  # pylint: disable=g-bad-import-order
+
+def _exit_interrupted(what: str) -> None:
+  """Ctrl-C's end: one line and status 130, at once. A normal exit may wait forever on a
+  data-loader thread; a run survives a kill at any moment (checkpoints appear only once
+  complete), so nothing is lost."""
+  print(f"interrupted: {what}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130)
+
+
+def _raise_dropped_interrupt(unraisable) -> None:
+  """Python drops an exception raised in a garbage-collection callback (jax has one), a Ctrl-C
+  that landed there too, and the command went on: raise it again, outside the callback."""
+  if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+    threading.Timer(0.01, _thread.interrupt_main).start()
+  else:
+    sys.__unraisablehook__(unraisable)
+
+
+# Until main runs: Ctrl-C among the imports and the config's loading.
+signal.signal(signal.SIGINT, lambda signum, frame: _exit_interrupted("nothing was started"))
+sys.unraisablehook = _raise_dropped_interrupt
+
+from unet_jax import xla_config  # pylint: disable=g-bad-import-order,wrong-import-position
 
 xla_config.keep_freed_memory()  # Before any library starts a thread.
 
@@ -128,13 +155,35 @@ def _describe(config, workdir):
   describe.describe(config, workdir)
 
 
-# Mode name -> runner(config, workdir). Modules are imported by the runner so
+# Mode name -> runner(config, workdir). Modules are imported once the flags are parsed, so
 # that --help answers without starting jax.
 RUNNERS = {"train": _train, "eval": _eval, "predict": _predict, "export": _export,
            "describe": _describe}
+MODE_MODULES = {"train": ("unet_jax.ablation", "unet_jax.train"), "eval": ("unet_jax.evaluate",),
+                "predict": ("unet_jax.predict",), "export": ("unet_jax.export",),
+                "describe": ("unet_jax.describe",)}
 
 
 def main(argv):
+  try:
+    _run(argv)
+  except KeyboardInterrupt:
+    _exit_interrupted("the same command " + ("resumes from the last checkpoint"
+                                             if _MODE.value == "train" else "starts it again"))
+
+
+def _import_mode_modules() -> None:
+  """Imports what --mode runs, then lets Ctrl-C unwind the command (its cleanup runs).
+
+  Until then the start-up handler exits: a KeyboardInterrupt raised inside a C extension's
+  import (jaxlib's) crashed Python or came out as an ImportError with a traceback.
+  """
+  for name in MODE_MODULES[_MODE.value]:
+    importlib.import_module(name)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(argv):
   # One line, as every other mistake on the command line (absl's UsageError adds the help).
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments: {argv[1:]}")
@@ -156,6 +205,7 @@ def main(argv):
   processes, process_id = _NUM_PROCESSES.value, _PROCESS_ID.value
   if processes > 1 and not 0 <= process_id < processes:
     sys.exit(f"error: --process_id={process_id}: use 0 to --num_processes - 1 ({processes - 1})")
+  _import_mode_modules()
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
@@ -188,14 +238,6 @@ def main(argv):
       raise
     _remove_unused(made, workdir)
     sys.exit(f"error: --{folder}: cannot write there ({e.strerror}: {e.filename})")
-  except KeyboardInterrupt:
-    # At once: a normal exit may wait forever on a data-loader thread. A run survives a kill at
-    # any moment (checkpoints appear only once complete), so nothing is lost.
-    again = ("resumes from the last checkpoint" if _MODE.value == "train" else
-             "starts it again")
-    print(f"interrupted: the same command {again}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(130)
 
 
 def _folder_named_by(error: OSError) -> str | None:

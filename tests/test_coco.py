@@ -80,6 +80,9 @@ def test_categories_merge_and_bbox_only_and_rle(tmp_path):
   assert only_two.sum() == 4 and only_two[0:2, 0:2].all()
   with pytest.raises(UserError, match=r"category_ids \[7\] are not among its categories"):
     coco.CocoSource(root, "train", 8, category_ids=(1, 7))
+  # Its logit and per-category report would see no image.
+  with pytest.raises(UserError, match=r"category_ids=\(1, 2, 1\): \[1\] named more than once"):
+    coco.CocoSource(root, "train", 8, category_ids=(1, 2, 1))
 
 
 def test_listed_categories_get_their_own_labels(tmp_path):

@@ -83,6 +83,8 @@ def test_fractions_that_leave_nothing_to_train_on(tmp_path):
     data.build_source(_config(root, val_fraction=0.4, test_fraction=0.4), "train", "x")
   with pytest.raises(UserError, match="must be in"):
     data.build_source(_config(root, val_fraction=1.5), "train", "x")
+  with pytest.raises(UserError, match="data.split_seed=-1: use 0 or more"):
+    data.build_source(_config(root, split_seed=-1), "train", "x")
 
 
 def test_bad_layouts_name_the_file(tmp_path):

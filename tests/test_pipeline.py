@@ -220,7 +220,10 @@ def test_noise_is_zero_mean_and_at_most_its_strength(tiny_config):
     ("zoom", -0.1, "augment.zoom=-0.1 is not in [0, 1)"),
     ("contrast", 1.2, "augment.contrast=1.2 is not in [0, 1)"),
     ("noise_prob", 1.5, "augment.noise_prob=1.5 is not a probability"),
-    ("noise", -0.05, "augment.noise=-0.05 is negative"),
+    ("noise", -0.05, "augment.noise=-0.05 is not in [0, 1]"),
+    ("rotate_degrees", float("nan"), "augment.rotate_degrees=nan is not in [0, 180]"),
+    ("shift_fraction", 4.0, "augment.shift_fraction=4.0 is not in [0, 0.5]"),  # 4% is 0.04.
+    ("zoom", float("nan"), "augment.zoom=nan is not in [0, 1)"),
 ])
 def test_bad_augment_settings_are_one_line_errors(tiny_config, field, value, message):
   tiny_config.augment[field] = value

@@ -55,8 +55,14 @@ def test_tta_averages_the_flipped_predictions(run):
                              (plain + flips[0]) / 2, atol=1e-6)
 
 
-def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path):
+def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path, monkeypatch):
   config, workdir = run
+  restore_predictor, shapes = evaluate.restore_predictor, []
+  def recording_shapes(*args):
+    predict_fn, *rest = restore_predictor(*args)
+    return (lambda state, images: shapes.append(images.shape) or predict_fn(state, images),
+            *rest)
+  monkeypatch.setattr(evaluate, "restore_predictor", recording_shapes)
   inputs = tmp_path / "in"
   inputs.mkdir()
   grey = np.asarray(Image.open(_phantom(workdir)))
@@ -82,6 +88,20 @@ def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path):
   # 16-bit and 8-bit versions of one slice give the same mask.
   np.testing.assert_array_equal(np.asarray(Image.open(out / "deep_mask.png")),
                                 np.asarray(Image.open(out / "grey_mask.png")))
+  # The 4 readable files in evaluation's batch shape: compiled once, whatever the count.
+  assert shapes == [(config.eval.batch_size, 32, 32, 1)]
+
+
+def test_serving_refuses_the_model_of_another_export(run, tmp_path):
+  config, workdir = run
+  first = export.export(config, str(workdir), str(tmp_path / "first"), platforms=("cpu",))
+  config.eval.tta = True
+  second = export.export(config, str(workdir), str(tmp_path / "second"), platforms=("cpu",))
+  # As an export stopped between its two files leaves them.
+  shutil.copy(second / "model.jax_exported", first / "model.jax_exported")
+  with pytest.raises(ValueError, match="model.json does not describe model.jax_exported"):
+    serving.load(first)
+  serving.load(second)
 
 
 def test_predict_refuses_to_write_among_the_images(run, tmp_path):

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import types
 
@@ -71,7 +72,7 @@ def test_nan_loss_stops_naming_step_batch_and_checkpoint(tiny_config, tmp_path):
 
 
 def test_early_stopping_and_plateau(tiny_config, tmp_path):
-  tiny_config.train.learning_rate = 0.0  # nothing improves after the first epoch
+  tiny_config.train.learning_rate = 1e-12  # nothing improves after the first epoch
   tiny_config.train.epochs = 6
   tiny_config.train.early_stopping_patience = 2
   tiny_config.train.plateau_patience = 1
@@ -132,6 +133,43 @@ def _stop_after_a_checkpoint(proc, workdir, sig):
   proc.wait(timeout=60)  # Ctrl-C exits at once, whatever threads run.
 
 
+@pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])  # Imports, jax's start, the data.
+def test_ctrl_c_while_a_command_starts_exits_at_once(tmp_path, run_env, after_s):
+  command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
+  proc = _start(command, tmp_path / "run", run_env)
+  time.sleep(after_s)
+  proc.send_signal(signal.SIGINT)
+  code = proc.wait(timeout=20)  # It went on training, once: Python dropped the Ctrl-C.
+  output = (tmp_path / "run.log").read_text()
+  assert code == 130 and "Traceback" not in output, output[-2000:]
+  assert output.strip().splitlines()[-1].startswith("interrupted: "), output[-2000:]
+
+
+def test_a_ctrl_c_python_drops_in_a_gc_callback_is_raised_again(run_env):
+  # jax's garbage-collection callback runs often at start-up; a KeyboardInterrupt raised in a
+  # callback is printed as "Exception ignored" and the command went on.
+  script = textwrap.dedent("""
+      import gc, signal, time
+      import launch
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # As launch.main sets it.
+      def callback(phase, info):
+        if phase == "start" and not fired:
+          fired.append(1)
+          raise KeyboardInterrupt
+      fired = []
+      gc.callbacks.append(callback)
+      try:
+        gc.collect()
+        time.sleep(5)
+        print("went on")
+      except KeyboardInterrupt:
+        print("interrupted")
+  """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=run_env(1),
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert result.stdout.strip() == "interrupted", result.stdout + result.stderr[-2000:]
+
+
 def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env):
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
@@ -171,7 +209,12 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   train.train_and_evaluate(tiny_config, str(tmp_path / "two"))
   tiny_config.train.epochs, tiny_config.train.time_budget_minutes = 4, 30.0
   monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 2)
+  timed, first_epoch_seconds = [], time_budget.first_epoch_seconds
+  monkeypatch.setattr(time_budget, "first_epoch_seconds",
+                      lambda syncs, *args: timed.append(syncs) or first_epoch_seconds(syncs, *args))
   train.train_and_evaluate(tiny_config, str(tmp_path / "budget"))
+  # An epoch of 2 steps, one log window: timed from the end of the first step, which compiles.
+  assert [steps_done for steps_done, _ in timed[0]] == [1, 2]
 
   assert _final_params(tmp_path / "budget")[0] == _final_params(tmp_path / "two")[0] == 4
   for a, b in zip(*(jax.tree.leaves(_final_params(tmp_path / run)[1])
@@ -296,6 +339,71 @@ def test_a_run_of_no_epochs_is_an_error_not_a_finished_run(tiny_config, tmp_path
   tiny_config.train.epochs = 0
   with pytest.raises(UserError, match="train.epochs=0: train 1 or more"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("seed", -1, r"\[0, 4294967295\]"),  # grain's shuffle took it only with a traceback.
+    ("learning_rate", 0.0, r"\(0, inf\)"),  # The weights never moved.
+    ("learning_rate", -0.01, r"\(0, inf\)"),  # Gradient ascent, exit code 0.
+    ("step_factor", 0.0, r"\(0, 1\]"),
+    ("plateau_factor", -1.0, r"\(0, 1\]"),
+    ("ema_decay", 1.5, r"\[0, 1\)"),  # The EMA stayed at the initial weights.
+    ("ema_warmup", -1.0, r"\[1, inf\)"),
+    ("shared_input_fraction", 2.0, r"\[0, 1\]"),
+    ("bce_weight", -1.0, r"\[0, inf\)"),
+    ("lovasz_weight", float("nan"), r"\[0, inf\)"),
+])
+def test_train_numbers_out_of_range_are_one_line_errors(tiny_config, tmp_path, field, value,
+                                                       allowed):
+  tiny_config.train[field] = value
+  with pytest.raises(UserError, match=rf"train.{field}={value}: use a value in {allowed}"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_loss_of_no_terms_and_weights_of_no_category_are_errors(tiny_config):
+  tiny_config.train.dice_weight = tiny_config.train.bce_weight = 0.0
+  with pytest.raises(UserError, match="are all 0: the loss would be 0 and nothing would train"):
+    train.check_config(tiny_config)
+  tiny_config.train.dice_weight = 1.0
+  tiny_config.data.category_ids, tiny_config.train.category_weights = (1, 2), (0.0, 0.0)
+  with pytest.raises(UserError, match=r"category_weights=\(0.0, 0.0\): weights of 0 or more, "
+                                      "not all 0"):
+    train.check_config(tiny_config)
+
+
+def test_settings_of_another_optimizer_are_said_to_be_ignored(tiny_config, caplog):
+  caplog.set_level(logging.WARNING)
+  train.check_config(tiny_config)
+  assert "is ignored" not in caplog.text
+  tiny_config.train.weight_decay = 0.5
+  train.check_config(tiny_config)
+  assert "train.weight_decay=0.5 is ignored: it is train.optimizer=adamw's" in caplog.text
+  tiny_config.train.optimizer = "adamw"
+  tiny_config.train.momentum = 0.5
+  train.check_config(tiny_config)
+  assert "train.momentum=0.5 is ignored: it is train.optimizer=sgd's, and this run uses adamw" \
+      in caplog.text
+
+
+def test_training_on_the_split_that_picks_or_scores_is_warned_of(tiny_config, tmp_path, caplog):
+  caplog.set_level(logging.WARNING)
+  tiny_config.data.val_split = tiny_config.eval.split = "train"
+  train.build_sources(tiny_config, str(tmp_path))
+  assert "data.val_split='train' is the training split: it picks the best checkpoint" \
+      in caplog.text
+  assert "eval.split='train' is the training split: it is scored after training" in caplog.text
+  tiny_config.eval.split = "tset"
+  assert not train.build_sources(tiny_config, str(tmp_path))[2]
+  assert "No 'tset' split in the dataset (it has train, valid, test)" in caplog.text
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint", "bset"), ("num_pictures", -1)])
+def test_an_eval_setting_is_refused_before_training(tiny_config, tmp_path, field, value):
+  tiny_config.eval[field] = value
+  with pytest.raises(UserError, match=f"eval.{field}="):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_it(trained_copy):

@@ -1,6 +1,10 @@
 """Tests for the synthetic phantom COCO export (unet_jax.data.synthetic)."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +168,18 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     _write(tmp_path / "ds")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_generations_folder_is_removed_by_the_next(tmp_path):
+  # A kill skips the `finally` that removes it; a live process's is left to it.
+  host = socket.gethostname()
+  dead = subprocess.Popen([sys.executable, "-c", ""])
+  dead.wait()
+  killed = tmp_path / f".ds.partial-{dead.pid}-0a1b2c3d@{host}"
+  writing = tmp_path / f".ds.partial-{os.getpid()}-0a1b2c3d@{host}"
+  elsewhere = tmp_path / f".ds.partial-{dead.pid}-0a1b2c3d@another-host"
+  for folder in (killed, writing, elsewhere):
+    (folder / "train").mkdir(parents=True)
+  _write(tmp_path / "ds")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", writing.name,
+                                                                elsewhere.name])

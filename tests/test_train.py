@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -132,17 +133,37 @@ def test_a_split_without_images_is_an_error_not_a_nan_score(trained, tiny_config
   assert (tmp_path / "run" / "checkpoints").is_dir() and not (tmp_path / "run" / "eval").exists()
 
 
-def test_an_evaluation_stopped_midway_leaves_no_summary(trained, monkeypatch):
+def test_an_evaluation_stopped_midway_leaves_the_earlier_one_whole(trained, monkeypatch):
   config, workdir, _ = trained
   config.eval.split = "valid"
   evaluate.evaluate(config, str(workdir))
+  out = workdir / "eval/valid"
+  earlier = {name: (out / name).read_bytes()
+             for name in ("summary.json", "per_image.csv", "predictions.png")}
   def stopped(*args, **kwargs):
     raise KeyboardInterrupt
   monkeypatch.setattr(reports, "plot_predictions", stopped)
+  config.eval.threshold = 0.3  # Other scores: the per-image ones were rewritten in place.
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, str(workdir))
-  # Neither the earlier evaluation's summary nor this one's: a finished run evaluates again.
-  assert not (workdir / "eval/valid/summary.json").exists()
+  assert {name: (out / name).read_bytes() for name in earlier} == earlier
+
+
+def test_a_learning_curve_stopped_while_drawn_leaves_the_earlier_one(tmp_path, monkeypatch):
+  for epoch in (1, 2):
+    reports.append_metrics(tmp_path, {"step": epoch, "epoch": epoch, "split": "train",
+                                      "loss": 1 / epoch})
+    reports.append_metrics(tmp_path, {"step": epoch, "epoch": epoch, "split": "valid",
+                                      "loss": 1 / epoch, "dice": epoch / 4})
+  path = reports.plot_learning_curve(tmp_path)
+  earlier = path.read_bytes()
+  def cut_short(self, fname, **kwargs):
+    pathlib.Path(fname).write_bytes(earlier[:100])
+    raise KeyboardInterrupt
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_short)
+  with pytest.raises(KeyboardInterrupt):
+    reports.plot_learning_curve(tmp_path)
+  assert path.read_bytes() == earlier
 
 
 def test_picture_titles_name_the_slice_not_its_folders():
@@ -158,7 +179,9 @@ def test_two_evaluations_of_a_split_write_their_files_one_after_the_other(traine
   config, workdir, _ = trained
   config.eval.split = "valid"
   free_while_writing = []
-  def another_writer_may_start(*args, **kwargs):
+  def another_writer_may_start(path=None, *args, **kwargs):
+    if path is not None and str(path).endswith(".png.tmp"):
+      pathlib.Path(path).touch()  # As plot_predictions writes it.
     with open(workdir / "eval/valid" / run_lock.WRITER_LOCK_FILE) as lock:
       try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -23,6 +23,20 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(part) for part in parts)
 
 
+def named_step(which: str | int) -> int | None:
+  """The step number `eval.checkpoint` names; None for best or latest.
+
+  Raises:
+    UserError: it is none of these.
+  """
+  if which in ("best", "latest"):
+    return None
+  try:
+    return int(which)
+  except ValueError:
+    raise UserError(f"eval.checkpoint={which!r}: use best, latest or a step number") from None
+
+
 class Checkpoints:
   """The `checkpoints/` folder of a run.
 
@@ -63,10 +77,7 @@ class Checkpoints:
       return self.manager.best_step()
     if which == "latest":
       return self.manager.latest_step()
-    try:
-      step = int(which)
-    except ValueError:
-      raise UserError(f"eval.checkpoint={which!r}: use best, latest or a step number") from None
+    step = named_step(which)
     if step not in steps:
       raise UserError(f"{self.directory}: no checkpoint at step {step}; saved steps are "
                       f"{sorted(steps)}")

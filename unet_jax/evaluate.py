@@ -32,8 +32,11 @@ THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)
 def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:
   """Checks the eval.* values that eval, predict, export and validation use, before anything
   is read or written: a known decode rule, a threshold in [0, 1], a batch that splits over
-  the devices."""
+  the devices, a checkpoint named as `resolve` takes, pictures of 0 rows or more."""
   decoding.check_decoder(eval_config.decode)
+  checkpoint_lib.named_step(eval_config.checkpoint)
+  if eval_config.num_pictures < 0:
+    raise UserError(f"eval.num_pictures={eval_config.num_pictures}: use 0 (none) or more rows")
   if not 0 <= eval_config.threshold <= 1:
     raise UserError(f"eval.threshold={eval_config.threshold}: a probability, in [0, 1] "
                     "(pixels above it are tumour)")
@@ -162,6 +165,21 @@ def _per_image(step, state, source, config, mesh) -> Iterator[tuple[int, dict, n
              host["mask"][i, ..., 0])
 
 
+def predict_padded(predict, state, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """The probability maps of `images` (each process holds all), `batch_size` at a time.
+
+  Each batch is padded to `batch_size` images, the shape of evaluation's batches, so the
+  step is compiled once whatever the count (predict skips unreadable files).
+  """
+  probs = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+    batch, _ = parallel.put_global_batch(padded, mesh)
+    probs.append(parallel.to_host(predict(state, batch))[:len(chunk)])
+  return np.concatenate(probs)
+
+
 def binarise(probs: np.ndarray, threshold: float | None,
              post: ml_collections.ConfigDict) -> np.ndarray:
   """The mask `post.decode` reads from the probabilities, post-processed as `post` says.
@@ -245,16 +263,14 @@ def _short_name(file_name: str, width: int = 28) -> str:
   return name[:head] + "\u2026" + name[-(width - 1 - head):]
 
 
-def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
-  rows = _picture_rows(scores["dice"], max(config.eval.num_pictures, 0))
-  if not rows:  # eval.num_pictures=0: none, not an earlier evaluation's.
-    if jax.process_index() == 0:
-      path.unlink(missing_ok=True)
-    return
+def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> bool:
+  """Draws the picture rows to `path` (process 0); False when eval.num_pictures is 0."""
+  rows = _picture_rows(scores["dice"], config.eval.num_pictures)
+  if not rows:
+    return False
   samples = [source[i] for i in rows]
   images = np.stack([s["image"] for s in samples])
-  batch, count = parallel.put_global_batch(images, mesh)
-  probs = parallel.to_host(predict(state, batch))[:count]
+  probs = predict_padded(predict, state, images, config.eval.batch_size, mesh)
   titles = [f"{_short_name(s['file_name'])}\nDice {scores['dice'][i]:.3f}"
             for s, i in zip(samples, rows)]
   masks = np.stack([s["mask"][..., 0] > 0 for s in samples])
@@ -264,15 +280,12 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   heading = f"prediction ({rule})" + ("\n" + ", ".join(post) if post else "")
   if jax.process_index() == 0:
     reports.plot_predictions(path, images, masks, probs, predicted, heading, titles)
+  return True
 
 
-def _write_scores(config, workdir, source, scores, counts, labels, category_ids) -> None:
-  """Writes per_image.csv, first removing the summary that marks the evaluation done."""
-  # The summary is written last, whole: from here on, an evaluation stopped (training's final
-  # one among them) leaves no summary beside the files it rewrote, and is evaluated again. One
-  # that fails before, on a bad eval.* value say, leaves the earlier files as they were.
-  summary_path(config, workdir).unlink(missing_ok=True)
-  with open(output_dir(config, workdir) / "per_image.csv", "w", newline="") as f:
+def _write_scores(path, source, scores, counts, labels, category_ids) -> None:
+  """Writes the per-image scores (per_image.csv) to `path`."""
+  with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["file_name", *scores, "tumour_pixels", "predicted_pixels",
                      *(["category"] if category_ids else [])])
@@ -329,13 +342,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels,
                                                      source.category_names)
   out = output_dir(config, workdir)
+  written = {name: out / f"{name}.tmp" for name in ("per_image.csv", "predictions.png")}
   with contextlib.ExitStack() as writer:
     if jax.process_index() == 0:
       writer.enter_context(run_lock.writing(out))
-      _write_scores(config, workdir, source, scores, counts, labels, category_ids)
-    _write_pictures(out / "predictions.png", predict, state, source, scores, config, mesh,
-                    threshold)
+      _write_scores(written["per_image.csv"], source, scores, counts, labels, category_ids)
+    if not _write_pictures(written["predictions.png"], predict, state, source, scores, config,
+                           mesh, threshold):
+      del written["predictions.png"]  # eval.num_pictures=0: none, not an earlier evaluation's.
     if jax.process_index() == 0:
+      # An earlier evaluation stays whole until this one is written: then its files are
+      # replaced at once, the summary that marks the evaluation done last. One stopped in
+      # between (training's final one among them) leaves no summary, and is evaluated again.
+      summary_path(config, workdir).unlink(missing_ok=True)
+      (out / "predictions.png").unlink(missing_ok=True)
+      for name, path in written.items():
+        path.replace(out / name)
       reports.write_atomic(summary_path(config, workdir), json.dumps(summary, indent=2) + "\n")
   averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",

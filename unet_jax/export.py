@@ -5,6 +5,7 @@ runs it with jax alone, without the model code.
 """
 
 import functools
+import hashlib
 import json
 import pathlib
 
@@ -17,6 +18,7 @@ from unet_jax import data as data_lib
 from unet_jax import evaluate
 from unet_jax import onednn
 from unet_jax import parallel
+from unet_jax import reports
 from unet_jax import steps
 
 MODEL_FILE = "model.jax_exported"
@@ -80,9 +82,15 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
       "ensemble": [{"workdir": w, "checkpoint_step": s} for w, _, s in ensemble],
       "platforms": list(platforms),
   }
+  serialized = exported.serialize()
+  meta["model_sha256"] = hashlib.sha256(serialized).hexdigest()  # Serving checks the pair.
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).write_bytes(exported.serialize())
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    # Each written whole, the model first: an export stopped between the two leaves the
+    # earlier model.json, whose checksum no longer matches (serving refuses the pair).
+    model_tmp = out / f"{MODEL_FILE}.tmp"
+    model_tmp.write_bytes(serialized)
+    model_tmp.replace(out / MODEL_FILE)
+    reports.write_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
   logging.info("Exported checkpoint %d of %s to %s", step, workdir, out)
   return out

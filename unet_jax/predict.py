@@ -156,9 +156,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
         logging.warning("skipped: %s", e)
         errors[path] = str(e)
     if loaded:
-      sharded, count = parallel.put_global_batch(
-          np.stack([model_input for _, model_input in loaded.values()]), mesh)
-      probs = dict(zip(loaded, parallel.to_host(predict_fn(state, sharded))[:count]))
+      inputs = np.stack([model_input for _, model_input in loaded.values()])
+      probs = dict(zip(loaded, evaluate.predict_padded(predict_fn, state, inputs,
+                                                       config.eval.batch_size, mesh)))
     for path, stem in batch_files:
       rows.append({"file": path.name, "error": errors[path]} if path in errors else
                   _write_prediction(path, stem, loaded[path][0], probs[path], out, threshold,

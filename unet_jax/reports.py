@@ -22,6 +22,14 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
   tmp.replace(path)
 
 
+def save_png(fig, path: str | pathlib.Path, dpi: int) -> None:
+  """Saves `fig` to `path` as a PNG, whole or not at all (as `write_atomic`), and closes it."""
+  tmp = pathlib.Path(path).with_name(pathlib.Path(path).name + ".tmp")
+  fig.savefig(tmp, dpi=dpi, format="png")
+  plt.close(fig)
+  tmp.replace(path)
+
+
 def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
   """Appends one {"step", "epoch", "split", ...} record to metrics.jsonl."""
   with open(pathlib.Path(workdir) / METRICS_FILE, "a") as f:
@@ -99,8 +107,7 @@ def plot_learning_curve(workdir: str | pathlib.Path) -> pathlib.Path:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   path = pathlib.Path(workdir) / CURVE_FILE
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_png(fig, path, dpi=100)
   return path
 
 
@@ -137,5 +144,4 @@ def plot_predictions(path: str | pathlib.Path, images: np.ndarray, masks: np.nda
         ax.set_title(columns[col], fontsize=10)
     axes[row, 0].set_ylabel(title, fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  save_png(fig, path, dpi=80)

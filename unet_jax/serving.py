@@ -14,6 +14,7 @@ resized exactly as in training, and decoded as model.json says, post-processing
 included: as evaluation and `--mode=predict` decode it.
 """
 
+import hashlib
 import json
 import pathlib
 
@@ -31,7 +32,12 @@ class ExportedModel:
   def __init__(self, folder: str | pathlib.Path):
     folder = pathlib.Path(folder)
     self.meta = json.loads((folder / "model.json").read_text())
-    self._exported = jax.export.deserialize(bytearray((folder / "model.jax_exported").read_bytes()))
+    serialized = (folder / "model.jax_exported").read_bytes()
+    expected = self.meta.get("model_sha256")  # Exports made before it had none.
+    if expected and hashlib.sha256(serialized).hexdigest() != expected:
+      raise ValueError(f"{folder}: model.json does not describe model.jax_exported (an export "
+                       "stopped between the two, or files of two exports); export again")
+    self._exported = jax.export.deserialize(bytearray(serialized))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """(N, height, width, channels) in [0, 1], at model.json's size -> (N, height, width)."""

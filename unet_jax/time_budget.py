@@ -22,9 +22,9 @@ def first_epoch_seconds(syncs: list[tuple[int, float]], loop_start: float, epoch
   """One epoch's time, training and validation, from the first epoch of a run.
 
   Args:
-    syncs: (steps done, time) at each host sync of the first epoch; the last is
-      its end. The span up to the first, which compiles the train step, is left
-      out when there is a later one.
+    syncs: (steps done, time) at each host sync of the first epoch: after its
+      first step, which compiles the train step and is left out when there is a
+      later one, and at its end.
     loop_start: the time the first step was dispatched.
     epoch_steps: train steps in an epoch.
     validation_s: the first validation's time (its compilation included, which

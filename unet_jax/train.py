@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import default as default_config
 from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import data as data_lib
 from unet_jax import evaluate
@@ -103,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   devices and the rest of eval.* (first used after an epoch); loader settings of 0 or more;
   at least one checkpoint kept; one epoch or more; logging, checkpoint and step-schedule
   cadences of 1 or more; one logit, or one loss weight, per category needs that many COCO
-  categories."""
+  categories; train.* numbers in their ranges. Warns of optimizer settings left unused."""
   try:
     pipeline.local_batch_size(config.train.batch_size)
   except UserError as e:
@@ -133,6 +134,54 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if weights and (fmt != "coco" or len(weights) != len(categories)):
     raise UserError(f"train.category_weights={weights}: one weight per category needs a COCO "
                     f"dataset and as many data.category_ids {got}; use () to weigh images alike")
+  if weights and not (min(weights) >= 0 and sum(weights) > 0):
+    raise UserError(f"train.category_weights={weights}: weights of 0 or more, not all 0")
+  _check_train_values(config.train)
+  _warn_unused_optimizer_settings(config.train)
+
+
+# train.* numbers and the range each must lie in: (low, low allowed, high, high allowed).
+_TRAIN_RANGES = {
+    "seed": (0, True, 2**32 - 1, True),  # What grain's shuffle takes.
+    "learning_rate": (0, False, math.inf, False),
+    "step_factor": (0, False, 1, True),
+    "plateau_factor": (0, False, 1, True),
+    "weight_decay": (0, True, math.inf, False),
+    "momentum": (0, True, 1, False),
+    "grad_clip": (0, True, math.inf, False),
+    "sam_rho": (0, True, math.inf, False),
+    "shared_input_fraction": (0, True, 1, True),
+    "ema_decay": (0, True, 1, False),
+    "ema_warmup": (1, True, math.inf, False),
+    "dice_weight": (0, True, math.inf, False),
+    "bce_weight": (0, True, math.inf, False),
+    "lovasz_weight": (0, True, math.inf, False),
+    "dice_smooth": (0, True, math.inf, False),
+}
+
+
+def _check_train_values(train_cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a train.* number out of its range (a NaN too), and a loss of no term."""
+  for name, (low, with_low, high, with_high) in _TRAIN_RANGES.items():
+    value = train_cfg[name]
+    above = value >= low if with_low else value > low
+    below = value <= high if with_high else value < high
+    if not (above and below):  # NaN fails both.
+      brackets = ("[" if with_low else "(", "]" if with_high else ")")
+      raise UserError(f"train.{name}={value}: use a value in {brackets[0]}{low}, "
+                      f"{'inf' if high == math.inf else high}{brackets[1]}")
+  if train_cfg.dice_weight + train_cfg.bce_weight + train_cfg.lovasz_weight == 0:
+    raise UserError("train.dice_weight, train.bce_weight and train.lovasz_weight are all 0: "
+                    "the loss would be 0 and nothing would train")
+
+
+def _warn_unused_optimizer_settings(train_cfg: ml_collections.ConfigDict) -> None:
+  """Warns of train.weight_decay or train.momentum set for an optimizer that has none."""
+  defaults = default_config.get_config().train
+  for name, optimizer in (("weight_decay", "adamw"), ("momentum", "sgd")):
+    if train_cfg.optimizer != optimizer and train_cfg[name] != defaults[name]:
+      logging.warning("train.%s=%g is ignored: it is train.optimizer=%s's, and this run uses %s",
+                      name, train_cfg[name], optimizer, train_cfg.optimizer)
 
 
 def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, bool]:
@@ -143,7 +192,16 @@ def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any,
   """
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
+  trained_on = config.data.train_split
+  for field, split, role in (("data.val_split", config.data.val_split, "picks the best checkpoint"),
+                             ("eval.split", config.eval.split, "is scored after training")):
+    if split == trained_on:
+      logging.warning("%s=%r is the training split: it %s on images the model trained on",
+                      field, split, role)
   evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
+  if not evaluates:
+    logging.warning("No %r split in the dataset (it has %s): no final evaluation (eval.split)",
+                    config.eval.split, ", ".join(data_lib.subset_names(config.data, workdir)))
   if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
     try:
@@ -272,7 +330,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     window.append(step_metrics)
     names.append(batch["file_name"])
     epoch, end_of_epoch = step // epoch_steps + 1, (step + 1) % epoch_steps == 0
-    if (step + 1) % train_cfg.log_every_steps == 0 or end_of_epoch:
+    logs = (step + 1) % train_cfg.log_every_steps == 0 or end_of_epoch
+    if planning and step == start_step and not logs:
+      # The plan times the steps after this one, which compiles: a small split's epoch of one
+      # log window had been timed as its compile (14x too long).
+      jax.block_until_ready(step_metrics)
+      first_epoch_syncs.append((step + 1, time.perf_counter()))
+    if logs:
       host = parallel.to_host(window)
       _check_finite(host, names, step + 2 - len(host), checkpoints)
       record = {"step": step + 1, "epoch": epoch, "split": "train",

@@ -28,11 +28,13 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"augment.{name}={config[name]} is not a probability in [0, 1]")
   # Factors drawn from [1 - x, 1 + x] must stay positive.
   for name in ("zoom", "contrast", "gamma"):
-    if not 0 <= config[name] < 1:
+    if not 0 <= config[name] < 1:  # NaN too.
       raise UserError(f"augment.{name}={config[name]} is not in [0, 1)")
-  for name in ("rotate_degrees", "shift_fraction", "brightness", "noise"):
-    if config[name] < 0:
-      raise UserError(f"augment.{name}={config[name]} is negative")
+  # The most any of these can do: half a turn, half the image, the whole intensity range.
+  for name, most in (("rotate_degrees", 180), ("shift_fraction", 0.5), ("brightness", 1),
+                     ("noise", 1)):
+    if not 0 <= config[name] <= most:  # NaN too.
+      raise UserError(f"augment.{name}={config[name]} is not in [0, {most}]")
 
 
 def _affine_matrix(height: int, width: int, degrees: float, shift: tuple[int, int],

@@ -177,8 +177,12 @@ def image_path(subset: Subset, file_name: str) -> pathlib.Path:
 
 
 def check_category_ids(subset: Subset, category_ids: Sequence[Any]) -> None:
-  """Refuses `data.category_ids` the subset's file does not declare (one that declares none
-  takes any)."""
+  """Refuses `data.category_ids` that repeat an id, or that the subset's file does not
+  declare (one that declares none takes any)."""
+  repeated = sorted({c for c in category_ids if list(category_ids).count(c) > 1}, key=str)
+  if repeated:
+    raise UserError(f"data.category_ids={tuple(category_ids)}: {repeated} named more than "
+                    "once; name each category once")
   unknown = set(category_ids) - set(subset.categories)
   if subset.categories and unknown:
     known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())

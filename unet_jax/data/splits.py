@@ -55,9 +55,11 @@ def assign(groups: Iterable[str], val_fraction: float, test_fraction: float,
     Group name -> subset name.
 
   Raises:
-    UserError: fractions outside [0, 1) or leaving no group to train on.
+    UserError: a negative seed, fractions outside [0, 1) or leaving no group to train on.
   """
   names = sorted(set(groups))
+  if seed < 0:
+    raise UserError(f"data.split_seed={seed}: use 0 or more")
   if recorded is not None:
     return {name: recorded.get(name, TEST) for name in names}
   if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):

@@ -13,6 +13,7 @@ import os
 import pathlib
 import secrets
 import shutil
+import socket
 import zlib
 
 import numpy as np
@@ -257,6 +258,19 @@ def _existing_export_ok(root: pathlib.Path, params: dict) -> bool:
   return True
 
 
+def _remove_abandoned(root: pathlib.Path) -> None:
+  """Removes the temporary folders of generations killed on this host (a kill skips the
+  `finally` that removes its own); other hosts' may still be writing theirs."""
+  for path in root.parent.glob(f".{root.name}.partial-*@{socket.gethostname()}"):
+    pid = path.name.split(".partial-", 1)[1].split("-", 1)[0]
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(path, ignore_errors=True)
+    except (ValueError, PermissionError):  # Not ours to judge: another user's live process.
+      pass
+
+
 def write_phantom_coco(root: str | os.PathLike[str], *,
                        split_sizes: dict[str, int] | None = None, image_size: int = 128,
                        seed: int = 0, tumour_fraction: float = 0.85) -> pathlib.Path:
@@ -300,7 +314,9 @@ def write_phantom_coco(root: str | os.PathLike[str], *,
     return root
 
   root.parent.mkdir(parents=True, exist_ok=True)
-  tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+  _remove_abandoned(root)
+  tmp = root.parent / (f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+                       f"@{socket.gethostname()}")
   tmp.mkdir()
   try:
     for split, size in split_sizes.items():
