@@ -32,9 +32,14 @@ def _raise_dropped_interrupt(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-# Until main runs: Ctrl-C among the imports and the config's loading.
-signal.signal(signal.SIGINT, lambda signum, frame: _exit_interrupted("nothing was started"))
-sys.unraisablehook = _raise_dropped_interrupt
+if __name__ == "__main__":  # Not in grain's workers, which run this file as __mp_main__.
+  # Until main runs: Ctrl-C among the imports and the config's loading.
+  signal.signal(signal.SIGINT, lambda signum, frame: _exit_interrupted("nothing was started"))
+  sys.unraisablehook = _raise_dropped_interrupt
+  # Its exit at once leaves the loader workers' semaphores and shared memory to
+  # multiprocessing's resource tracker (started with these options), which frees them; not
+  # worth a warning of each kind after every Ctrl-C.
+  sys.warnoptions.append("ignore:resource_tracker:UserWarning")
 
 from unet_jax import xla_config  # pylint: disable=g-bad-import-order,wrong-import-position
 

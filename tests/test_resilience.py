@@ -149,9 +149,9 @@ def test_a_ctrl_c_python_drops_in_a_gc_callback_is_raised_again(run_env):
   # jax's garbage-collection callback runs often at start-up; a KeyboardInterrupt raised in a
   # callback is printed as "Exception ignored" and the command went on.
   script = textwrap.dedent("""
-      import gc, signal, time
+      import gc, sys, time
       import launch
-      signal.signal(signal.SIGINT, signal.default_int_handler)  # As launch.main sets it.
+      sys.unraisablehook = launch._raise_dropped_interrupt  # As `python launch.py` sets it.
       def callback(phase, info):
         if phase == "start" and not fired:
           fired.append(1)
@@ -372,16 +372,16 @@ def test_a_loss_of_no_terms_and_weights_of_no_category_are_errors(tiny_config):
     train.check_config(tiny_config)
 
 
-def test_settings_of_another_optimizer_are_said_to_be_ignored(tiny_config, caplog):
+def test_settings_of_another_optimizer_are_said_to_be_ignored(tiny_config, tmp_path, caplog):
   caplog.set_level(logging.WARNING)
-  train.check_config(tiny_config)
-  assert "is ignored" not in caplog.text
+  train.warn_of_settings(tiny_config, str(tmp_path), evaluates=True)
+  assert not caplog.text
   tiny_config.train.weight_decay = 0.5
-  train.check_config(tiny_config)
+  train.warn_of_settings(tiny_config, str(tmp_path), evaluates=True)
   assert "train.weight_decay=0.5 is ignored: it is train.optimizer=adamw's" in caplog.text
   tiny_config.train.optimizer = "adamw"
   tiny_config.train.momentum = 0.5
-  train.check_config(tiny_config)
+  train.warn_of_settings(tiny_config, str(tmp_path), evaluates=True)
   assert "train.momentum=0.5 is ignored: it is train.optimizer=sgd's, and this run uses adamw" \
       in caplog.text
 
@@ -389,19 +389,25 @@ def test_settings_of_another_optimizer_are_said_to_be_ignored(tiny_config, caplo
 def test_training_on_the_split_that_picks_or_scores_is_warned_of(tiny_config, tmp_path, caplog):
   caplog.set_level(logging.WARNING)
   tiny_config.data.val_split = tiny_config.eval.split = "train"
-  train.build_sources(tiny_config, str(tmp_path))
+  train.warn_of_settings(tiny_config, str(tmp_path), *train.build_sources(tiny_config,
+                                                                          str(tmp_path))[2:])
   assert "data.val_split='train' is the training split: it picks the best checkpoint" \
       in caplog.text
   assert "eval.split='train' is the training split: it is scored after training" in caplog.text
   tiny_config.eval.split = "tset"
-  assert not train.build_sources(tiny_config, str(tmp_path))[2]
+  evaluates = train.build_sources(tiny_config, str(tmp_path))[2]
+  train.warn_of_settings(tiny_config, str(tmp_path), evaluates)
+  assert not evaluates
   assert "No 'tset' split in the dataset (it has train, valid, test)" in caplog.text
 
 
-@pytest.mark.parametrize("field,value", [("checkpoint", "bset"), ("num_pictures", -1)])
-def test_an_eval_setting_is_refused_before_training(tiny_config, tmp_path, field, value):
-  tiny_config.eval[field] = value
-  with pytest.raises(UserError, match=f"eval.{field}="):
+@pytest.mark.parametrize("section,field,value", [("eval", "checkpoint", "bset"),
+                                                ("eval", "num_pictures", -1),
+                                                ("augment", "rotate_degrees", 200.0)])
+def test_a_setting_read_later_is_refused_before_training(tiny_config, tmp_path, section, field,
+                                                         value):
+  tiny_config[section][field] = value
+  with pytest.raises(UserError, match=f"{section}.{field}="):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 

@@ -147,6 +147,7 @@ def test_an_evaluation_stopped_midway_leaves_the_earlier_one_whole(trained, monk
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, str(workdir))
   assert {name: (out / name).read_bytes() for name in earlier} == earlier
+  assert not list(out.glob("*.tmp"))
 
 
 def test_a_learning_curve_stopped_while_drawn_leaves_the_earlier_one(tmp_path, monkeypatch):

@@ -346,6 +346,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with contextlib.ExitStack() as writer:
     if jax.process_index() == 0:
       writer.enter_context(run_lock.writing(out))
+      for path in written.values():  # Unless they replaced the earlier files: a stop's.
+        writer.callback(path.unlink, missing_ok=True)
       _write_scores(written["per_image.csv"], source, scores, counts, labels, category_ids)
     if not _write_pictures(written["predictions.png"], predict, state, source, scores, config,
                            mesh, threshold):

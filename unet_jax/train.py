@@ -23,6 +23,7 @@ from unet_jax import run_lock
 from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax import time_budget
+from unet_jax.data import augment as augment_lib
 from unet_jax.data import pipeline
 from unet_jax.errors import Diverged
 from unet_jax.errors import EmptySplit
@@ -104,7 +105,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   devices and the rest of eval.* (first used after an epoch); loader settings of 0 or more;
   at least one checkpoint kept; one epoch or more; logging, checkpoint and step-schedule
   cadences of 1 or more; one logit, or one loss weight, per category needs that many COCO
-  categories; train.* numbers in their ranges. Warns of optimizer settings left unused."""
+  categories; train.* numbers and augment.* strengths in their ranges."""
   try:
     pipeline.local_batch_size(config.train.batch_size)
   except UserError as e:
@@ -137,7 +138,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if weights and not (min(weights) >= 0 and sum(weights) > 0):
     raise UserError(f"train.category_weights={weights}: weights of 0 or more, not all 0")
   _check_train_values(config.train)
-  _warn_unused_optimizer_settings(config.train)
+  if config.augment.enabled:
+    augment_lib.check(config.augment)
 
 
 # train.* numbers and the range each must lie in: (low, low allowed, high, high allowed).
@@ -175,13 +177,24 @@ def _check_train_values(train_cfg: ml_collections.ConfigDict) -> None:
                     "the loss would be 0 and nothing would train")
 
 
-def _warn_unused_optimizer_settings(train_cfg: ml_collections.ConfigDict) -> None:
-  """Warns of train.weight_decay or train.momentum set for an optimizer that has none."""
-  defaults = default_config.get_config().train
+def warn_of_settings(config: ml_collections.ConfigDict, workdir: str, evaluates: bool) -> None:
+  """Warns of what a run's settings do that its user may not expect: train.weight_decay or
+  train.momentum set for an optimizer that has none; validation or the final evaluation on
+  the training split; no `eval.split` (`evaluates`, from build_sources) to evaluate."""
+  train_cfg, defaults = config.train, default_config.get_config().train
   for name, optimizer in (("weight_decay", "adamw"), ("momentum", "sgd")):
     if train_cfg.optimizer != optimizer and train_cfg[name] != defaults[name]:
       logging.warning("train.%s=%g is ignored: it is train.optimizer=%s's, and this run uses %s",
                       name, train_cfg[name], optimizer, train_cfg.optimizer)
+  trained_on = config.data.train_split
+  for field, split, role in (("data.val_split", config.data.val_split, "picks the best checkpoint"),
+                             ("eval.split", config.eval.split, "is scored after training")):
+    if split == trained_on:
+      logging.warning("%s=%r is the training split: it %s on images the model trained on",
+                      field, split, role)
+  if not evaluates:
+    logging.warning("No %r split in the dataset (it has %s): no final evaluation (eval.split)",
+                    config.eval.split, ", ".join(data_lib.subset_names(config.data, workdir)))
 
 
 def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, bool]:
@@ -192,16 +205,7 @@ def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any,
   """
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
-  trained_on = config.data.train_split
-  for field, split, role in (("data.val_split", config.data.val_split, "picks the best checkpoint"),
-                             ("eval.split", config.eval.split, "is scored after training")):
-    if split == trained_on:
-      logging.warning("%s=%r is the training split: it %s on images the model trained on",
-                      field, split, role)
   evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
-  if not evaluates:
-    logging.warning("No %r split in the dataset (it has %s): no final evaluation (eval.split)",
-                    config.eval.split, ", ".join(data_lib.subset_names(config.data, workdir)))
   if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
     try:
@@ -269,6 +273,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_config(config)
   mesh = parallel.make_mesh()
   train_source, val_source, evaluates = build_sources(config, workdir)
+  warn_of_settings(config, workdir, evaluates)
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 

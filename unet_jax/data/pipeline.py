@@ -8,6 +8,7 @@ of every global batch.
 
 import functools
 import os
+import signal
 import threading
 import time
 from typing import Any, Iterator
@@ -74,8 +75,10 @@ def _to_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -
 
 def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
   """Ends a loader worker once `parent`, the process it loads for, is gone: a run stopped by
-  Ctrl-C (which exits at once) or killed leaves no workers behind, each holding its memory."""
+  Ctrl-C (which exits at once) or killed leaves no workers behind, each holding its memory.
+  A terminal's Ctrl-C reaches the workers too: they leave it to the run (no traceback each)."""
   del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   if os.getppid() != parent:  # Reparented, or another process's child (a fork server's).
     if not _running(parent):  # The run ended while this worker started.
       os._exit(0)
