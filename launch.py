@@ -32,7 +32,11 @@ def _raise_dropped_interrupt(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-if __name__ == "__main__":  # Not in grain's workers, which run this file as __mp_main__.
+# Not in grain's workers, which run this file as __mp_main__, nor where Ctrl-C is ignored (a
+# script's background job: the script's Ctrl-C is not for it).
+_CATCHES_CTRL_C = (__name__ == "__main__"
+                   and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+if _CATCHES_CTRL_C:
   # Until main runs: Ctrl-C among the imports and the config's loading.
   signal.signal(signal.SIGINT, lambda signum, frame: _exit_interrupted("nothing was started"))
   sys.unraisablehook = _raise_dropped_interrupt
@@ -185,7 +189,8 @@ def _import_mode_modules() -> None:
   """
   for name in MODE_MODULES[_MODE.value]:
     importlib.import_module(name)
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+  if _CATCHES_CTRL_C:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(argv):

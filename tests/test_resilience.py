@@ -115,10 +115,12 @@ def _steps_saved(workdir):
 
 
 def _start(command, workdir, run_env):
-  """`command` on `workdir` in a process of its own, its output in `workdir`.log."""
+  """`command` on `workdir` in a process of its own, its output in `workdir`.log; Ctrl-C
+  reaches it as a terminal's command (a background job, as the suite may be, ignores it)."""
   with open(f"{workdir}.log", "w") as log:
     return subprocess.Popen([*command, f"--workdir={workdir}"], cwd=REPO, env=run_env(4),
-                            stdout=log, stderr=log, text=True)
+                            stdout=log, stderr=log, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stop_after_a_checkpoint(proc, workdir, sig):
@@ -145,13 +147,32 @@ def test_ctrl_c_while_a_command_starts_exits_at_once(tmp_path, run_env, after_s)
   assert output.strip().splitlines()[-1].startswith("interrupted: "), output[-2000:]
 
 
+def test_a_background_job_that_ignores_ctrl_c_goes_on(tmp_path, run_env):
+  # A script's `python launch.py ... &`: the script's Ctrl-C is not for it.
+  command = [sys.executable, str(REPO / "launch.py"), *SMOKE, f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.Popen(command, cwd=REPO, env=run_env(4), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  try:
+    for _ in range(2):
+      time.sleep(1.5)
+      proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    assert proc.poll() is None
+  finally:
+    proc.kill()
+    proc.wait()
+
+
 def test_a_ctrl_c_python_drops_in_a_gc_callback_is_raised_again(run_env):
   # jax's garbage-collection callback runs often at start-up; a KeyboardInterrupt raised in a
   # callback is printed as "Exception ignored" and the command went on.
   script = textwrap.dedent("""
-      import gc, sys, time
+      import gc, signal, sys, time
       import launch
-      sys.unraisablehook = launch._raise_dropped_interrupt  # As `python launch.py` sets it.
+      # As `python launch.py` from a terminal sets them.
+      sys.unraisablehook = launch._raise_dropped_interrupt
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       def callback(phase, info):
         if phase == "start" and not fired:
           fired.append(1)
