@@ -23,6 +23,15 @@ def _exit_interrupted(what: str) -> None:
   os._exit(130)
 
 
+_ctrl_c = threading.Event()  # Set by the handler once main runs.
+
+
+def _on_ctrl_c(signum, frame) -> None:
+  del signum, frame
+  _ctrl_c.set()
+  raise KeyboardInterrupt
+
+
 def _raise_dropped_interrupt(unraisable) -> None:
   """Python drops an exception raised in a garbage-collection callback (jax has one), a Ctrl-C
   that landed there too, and the command went on: raise it again, outside the callback."""
@@ -177,12 +186,23 @@ def main(argv):
   try:
     _run(argv)
   except KeyboardInterrupt:
-    _exit_interrupted("the same command " + ("resumes from the last checkpoint"
-                                             if _MODE.value == "train" else "starts it again"))
+    _exit_interrupted(_again())
+  except (Exception, SystemExit):  # pylint: disable=broad-exception-caught
+    # A C extension (matplotlib's renderer, an image decoder) turns a Ctrl-C within it into
+    # an error of its own, or ours calls the image it was reading unreadable: still a Ctrl-C.
+    if _ctrl_c.is_set():
+      _exit_interrupted(_again())
+    raise
+
+
+def _again() -> str:
+  return "the same command " + ("resumes from the last checkpoint" if _MODE.value == "train"
+                                else "starts it again")
 
 
 def _import_mode_modules() -> None:
-  """Imports what --mode runs, then lets Ctrl-C unwind the command (its cleanup runs).
+  """Imports what --mode runs, then lets Ctrl-C unwind the command (its cleanup runs) and
+  says so, whatever error it became.
 
   Until then the start-up handler exits: a KeyboardInterrupt raised inside a C extension's
   import (jaxlib's) crashed Python or came out as an ImportError with a traceback.
@@ -190,7 +210,7 @@ def _import_mode_modules() -> None:
   for name in MODE_MODULES[_MODE.value]:
     importlib.import_module(name)
   if _CATCHES_CTRL_C:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _on_ctrl_c)
 
 
 def _run(argv):

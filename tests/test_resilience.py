@@ -114,13 +114,20 @@ def _steps_saved(workdir):
   return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
 
 
+@pytest.fixture
+def ctrl_c_reaches_commands():
+  """Commands started here take Ctrl-C as a terminal's do: a background job's (as the suite
+  may run) inherit it ignored."""
+  saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, saved)
+
+
 def _start(command, workdir, run_env):
-  """`command` on `workdir` in a process of its own, its output in `workdir`.log; Ctrl-C
-  reaches it as a terminal's command (a background job, as the suite may be, ignores it)."""
+  """`command` on `workdir` in a process of its own, its output in `workdir`.log."""
   with open(f"{workdir}.log", "w") as log:
     return subprocess.Popen([*command, f"--workdir={workdir}"], cwd=REPO, env=run_env(4),
-                            stdout=log, stderr=log, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=log, stderr=log, text=True)
 
 
 def _stop_after_a_checkpoint(proc, workdir, sig):
@@ -136,6 +143,7 @@ def _stop_after_a_checkpoint(proc, workdir, sig):
 
 
 @pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])  # Imports, jax's start, the data.
+@pytest.mark.usefixtures("ctrl_c_reaches_commands")
 def test_ctrl_c_while_a_command_starts_exits_at_once(tmp_path, run_env, after_s):
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
   proc = _start(command, tmp_path / "run", run_env)
@@ -147,12 +155,35 @@ def test_ctrl_c_while_a_command_starts_exits_at_once(tmp_path, run_env, after_s)
   assert output.strip().splitlines()[-1].startswith("interrupted: "), output[-2000:]
 
 
+def test_a_ctrl_c_that_a_library_turned_into_its_error_is_a_ctrl_c(run_env):
+  # matplotlib's renderer raised ValueError("Invalid bounding box") for a Ctrl-C within it:
+  # a traceback and status 1, where the run had been stopped on purpose.
+  script = textwrap.dedent("""
+      import launch
+      launch.flags.FLAGS(["launch.py", "--workdir=unused"])
+      def drawing(argv):
+        try:
+          launch._on_ctrl_c(2, None)
+        except KeyboardInterrupt:
+          raise ValueError("Invalid bounding box")
+      launch._run = drawing
+      launch.main(["launch.py"])
+  """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=run_env(1),
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert result.stderr.strip() == "interrupted: the same command resumes from the last checkpoint"
+
+
 def test_a_background_job_that_ignores_ctrl_c_goes_on(tmp_path, run_env):
   # A script's `python launch.py ... &`: the script's Ctrl-C is not for it.
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE, f"--workdir={tmp_path / 'run'}"]
-  proc = subprocess.Popen(command, cwd=REPO, env=run_env(4), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  saved = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited, as a shell's `&` sets it.
+  try:
+    proc = subprocess.Popen(command, cwd=REPO, env=run_env(4), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  finally:
+    signal.signal(signal.SIGINT, saved)
   try:
     for _ in range(2):
       time.sleep(1.5)
@@ -172,7 +203,7 @@ def test_a_ctrl_c_python_drops_in_a_gc_callback_is_raised_again(run_env):
       import launch
       # As `python launch.py` from a terminal sets them.
       sys.unraisablehook = launch._raise_dropped_interrupt
-      signal.signal(signal.SIGINT, signal.default_int_handler)
+      signal.signal(signal.SIGINT, launch._on_ctrl_c)
       def callback(phase, info):
         if phase == "start" and not fired:
           fired.append(1)
@@ -191,6 +222,7 @@ def test_a_ctrl_c_python_drops_in_a_gc_callback_is_raised_again(run_env):
   assert result.stdout.strip() == "interrupted", result.stdout + result.stderr[-2000:]
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_commands")
 def test_kill_then_resume_matches_uninterrupted(tmp_path, run_env):
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   command = [sys.executable, str(REPO / "launch.py"), *SMOKE]
