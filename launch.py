@@ -27,6 +27,7 @@ _ctrl_c = threading.Event()  # Set by the handler once main runs.
 
 
 def _on_ctrl_c(signum, frame) -> None:
+  """Ctrl-C once main runs: it unwinds the command, and is remembered (main says so)."""
   del signum, frame
   _ctrl_c.set()
   raise KeyboardInterrupt
