@@ -1,5 +1,6 @@
 """Training end to end on four fake CPU devices, checkpoints and the command line."""
 
+import contextlib
 import csv
 import fcntl
 import functools
@@ -158,8 +159,11 @@ def test_a_learning_curve_stopped_while_drawn_leaves_the_earlier_one(tmp_path, m
                                       "loss": 1 / epoch, "dice": epoch / 4})
   path = reports.plot_learning_curve(tmp_path)
   earlier = path.read_bytes()
-  def cut_short(self, fname, **kwargs):
-    pathlib.Path(fname).write_bytes(earlier[:100])
+  def cut_short(self, fname, **kwargs):  # Half a PNG written, to a file or a path.
+    if hasattr(fname, "write"):
+      fname.write(earlier[:100])
+    else:
+      pathlib.Path(fname).write_bytes(earlier[:100])
     raise KeyboardInterrupt
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_short)
   with pytest.raises(KeyboardInterrupt):
@@ -190,9 +194,13 @@ def test_two_evaluations_of_a_split_write_their_files_one_after_the_other(traine
       except BlockingIOError:
         free_while_writing.append(False)
   monkeypatch.setattr(reports, "plot_predictions", another_writer_may_start)
-  write_atomic = reports.write_atomic
-  monkeypatch.setattr(reports, "write_atomic",
-                      lambda *a: (another_writer_may_start(), write_atomic(*a)))
+  replaced_together = reports.replaced_together
+  @contextlib.contextmanager
+  def put_in_place(folder, names):
+    with replaced_together(folder, names) as aside:
+      yield aside
+    another_writer_may_start()  # The files, the summary among them, just put in place.
+  monkeypatch.setattr(reports, "replaced_together", put_in_place)
   evaluate.evaluate(config, str(workdir))
   assert free_while_writing == [False, False]  # Pictures, then the summary.
   another_writer_may_start()

@@ -23,7 +23,6 @@ category the data lack, bad BraTS channels) is an error.
 
 import collections
 from collections.abc import Iterator
-import contextlib
 import csv
 import json
 import pathlib
@@ -37,6 +36,7 @@ from pycocotools import mask as mask_utils
 
 from unet_jax import data as data_lib
 from unet_jax import images as images_lib
+from unet_jax import reports
 from unet_jax.data import brats
 from unet_jax.data import coco
 from unet_jax.data import coco_json
@@ -278,31 +278,25 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   total = _Stats()
   # Written aside and moved into place once all three are: a dataset or a folder that stops
   # describe leaves an earlier description whole, and nothing of this one.
-  partial = {name: out / f"{name}.tmp" for name in (CSV_FILE, SUMMARY_FILE, PLOT_FILE)}
   try:
-    with open(partial[CSV_FILE], "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=COLUMNS)
-      writer.writeheader()
-      for image in images:
-        writer.writerows(image.rows)
-        stats[image.subset].add(image)
-        total.add(image)
-    coco.log_problems(problems, root)
-    if not total.images:
-      first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
-      raise UserError(f"data.root {root}: no images found{first}")
-    stats = {name: stats[name] for name in splits.ordered(set(stats) | set(subset_names))}
-    summary = _summary(data_config, root, categories, stats, total, problems)
-    partial[SUMMARY_FILE].write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(partial[PLOT_FILE], stats, categories)
-    for name, path in partial.items():
-      path.replace(out / name)
+    with reports.replaced_together(out, (CSV_FILE, PLOT_FILE, SUMMARY_FILE)) as aside:
+      with open(aside[CSV_FILE], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for image in images:
+          writer.writerows(image.rows)
+          stats[image.subset].add(image)
+          total.add(image)
+      coco.log_problems(problems, root)
+      if not total.images:
+        first = f"; {len(problems)} problems, the first: {problems[0]}" if problems else ""
+        raise UserError(f"data.root {root}: no images found{first}")
+      stats = {name: stats[name] for name in splits.ordered(set(stats) | set(subset_names))}
+      summary = _summary(data_config, root, categories, stats, total, problems)
+      aside[SUMMARY_FILE].write_text(json.dumps(summary, indent=2) + "\n")
+      _plot(aside[PLOT_FILE], stats, categories)
   except OSError as e:  # A folder it may not write to, a full disk.
     raise UserError(f"{e.filename or out}: {e.strerror or e}") from None
-  finally:
-    for path in partial.values():
-      with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
   listed = f"; {len(problems)} problems, listed in {SUMMARY_FILE}" if problems else ""
   logging.info("%s: %d images, %d annotations in %s -> %s%s", root, total.images,
                total.annotations, ", ".join(stats), out, listed)

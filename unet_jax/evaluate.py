@@ -263,11 +263,11 @@ def _short_name(file_name: str, width: int = 28) -> str:
   return name[:head] + "\u2026" + name[-(width - 1 - head):]
 
 
-def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> bool:
-  """Draws the picture rows to `path` (process 0); False when eval.num_pictures is 0."""
+def _write_pictures(path, predict, state, source, scores, config, mesh, threshold) -> None:
+  """Draws the picture rows to `path` (process 0); none when eval.num_pictures is 0."""
   rows = _picture_rows(scores["dice"], config.eval.num_pictures)
   if not rows:
-    return False
+    return
   samples = [source[i] for i in rows]
   images = np.stack([s["image"] for s in samples])
   probs = predict_padded(predict, state, images, config.eval.batch_size, mesh)
@@ -280,7 +280,6 @@ def _write_pictures(path, predict, state, source, scores, config, mesh, threshol
   heading = f"prediction ({rule})" + ("\n" + ", ".join(post) if post else "")
   if jax.process_index() == 0:
     reports.plot_predictions(path, images, masks, probs, predicted, heading, titles)
-  return True
 
 
 def _write_scores(path, source, scores, counts, labels, category_ids) -> None:
@@ -342,25 +341,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels,
                                                      source.category_names)
   out = output_dir(config, workdir)
-  written = {name: out / f"{name}.tmp" for name in ("per_image.csv", "predictions.png")}
   with contextlib.ExitStack() as writer:
+    aside = {}  # Process 0 writes; the pictures' predictions are every process's.
     if jax.process_index() == 0:
       writer.enter_context(run_lock.writing(out))
-      for path in written.values():  # Unless they replaced the earlier files: a stop's.
-        writer.callback(path.unlink, missing_ok=True)
-      _write_scores(written["per_image.csv"], source, scores, counts, labels, category_ids)
-    if not _write_pictures(written["predictions.png"], predict, state, source, scores, config,
-                           mesh, threshold):
-      del written["predictions.png"]  # eval.num_pictures=0: none, not an earlier evaluation's.
+      # An earlier evaluation stays whole until this one is written, the summary that marks
+      # it done put in place last: one stopped in between (training's final one among them)
+      # leaves no summary, and is evaluated again. No pictures (eval.num_pictures=0): none,
+      # not an earlier evaluation's.
+      aside = writer.enter_context(reports.replaced_together(
+          out, ("per_image.csv", "predictions.png", "summary.json")))
+      _write_scores(aside["per_image.csv"], source, scores, counts, labels, category_ids)
+    _write_pictures(aside.get("predictions.png"), predict, state, source, scores, config, mesh,
+                    threshold)
     if jax.process_index() == 0:
-      # An earlier evaluation stays whole until this one is written: then its files are
-      # replaced at once, the summary that marks the evaluation done last. One stopped in
-      # between (training's final one among them) leaves no summary, and is evaluated again.
-      summary_path(config, workdir).unlink(missing_ok=True)
-      (out / "predictions.png").unlink(missing_ok=True)
-      for name, path in written.items():
-        path.replace(out / name)
-      reports.write_atomic(summary_path(config, workdir), json.dumps(summary, indent=2) + "\n")
+      aside["summary.json"].write_text(json.dumps(summary, indent=2) + "\n")
   averaging = f", averaged with {len(members)} other run(s)" if members else ""
   logging.info("%s (step %d%s): mean Dice %.4f, IoU %.4f, HD95 %.2f px over %d images -> %s",
                split, step, averaging, summary["metrics"]["dice"]["mean"],

@@ -88,9 +88,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output_dir: str | No
     out.mkdir(parents=True, exist_ok=True)
     # Each written whole, the model first: an export stopped between the two leaves the
     # earlier model.json, whose checksum no longer matches (serving refuses the pair).
-    model_tmp = out / f"{MODEL_FILE}.tmp"
-    model_tmp.write_bytes(serialized)
-    model_tmp.replace(out / MODEL_FILE)
+    reports.write_atomic(out / MODEL_FILE, serialized)
     reports.write_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
   logging.info("Exported checkpoint %d of %s to %s", step, workdir, out)
   return out

@@ -1,8 +1,10 @@
 """What a run writes for people: metrics.jsonl, the learning curve and prediction grids."""
 
+import contextlib
+import io
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import matplotlib
@@ -15,19 +17,44 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to `path` whole or not at all: a reader, or a kill, never sees half of it."""
+def write_atomic(path: pathlib.Path, data: str | bytes | bytearray) -> None:
+  """Writes `data` to `path` whole or not at all: a reader, or a kill, never sees half of it."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
   tmp.replace(path)
+
+
+@contextlib.contextmanager
+def replaced_together(folder: pathlib.Path,
+                      names: Sequence[str]) -> Iterator[dict[str, pathlib.Path]]:
+  """Paths aside (name -> folder/name.tmp) to write a set of files to; on leaving without
+  an error they replace the earlier set at once, the last name (which marks the set done)
+  removed first and put in place last. A name not written this time leaves none of the
+  earlier set. Stopped before, the earlier set stays whole; the paths aside are removed."""
+  aside = {name: folder / f"{name}.tmp" for name in names}
+  try:
+    yield aside
+    (folder / names[-1]).unlink(missing_ok=True)
+    for name, path in aside.items():
+      if path.exists():
+        path.replace(folder / name)
+      else:
+        (folder / name).unlink(missing_ok=True)
+  finally:
+    for path in aside.values():
+      with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def save_png(fig, path: str | pathlib.Path, dpi: int) -> None:
-  """Saves `fig` to `path` as a PNG, whole or not at all (as `write_atomic`), and closes it."""
-  tmp = pathlib.Path(path).with_name(pathlib.Path(path).name + ".tmp")
-  fig.savefig(tmp, dpi=dpi, format="png")
+  """Saves `fig` to `path` as a PNG, whole or not at all (`write_atomic`), and closes it."""
+  png = io.BytesIO()
+  fig.savefig(png, dpi=dpi, format="png")
   plt.close(fig)
-  tmp.replace(path)
+  write_atomic(pathlib.Path(path), png.getvalue())
 
 
 def append_metrics(workdir: str | pathlib.Path, record: dict[str, Any]) -> None:
