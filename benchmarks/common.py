@@ -38,7 +38,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -187,11 +186,6 @@ def make_config(args):
   config.train.optimizer = "adam"
   config.train.schedule = "constant"
   return config
-
-
-def make_tx(config, total_steps: int = 1000):
-  """The project's optimiser for `config` (Adam, constant rate)."""
-  return optim.make_optimizer(config, total_steps, total_steps)
 
 
 def fake_batch(config, seed: int = 0) -> dict:

@@ -20,6 +20,7 @@ import common  # pylint: disable=g-bad-import-order
 import jax
 import numpy as np
 
+from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import steps
 
@@ -39,7 +40,7 @@ def main():
 
   config = common.make_config(args)
   mesh = parallel.make_mesh()
-  tx = common.make_tx(config)
+  tx = optim.make_optimizer(config)
   state = jax.device_put(
       steps.create_train_state(config, (sizes[0], sizes[0], args.channels), tx),
       parallel.replicated(mesh))

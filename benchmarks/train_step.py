@@ -22,6 +22,7 @@ import common  # pylint: disable=g-bad-import-order
 
 import jax
 
+from unet_jax import optim
 from unet_jax import parallel
 from unet_jax import steps
 
@@ -56,9 +57,9 @@ def main():
   state, compiled, compile_s = _compiled_step(config, mesh, batch)
   # The step as lowered, before XLA's rewrites: the model's FLOPs on any backend (a compiled
   # GPU step calls cuDNN convolutions, which its cost analysis counts as zero).
-  flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(state, batch))
+  flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(state, batch, config.train.learning_rate))
   params = common.param_count(state.params)
-  jax_step = _runner(compiled, state, batch)
+  jax_step = _runner(compiled, state, batch, config.train.learning_rate)
   for _ in range(args.warmup):
     jax_step()
   rss = common.peak_rss_mb()
@@ -67,7 +68,8 @@ def main():
     float32_config = copy.deepcopy(config)
     float32_config.model.dtype = "float32"
     float32_state, float32_step = _compiled_step(float32_config, mesh, batch)[:2]
-    runners["float32"] = _runner(float32_step, float32_state, batch)
+    runners["float32"] = _runner(float32_step, float32_state, batch,
+                                 config.train.learning_rate)
     for _ in range(args.warmup):
       runners["float32"]()
   if args.reference == "torch":
@@ -120,19 +122,21 @@ def main():
 def _compiled_step(config, mesh, batch):
   """(initial train state, the compiled train step of `config`, seconds to compile)."""
   image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
-  state = jax.device_put(steps.create_train_state(config, image_shape, common.make_tx(config)),
+  state = jax.device_put(steps.create_train_state(config, image_shape,
+                                                 optim.make_optimizer(config)),
                          parallel.replicated(mesh))
   start = time.perf_counter()
-  compiled = steps.jit_steps(config, mesh)[0].lower(state, batch).compile()
+  compiled = steps.jit_steps(config, mesh)[0].lower(state, batch,
+                                                    config.train.learning_rate).compile()
   return state, compiled, time.perf_counter() - start
 
 
-def _runner(compiled, state, batch):
+def _runner(compiled, state, batch, rate):
   """One train step per call, each on the state the last one left."""
   holder = {"state": state}
 
   def step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, rate)
     common.block((holder["state"], metrics))
   return step
 

@@ -30,14 +30,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _run_steps(config, workdir, devices, count):
   mesh = parallel.make_mesh(devices)
   source = data.build_source(config.data, "train", str(workdir))
-  tx = optim.make_optimizer(config, 100, 2)
-  state = jax.device_put(steps.create_train_state(config, (32, 32, 1), tx),
+  state = jax.device_put(steps.create_train_state(config, (32, 32, 1),
+                                                  optim.make_optimizer(config)),
                          parallel.replicated(mesh))
   p_train, _ = steps.jit_steps(config, mesh)
   batches = pipeline.train_batches(source, config)
   losses = []
-  for _ in range(count):
-    state, metrics = p_train(state, parallel.device_batch(next(batches), mesh))
+  for step in range(count):
+    rate = optim.learning_rate(config.train, step, total_steps=100, steps_per_epoch=2)
+    state, metrics = p_train(state, parallel.device_batch(next(batches), mesh), rate)
     losses.append(float(metrics["loss"]))
   return jax.device_get(state.params), losses
 
@@ -265,9 +266,12 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
   timed, first_epoch_seconds = [], time_budget.first_epoch_seconds
   monkeypatch.setattr(time_budget, "first_epoch_seconds",
                       lambda syncs, *args: timed.append(syncs) or first_epoch_seconds(syncs, *args))
-  train.train_and_evaluate(tiny_config, str(tmp_path / "budget"))
+  with caplog.at_level(logging.WARNING), jax.log_compiles():
+    train.train_and_evaluate(tiny_config, str(tmp_path / "budget"))
   # An epoch of 2 steps, one log window: timed from the end of the first step, which compiles.
   assert [steps_done for steps_done, _ in timed[0]] == [1, 2]
+  # The plan shortened the schedule without compiling the train step again.
+  assert caplog.text.count("Compiling jit(train_step)") == 1
 
   assert _final_params(tmp_path / "budget")[0] == _final_params(tmp_path / "two")[0] == 4
   for a, b in zip(*(jax.tree.leaves(_final_params(tmp_path / run)[1])

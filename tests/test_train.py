@@ -14,6 +14,7 @@ import sys
 import jax
 import matplotlib.figure
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -75,15 +76,31 @@ def test_schedule_rates_do_not_depend_on_the_run_length_within_the_warm_up(warmu
   # A time budget's plan is made after the first epoch, under the schedule of train.epochs.
   config = default.get_config()
   config.train.warmup_epochs, steps_per_epoch = warmup_epochs, 4
-  rates = {epochs: [float(optim.make_schedule(config.train, epochs * steps_per_epoch,
-                                              steps_per_epoch)(t))
+  rates = {epochs: [optim.learning_rate(config.train, t, epochs * steps_per_epoch,
+                                        steps_per_epoch)
                     for t in range(warmup_epochs * steps_per_epoch)]
-           for epochs in (0, 1, 2, 5, 50)}
+           for epochs in (1, 2, 5, 50)}
   for epochs, epoch_rates in rates.items():
     n = min(epochs, warmup_epochs) * steps_per_epoch
     np.testing.assert_allclose(epoch_rates[:n], rates[50][:n], rtol=1e-6, err_msg=f"{epochs}")
   np.testing.assert_allclose(rates[1][:2], [0.0, 1e-3 / (warmup_epochs * steps_per_epoch)],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, warmup_epochs", [("cosine", 0), ("cosine", 1), ("step", 0),
+                                                     ("constant", 0)])
+def test_schedule_rates_are_optax_schedules(schedule, warmup_epochs):
+  config = default.get_config()
+  config.train.update(schedule=schedule, warmup_epochs=warmup_epochs, step_every_epochs=2)
+  steps_per_epoch, total = 3, 20
+  optax_schedule = {
+      "constant": optax.constant_schedule(1e-3),
+      "step": optax.piecewise_constant_schedule(1e-3, {6: 0.1, 12: 0.1, 18: 0.1}),
+      "cosine": (optax.warmup_cosine_decay_schedule(0.0, 1e-3, 3, total) if warmup_epochs
+                 else optax.cosine_decay_schedule(1e-3, total))}[schedule]
+  np.testing.assert_allclose(
+      [optim.learning_rate(config.train, t, total, steps_per_epoch) for t in range(total + 2)],
+      [float(optax_schedule(t)) for t in range(total + 2)], rtol=1e-5, atol=1e-12)
 
 
 def test_restored_checkpoint_gives_the_same_validation_numbers(trained):
@@ -350,14 +367,14 @@ def test_ema_of_the_parameters_follows_each_step(tiny_config, tmp_path):
   config = tiny_config
   config.train.update(ema_decay=0.6, ema_warmup=2.0, schedule="constant", learning_rate=0.01)
   mesh = parallel.make_mesh()
-  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
+  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config))
   state = jax.device_put(initial, parallel.replicated(mesh))
   p_train, _ = steps.jit_steps(config, mesh)
   batches = pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
                                    config)
   params = ema = jax.device_get(initial.params)
   for decay in (0.5, 0.6):
-    state, _ = p_train(state, parallel.device_batch(next(batches), mesh))
+    state, _ = p_train(state, parallel.device_batch(next(batches), mesh), 0.01)
     before, params = params, jax.device_get(state.params)
     assert not all(np.allclose(a, b) for a, b in zip(*map(jax.tree.leaves, (before, params))))
     ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, params)
@@ -369,7 +386,7 @@ def _sgd_at_rate_0_1(config, tmp_path):
   """Plain SGD at rate 0.1 on `config`: (mesh, initial state, its parameters, first batch)."""
   config.train.optimizer, config.train.momentum, config.train.schedule = "sgd", 0.0, "constant"
   config.train.learning_rate = 0.1
-  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config, 10, 2))
+  initial = steps.create_train_state(config, (32, 32, 1), optim.make_optimizer(config))
   batch = next(pipeline.train_batches(data.build_source(config.data, "train", str(tmp_path)),
                                       config))
   return parallel.make_mesh(), initial, jax.device_get(initial.params), batch
@@ -393,7 +410,7 @@ def test_sharpness_aware_step_descends_from_the_perturbed_parameters(tiny_config
   _, worst_grads = value_and_grad(worst)
   p_train, _ = steps.jit_steps(config, mesh)
   state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
-                           parallel.device_batch(batch, mesh))
+                           parallel.device_batch(batch, mesh), 0.1)
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
   moved = jax.device_get(state.params)
   for got, p, g in zip(*map(jax.tree.leaves, (moved, start, worst_grads))):
@@ -422,7 +439,7 @@ def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(start)
   p_train, _ = steps.jit_steps(config, mesh)
   state, metrics = p_train(jax.device_put(initial, parallel.replicated(mesh)),
-                           parallel.device_batch(batch, mesh))
+                           parallel.device_batch(batch, mesh), 0.1)
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
   for got, p, g in zip(*map(jax.tree.leaves, (jax.device_get(state.params), start, grads))):
     np.testing.assert_allclose(got, p - 0.1 * g, rtol=1e-4, atol=1e-6)
@@ -430,16 +447,15 @@ def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
 
 def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
   tiny_config.model.deep_supervision = True
-  tiny_config.train.schedule = "constant"  # The cosine warm-up starts at a rate of 0.
   mesh = parallel.make_mesh()
   initial = steps.create_train_state(tiny_config, (32, 32, 1),
-                                     optim.make_optimizer(tiny_config, 10, 2))
+                                     optim.make_optimizer(tiny_config))
   start = jax.device_get(initial.params)
   state = jax.device_put(initial, parallel.replicated(mesh))
   p_train, p_eval = steps.jit_steps(tiny_config, mesh)
   source = data.build_source(tiny_config.data, "train", str(tmp_path))
   batch = parallel.device_batch(next(pipeline.train_batches(source, tiny_config)), mesh)
-  state, metrics = p_train(state, batch)
+  state, metrics = p_train(state, batch, tiny_config.train.learning_rate)
   assert np.isfinite(metrics["loss"])
   moved = jax.device_get(state.params["aux_head_1"]["kernel"])
   assert not np.allclose(moved, start["aux_head_1"]["kernel"])
@@ -496,7 +512,7 @@ def test_category_weights_make_the_loss_a_weighted_mean(tiny_config, tmp_path):
   config.data.category_ids, config.train.category_weights = (1, 2), (3.0, 1.0)
   mesh = parallel.make_mesh()
   state = jax.device_put(steps.create_train_state(config, (32, 32, 1),
-                                                  optim.make_optimizer(config, 10, 2)),
+                                                  optim.make_optimizer(config)),
                          parallel.replicated(mesh))
   source = data.build_source(config.data, "train", str(tmp_path))
   batch = next(pipeline.train_batches(source, config))
@@ -506,7 +522,7 @@ def test_category_weights_make_the_loss_a_weighted_mean(tiny_config, tmp_path):
   weights = np.where(batch["mask"].max(axis=(1, 2, 3)) == 1, 3.0, 1.0)
   assert 0 < (weights == 3).sum() < len(weights)  # Both categories are in the batch.
   p_train, _ = steps.jit_steps(config, mesh)
-  _, metrics = p_train(state, parallel.device_batch(batch, mesh))
+  _, metrics = p_train(state, parallel.device_batch(batch, mesh), config.train.learning_rate)
   assert float(metrics["loss"]) == pytest.approx(
       np.sum(weights * per_image) / np.sum(weights), rel=1e-5)
   assert float(metrics["loss"]) != pytest.approx(per_image.mean(), rel=1e-3)

@@ -73,7 +73,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
   if (pathlib.Path(workdir) / saved_config.CONFIG_FILE).is_file():
     target_config.train = saved_config.load(workdir).train
   target = steps.abstract_train_state(target_config, image_shape,
-                                      optim.make_optimizer(target_config, 1, 1),
+                                      optim.make_optimizer(target_config),
                                       parallel.replicated(mesh))
   state, _ = checkpoints.restore(step, target)
   checkpoints.close()

@@ -1,5 +1,8 @@
-"""The optimiser of `config.train`: Adam, AdamW or SGD, a schedule, gradient clipping."""
+"""The optimiser of `config.train` (Adam, AdamW or SGD, gradient clipping) and its rate schedule."""
 
+import math
+
+import jax
 import ml_collections
 import optax
 
@@ -9,42 +12,53 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def make_schedule(train: ml_collections.ConfigDict, total_steps: int,
-                  steps_per_epoch: int) -> optax.Schedule:
-  """constant, cosine (linear warm-up then cosine decay to 0; a run no longer than its warm-up
-  only ramps up) or step (x factor every k epochs)."""
-  lr = train.learning_rate
+def learning_rate(train: ml_collections.ConfigDict, step: int, total_steps: int,
+                  steps_per_epoch: int) -> float:
+  """The rate of step `step` (from 0) of a run of `total_steps`: constant, cosine (linear
+  warm-up, then cosine decay to 0) or step (x `step_factor` every `step_every_epochs`).
+
+  Computed on the host and given to each train step, so that a time budget's plan, which
+  shortens the run after its first epoch, does not compile the step again.
+  """
+  peak = train.learning_rate
   if train.schedule == "constant":
-    return optax.constant_schedule(lr)
+    return peak
   if train.schedule == "step":
     every = max(1, train.step_every_epochs * steps_per_epoch)
-    boundaries = {k * every: train.step_factor for k in range(1, total_steps // every + 1)}
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  if train.schedule != "cosine":
-    raise UserError(f"train.schedule={train.schedule!r} is not one of {SCHEDULES}")
+    return peak * train.step_factor ** (min(step, total_steps) // every)
   warmup = train.warmup_epochs * steps_per_epoch
-  if warmup > 0 and warmup >= total_steps:
-    # A run no longer than its warm-up ramps at the pace a longer run does, so that its
-    # steps' rates do not depend on its length (a time budget's plan trains as that many
-    # epochs would from the start).
-    return optax.linear_schedule(0.0, lr, warmup)
-  if warmup > 0:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps)
-  return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  if step < warmup:
+    # At the pace of a longer run even when the run is no longer than its warm-up, so that
+    # a step's rate does not depend on the run's length until the warm-up ends.
+    return peak * step / warmup
+  if warmup >= total_steps:
+    return peak
+  decay_steps = total_steps - warmup
+  return peak * 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optimiser, with gradients clipped to `train.grad_clip` global norm when > 0."""
+def _unit_rate(count: jax.Array) -> float:
+  """The optimiser's own rate: 1, the train step scales its updates by `learning_rate`.
+
+  A schedule rather than a constant keeps the optimiser's state (its step count) as
+  checkpoints hold it.
+  """
+  del count
+  return 1.0
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimiser at rate 1 (see `learning_rate`), with gradients clipped to
+  `train.grad_clip` global norm when > 0."""
   train = config.train
-  schedule = make_schedule(train, total_steps, steps_per_epoch)
+  if train.schedule not in SCHEDULES:
+    raise UserError(f"train.schedule={train.schedule!r} is not one of {SCHEDULES}")
   if train.optimizer == "adam":
-    optimizer = optax.adam(schedule)
+    optimizer = optax.adam(_unit_rate)
   elif train.optimizer == "adamw":
-    optimizer = optax.adamw(schedule, weight_decay=train.weight_decay)
+    optimizer = optax.adamw(_unit_rate, weight_decay=train.weight_decay)
   elif train.optimizer == "sgd":
-    optimizer = optax.sgd(schedule, momentum=train.momentum, nesterov=True)
+    optimizer = optax.sgd(_unit_rate, momentum=train.momentum, nesterov=True)
   else:
     raise UserError(f"train.optimizer={train.optimizer!r} is not one of {OPTIMIZERS}")
   if train.grad_clip > 0:

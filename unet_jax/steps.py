@@ -91,12 +91,13 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
   return {int(name.rsplit("_", 1)[1]): values[0] for name, values in sown.items()}
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: dict[str, Any],
-               ema_decay: float, ema_warmup: float, seed: int,
+def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
+               loss_options: dict[str, Any], ema_decay: float, ema_warmup: float, seed: int,
                category_weights: tuple[float, ...] = (), sam_rho: float = 0.0,
                subnetworks: int = 1, shared_input_fraction: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a (global) batch; returns the new state and batch metrics.
+  """One optimiser step on a (global) batch at `learning_rate` (x the state's `lr_scale`);
+  returns the new state and batch metrics.
 
   The loss is the batch's mean, weighted by each image's category when `category_weights`
   are given (`losses.category_weights`). With `sam_rho` > 0 the step is sharpness-aware
@@ -136,7 +137,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_options: 
   if sam_rho > 0:
     grads = _sharpness_aware_grads(grad_fn, state.params, grads, sam_rho)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+  updates = jax.tree.map(lambda u: u * (learning_rate * state.lr_scale), updates)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
@@ -227,7 +228,8 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                                       sam_rho=config.train.sam_rho,
                                       subnetworks=config.model.subnetworks,
                                       shared_input_fraction=config.train.shared_input_fraction),
-                    in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                    in_shardings=(replicated, sharded, replicated),
+                    out_shardings=(replicated, replicated),
                     donate_argnums=0)
   # Validation loss is per image: padding must not enter a batch Dice.
   p_eval = jax.jit(functools.partial(eval_step, loss_options={**options, "per_image": True},

@@ -237,12 +237,6 @@ def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
   return epochs
 
 
-def _scheduled_over(state: steps.TrainState, config: ml_collections.ConfigDict, epochs: int,
-                    epoch_steps: int) -> steps.TrainState:
-  """`state` with its optimiser's schedule over `epochs` epochs (the optimiser state unchanged)."""
-  return state.replace(tx=optim.make_optimizer(config, epochs * epoch_steps, epoch_steps))
-
-
 def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
   """`config` as the run trains it: `train.epochs` the time budget's plan, when there is one."""
   if epochs == config.train.epochs:
@@ -277,8 +271,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   epoch_steps = pipeline.steps_per_epoch(len(train_source), train_cfg.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
-  tx = optim.make_optimizer(config, train_cfg.epochs * epoch_steps, epoch_steps)
-  state = jax.device_put(steps.create_train_state(config, image_shape, tx),
+  state = jax.device_put(steps.create_train_state(config, image_shape,
+                                                 optim.make_optimizer(config)),
                          parallel.replicated(mesh))
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep_latest=train_cfg.keep_checkpoints)
   counters = LoopCounters()
@@ -301,7 +295,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if epochs != train_cfg.epochs:
     logging.info("Keeping the time budget's plan of %d epochs, made when the run started.",
                  epochs)
-    state = _scheduled_over(state, config, epochs, epoch_steps)
   total_steps, planned = epochs * epoch_steps, _with_epochs(config, epochs)
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
@@ -331,7 +324,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   epoch_ends, first_epoch_syncs = [window_start], []
   for step in range(start_step, total_steps):
     batch = next(batches)
-    state, step_metrics = p_train(state, parallel.device_batch(batch, mesh))
+    rate = optim.learning_rate(train_cfg, step, total_steps, epoch_steps)
+    state, step_metrics = p_train(state, parallel.device_batch(batch, mesh), rate)
     window.append(step_metrics)
     names.append(batch["file_name"])
     epoch, end_of_epoch = step // epoch_steps + 1, (step + 1) % epoch_steps == 0
@@ -368,8 +362,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       epochs = _plan_epochs(config, workdir_path, started, epoch_ends, first_epoch_syncs,
                             epoch_steps)
       counters.planned_epochs, total_steps = epochs, epochs * epoch_steps
-      if epochs < train_cfg.epochs:
-        state = _scheduled_over(state, config, epochs, epoch_steps)
     logging.info("epoch %d validation: loss %.4f dice %.4f iou %.4f (%s)", epoch, val["loss"],
                  val["dice"], val["iou"], time_left(epoch_ends, epochs - epoch))
     if lower_rate:
