@@ -66,10 +66,20 @@ def test_evaluation_batch_must_divide_over_devices_before_training(tiny_config, 
 
 
 def test_nan_loss_stops_naming_step_batch_and_checkpoint(tiny_config, tmp_path):
-  tiny_config.train.learning_rate = 1e30
+  tiny_config.train.learning_rate, tiny_config.train.schedule = 1e30, "constant"
   tiny_config.train.epochs = 3
-  with pytest.raises(UserError, match=r"step \d+: loss is nan on batch \[phantom_train_"):
+  with pytest.raises(UserError, match=r"step 2: loss is nan on batch \[phantom_train_.*; "
+                     "stopped, last good checkpoint: none saved yet"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "constant"))
+
+
+def test_parameters_diverged_by_an_epoch_s_last_step_are_not_saved(tiny_config, tmp_path):
+  # The warm-up's rates: 0, then 5e29 at the epoch's second and last step.
+  tiny_config.train.learning_rate, tiny_config.train.epochs = 1e30, 3
+  with pytest.raises(UserError, match="epoch 1 validation: loss is nan after step 2; stopped, "
+                     "last good checkpoint: none saved yet"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
 def test_early_stopping_and_plateau(tiny_config, tmp_path):

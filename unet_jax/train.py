@@ -91,13 +91,18 @@ def _check_finite(window: list[dict[str, float]], names: list[Any], first_step: 
   """Stops the run on a NaN or infinite loss, naming the step, its images, the last checkpoint."""
   for offset, metrics in enumerate(window):
     if not math.isfinite(metrics["loss"]):
-      checkpoints.wait()
-      last = checkpoints.latest_step()
-      where = f"{checkpoints.directory}/{last}" if last is not None else "none saved yet"
       files = ", ".join(str(n) for n in list(names[offset])[:8])
-      raise Diverged(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]; "
-                     f"stopped, last good checkpoint: {where} (try a lower train.learning_rate "
-                     "or train.grad_clip)")
+      _stop_diverged(f"step {first_step + offset}: loss is {metrics['loss']} on batch [{files}]",
+                     checkpoints)
+
+
+def _stop_diverged(what: str, checkpoints: checkpoint_lib.Checkpoints) -> None:
+  """Raises Diverged: `what`, and the last checkpoint saved, which is the last good one."""
+  checkpoints.wait()
+  last = checkpoints.latest_step()
+  where = f"{checkpoints.directory}/{last}" if last is not None else "none saved yet"
+  raise Diverged(f"{what}; stopped, last good checkpoint: {where} (try a lower "
+                 "train.learning_rate or train.grad_clip)")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -354,6 +359,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       continue
 
     val = evaluate.validate(p_eval, state, val_source, config, mesh)
+    if not math.isfinite(val["loss"]):  # The epoch's last steps diverged: not saved.
+      _stop_diverged(f"epoch {epoch} validation: loss is {val['loss']} after step {step + 1}",
+                     checkpoints)
     lower_rate, stop = counters.observe(val, train_cfg)
     val["lr_scale"] = float(state.lr_scale)
     epoch_ends.append(time.perf_counter())

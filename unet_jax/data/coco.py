@@ -187,7 +187,7 @@ def check_category_ids(subset: Subset, category_ids: Sequence[Any]) -> None:
   if subset.categories and unknown:
     known = ", ".join(f"{k} ({v})" for k, v in subset.categories.items())
     raise UserError(f"{subset.json_path}: data.category_ids {sorted(unknown, key=str)} are not "
-                    f"among its categories: {known}")
+                    f"among its categories: {known}; name some of them, or '()' for all")
 
 
 def check_image(subset: Subset, image: dict[str, Any]) -> pathlib.Path:
