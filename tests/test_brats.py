@@ -92,6 +92,10 @@ def test_normalise_is_robust_min_max_over_brain_pixels():
   out = brats.normalise(image, (1, 99))
   assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
   assert (out[10:] == 0).all() and 0.4 < out[5, 0, 0] < 0.6
+  image[1, 1], image[2, 2] = np.nan, np.inf  # Corrupt voxels are background; the rest as before.
+  corrupt = brats.normalise(image, (1, 99))
+  assert corrupt[1, 1] == corrupt[2, 2] == 0
+  np.testing.assert_allclose(corrupt[5:], out[5:], atol=0.02)
 
 
 def _write(path, **datasets):

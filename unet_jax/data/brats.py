@@ -67,11 +67,12 @@ def scan(root: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def normalise(image: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
-  """Robust min-max of each channel to [0, 1] over its non-zero pixels; zeros stay 0."""
+  """Robust min-max of each channel to [0, 1] over its non-zero pixels; zeros stay 0, and so
+  do NaN or infinite voxels (a single one had left its whole channel at 0)."""
   out = np.zeros(image.shape, np.float32)
   for c in range(image.shape[-1]):
     plane = image[..., c]
-    brain = plane != 0
+    brain = (plane != 0) & np.isfinite(plane)
     if brain.sum() < 2:
       continue
     low, high = np.percentile(plane[brain], percentiles)
