@@ -288,6 +288,12 @@ def test_time_budget_plan_trains_as_that_many_epochs_and_is_kept_on_resume(
                     for run in ("two", "budget"))):
     np.testing.assert_array_equal(a, b)
   assert json.loads((tmp_path / "budget/config.json").read_text())["train"]["epochs"] == 2
+  logged = {r["step"]: r["learning_rate"] for r in reports.read_metrics(tmp_path / "budget")
+            if r["split"] == "train"}
+  assert logged == pytest.approx({step: optim.learning_rate(tiny_config.train, step - 1, 4, 2)
+                                   for step in logged})
+  # Half-way down a cosine over the plan's 4 steps (over train.epochs' 8, 0.93 of the peak).
+  assert len(logged) == 4 and logged[4] == pytest.approx(tiny_config.train.learning_rate / 2)
   # Started again, under a budget that would now fit all four, the run keeps its plan.
   monkeypatch.setattr(time_budget, "epochs_that_fit", lambda *args, **kwargs: 4)
   assert train.train_and_evaluate(tiny_config, str(tmp_path / "budget")) == {}

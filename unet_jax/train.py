@@ -345,6 +345,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       _check_finite(host, names, step + 2 - len(host), checkpoints)
       record = {"step": step + 1, "epoch": epoch, "split": "train",
                 **{k: float(np.mean([m[k] for m in host])) for k in host[0]},
+                "learning_rate": rate * float(state.lr_scale),
                 "img_per_s": (len(host) * train_cfg.batch_size
                               / (time.perf_counter() - window_start))}
       logging.info("%s step %d/%d epoch %d: loss %.4f dice %.3f (%.1f img/s)",
