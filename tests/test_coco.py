@@ -16,6 +16,7 @@ from configs import brain
 from unet_jax import data
 from unet_jax.data import coco
 from unet_jax import images
+from unet_jax import train
 from unet_jax.errors import UserError
 
 CATEGORIES = [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}]
@@ -280,6 +281,24 @@ def test_one_annotation_file_whose_images_carry_their_subset(tmp_path):
   config.subset_key = "split"
   with pytest.raises(UserError, match=r"all\.json: image 'img0\.png' has no 'split' naming"):
     data.build_source(config, "train", str(tmp_path))
+
+
+def test_training_warns_of_images_its_other_splits_share_with_train(tmp_path, caplog):
+  config = brain.get_config()
+  config.data = _data_config(_single_file(tmp_path), annotations="all.json",
+                             subset_key="extra.split")
+  all_json = json.loads((tmp_path / "all.json").read_text())
+  for i, split in enumerate(["valid", "test", "test"]):
+    all_json["images"].append({**all_json["images"][i % 2], "id": 10 + i,
+                               "extra": {"split": split}})
+  (tmp_path / "all.json").write_text(json.dumps(all_json))
+  with caplog.at_level(logging.WARNING):
+    train.build_sources(config, str(tmp_path))
+  img = {i: (tmp_path / f"img{i}.png").resolve() for i in range(2)}
+  assert (f"data.val_split: splits 'valid' and 'train' both list 1 image file ({img[0]}): it "
+          "picks the best checkpoint partly on images the model trained on") in caplog.text
+  assert (f"eval.split: splits 'test' and 'train' both list 2 image files ({img[0]}, {img[1]}): "
+          "it is scored partly on images the model trained on") in caplog.text
 
 
 def test_split_layout_through_build_source(tmp_path):

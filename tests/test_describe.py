@@ -137,6 +137,15 @@ def test_one_annotation_file_layout(tmp_path):
   summary = describe.describe(config, str(tmp_path / "out"))
   assert list(summary["subsets"]) == ["train", "valid", "test"]
   assert [r["subset"] for r in _rows(tmp_path / "out")] == ["train", "train", "valid", "test"]
+  assert summary["problems"] == []
+  all_json = json.loads((tmp_path / "data/all.json").read_text())
+  all_json["images"].append({**all_json["images"][0], "id": 9, "extra": {"split": "test"}})
+  (tmp_path / "data/all.json").write_text(json.dumps(all_json))
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert summary["problems"] == [
+      f"{tmp_path / 'data'}: splits 'train' and 'test' both list 1 image file "
+      f"({(tmp_path / 'data/img0.png').resolve()}): a model trained on one is validated or "
+      "scored on its own images"]
 
 
 def test_lgg_rows_per_slice_with_the_mask_as_rle(tmp_path):

@@ -77,6 +77,7 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
   layout = data_lib.coco_layout(data_config)
   wanted = set(data_config.category_ids)
   subset_names += coco.subset_names(root, layout)
+  paths: dict[str, list[pathlib.Path]] = {}
   for subset_name in subset_names:
     subset = coco.load_subset(root, subset_name, layout)
     coco.check_category_ids(subset, data_config.category_ids)
@@ -86,7 +87,7 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
     problems.extend(coco.duplicate_file_names(subset))
     for image in subset.images:
       try:  # Missing, unreadable, or of another size: training refuses it.
-        coco.check_image(subset, image)
+        paths.setdefault(subset_name, []).append(coco.check_image(subset, image))
       except UserError as e:
         problems.append(str(e))
         continue
@@ -116,6 +117,12 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
       if foreground:
         described.foreground = int(mask_utils.area(mask_utils.merge(foreground)))
       yield described
+  for i, subset_name in enumerate(subset_names):
+    for other in subset_names[i + 1:]:
+      shared = coco.images_in_both(paths.get(subset_name, []), paths.get(other, []))
+      if shared:
+        problems.append(f"{root}: {coco.shared_images_line(subset_name, other, shared)}: a "
+                        "model trained on one is validated or scored on its own images")
 
 
 def _checked_mask(data_config: ml_collections.ConfigDict, root: pathlib.Path, file_name: str,

@@ -24,6 +24,7 @@ from unet_jax import saved_config
 from unet_jax import steps
 from unet_jax import time_budget
 from unet_jax.data import augment as augment_lib
+from unet_jax.data import coco
 from unet_jax.data import pipeline
 from unet_jax.errors import Diverged
 from unet_jax.errors import EmptySplit
@@ -210,15 +211,30 @@ def build_sources(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any,
   """
   train_source = data_lib.build_source(config.data, config.data.train_split, workdir)
   val_source = data_lib.build_source(config.data, config.data.val_split, workdir)
+  _warn_of_shared_images(train_source, val_source, "data.val_split", "picks the best checkpoint")
   evaluates = data_lib.has_split(config.data, config.eval.split, workdir)
   if evaluates and config.eval.split != config.data.val_split:
     # Its files and annotations checked now, not after the hours of training.
     try:
-      data_lib.build_source(config.data, config.eval.split, workdir)
+      eval_source = data_lib.build_source(config.data, config.eval.split, workdir)
+      _warn_of_shared_images(train_source, eval_source, "eval.split", "is scored")
     except EmptySplit as e:  # As a missing one (data.synthetic.num_test=0 writes it empty).
       logging.warning("%s: no final evaluation", e)
       evaluates = False
   return train_source, val_source, evaluates
+
+
+def _warn_of_shared_images(train_source: Any, other_source: Any, field: str, role: str) -> None:
+  """Warns when another split of a COCO export lists images of the training split (LGG and
+  BraTS are split by patient and volume)."""
+  train_source, other_source = (getattr(s, "source", s) for s in (train_source, other_source))
+  if not hasattr(train_source, "paths") or train_source.split == other_source.split:
+    return  # The same split is warned of with the settings.
+  shared = coco.images_in_both(train_source.paths, other_source.paths)
+  if shared:
+    logging.warning("%s: %s: it %s partly on images the model trained on", field,
+                    coco.shared_images_line(other_source.split, train_source.split, shared),
+                    role)
 
 
 def _plan_epochs(config: ml_collections.ConfigDict, workdir: pathlib.Path, started: float,

@@ -147,6 +147,20 @@ def duplicate_file_names(subset: Subset) -> list[str]:
   return problems
 
 
+def images_in_both(paths: Sequence[pathlib.Path], other_paths: Sequence[pathlib.Path]
+                   ) -> list[str]:
+  """The image files (links followed) that two splits both list, sorted: one split's images
+  scored or validated on after training on the other's."""
+  return sorted(map(str, {p.resolve() for p in paths} & {p.resolve() for p in other_paths}))
+
+
+def shared_images_line(split: str, other_split: str, shared: Sequence[str]) -> str:
+  """`images_in_both`'s result as one line."""
+  examples = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+  return (f"splits {split!r} and {other_split!r} both list {len(shared)} image "
+          f"file{'s' if len(shared) > 1 else ''} ({examples})")
+
+
 def log_problems(problems: list[str], where: pathlib.Path) -> None:
   """Logs fixable data problems: the first few in full, then a count."""
   for problem in problems[:_MAX_WARNINGS]:
@@ -317,6 +331,11 @@ class CocoSource:
   def file_names(self) -> list[str]:
     """Image file names in index order."""
     return self._file_names
+
+  @property
+  def paths(self) -> list[pathlib.Path]:
+    """Image files in index order."""
+    return self._paths
 
   def labels(self, index: int) -> np.ndarray:
     """The uint8 label map of image `index` at its original size (module docstring).
