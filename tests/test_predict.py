@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import pathlib
 import re
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from unet_jax import evaluate, export, parallel, predict, serving, steps
+from unet_jax import data, evaluate, export, parallel, predict, serving, steps
 from unet_jax.errors import UserError
 
 
@@ -39,6 +40,26 @@ def test_eval_options_are_recorded_and_bounded(run):
   assert 0 <= summary["metrics"]["hd95"]["mean"] <= np.hypot(32, 32)
   header = (workdir / "eval/test/per_image.csv").read_text().splitlines()[0]
   assert "hd95" in header and "miou" in header
+
+
+def test_a_validation_split_without_tumour_tunes_nothing_and_is_warned_of(trained_copy,
+                                                                          caplog):
+  config, workdir = trained_copy
+  valid_json = workdir / "phantoms/valid/_annotations.coco.json"
+  valid_json.write_text(json.dumps({**json.loads(valid_json.read_text()), "annotations": []}))
+  config.data.root, config.data.synthetic.enabled = str(workdir / "phantoms"), False
+  config.eval.update(tune_threshold=True, threshold=0.4)
+  mesh = parallel.make_mesh()
+  state, _ = evaluate.restore_state(config, str(workdir), mesh)
+  source = data.build_source(config.data, "valid", str(workdir))
+  with caplog.at_level(logging.WARNING):
+    evaluate.validate(steps.jit_steps(config, mesh)[1], state, source, config, mesh)
+    summary = evaluate.evaluate(config, str(workdir))
+  assert ("data.val_split='valid' has no tumour pixel at data.image_size=32: its Dice cannot "
+          "tell checkpoints apart") in caplog.text
+  assert "so the best threshold would be one that predicts nothing; eval.threshold=0.4 kept" in (
+      caplog.text)
+  assert summary["threshold"] == 0.4
 
 
 def test_tta_averages_the_flipped_predictions(run):

@@ -194,10 +194,18 @@ def tune_threshold(predict, state, config: ml_collections.ConfigDict, workdir: s
   """The threshold of THRESHOLDS with the best mean Dice on the validation split."""
   source = data_lib.build_source(config.data, config.data.val_split, workdir)
   dice = np.zeros((len(source), len(THRESHOLDS)))
+  tumour = False
   for index, probs, labels in _probabilities(predict, state, source, config, mesh):
     masks = np.stack([binarise(probs, t, config.eval) for t in THRESHOLDS])
     counts = metrics_lib.confusion_counts(masks, np.broadcast_to(labels > 0, masks.shape))
     dice[index] = metrics_lib.per_image_metrics(counts)["dice"]
+    tumour = tumour or bool(labels.any())
+  if not tumour:
+    logging.warning("eval.tune_threshold: data.val_split=%r has no tumour pixel at "
+                    "data.image_size=%d, so the best threshold would be one that predicts "
+                    "nothing; eval.threshold=%g kept", config.data.val_split,
+                    config.data.image_size, config.eval.threshold)
+    return config.eval.threshold
   mean = dice.mean(axis=0)
   # Among equal scores prefer the threshold nearest 0.5.
   best = max(range(len(THRESHOLDS)), key=lambda i: (round(mean[i], 6), -abs(THRESHOLDS[i] - 0.5)))
@@ -242,6 +250,11 @@ def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> 
     mask = binarise(outputs["probs"], threshold, config.eval)
     counts[index] = metrics_lib.confusion_counts(mask[None], labels[None] > 0)[0]
     loss[index] = outputs["loss"]
+  if not (counts[:, 0] + counts[:, 2]).any():
+    logging.log_first_n(
+        logging.WARNING, "data.val_split=%r has no tumour pixel at data.image_size=%d: its Dice "
+        "cannot tell checkpoints apart (the best is the latest of equal scores)", 1,
+        config.data.val_split, config.data.image_size)
   scores = metrics_lib.per_image_metrics(counts)
   return {"loss": float(loss.mean()), "dice": float(scores["dice"].mean()),
           "iou": float(scores["iou"].mean())}
