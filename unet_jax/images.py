@@ -98,6 +98,12 @@ def _check_tiff_length(img: Image.Image, path: str | os.PathLike) -> None:
                         f"{end}")
 
 
+def turned_by_exif(path: str | os.PathLike) -> bool:
+  """Whether an image file is displayed a quarter turn from how it is stored."""
+  with _opened(path) as img:
+    return _turned(img)
+
+
 def displayed_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
   """An image file's (width, height) as displayed, from its header alone.
 

@@ -221,8 +221,12 @@ def check_size(path: pathlib.Path, stored: tuple[int, int], width: int, height: 
                json_path: pathlib.Path) -> None:
   """Refuses an image whose stored (width, height) is not the one `json_path` lists."""
   if stored != (width, height):
-    raise UserError(f"{path}: image is {stored[0]}x{stored[1]} but {json_path.name} says "
-                    f"{width}x{height}")
+    turned = ""
+    if stored == (height, width) and images_lib.turned_by_exif(path):
+      turned = (f" (its EXIF orientation turns the stored {width}x{height} a quarter turn: "
+                "annotate the image as displayed, or remove the orientation tag)")
+    raise UserError(f"{path}: image is {stored[0]}x{stored[1]} as displayed but "
+                    f"{json_path.name} says {width}x{height}{turned}")
 
 
 def undeclared_category(subset: Subset, annotation: dict[str, Any], where: str) -> str | None:

@@ -42,7 +42,8 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   _check_positive(global_batch_size)
   steps = num_examples // global_batch_size
   if steps == 0:
-    raise UserError(f"the training split has {num_examples} images, fewer than one "
+    images = f"{num_examples} image{'' if num_examples == 1 else 's'}"
+    raise UserError(f"the training split has {images}, fewer than one "
                     f"batch of {global_batch_size}; lower train.batch_size")
   return steps
 
