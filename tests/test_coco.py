@@ -43,6 +43,21 @@ def _one(tmp_path, annotation, size=(8, 8)):
                          size[0])
 
 
+def test_tumours_the_resize_empties_are_warned_of(tmp_path, caplog):
+  # 64x64 images at 8x8: every 8th pixel is sampled. A 2x2 box between samples vanishes, one
+  # over a sample stays, a 16x16 box is kept.
+  boxes = {"a.png": [1, 1, 2, 2], "b.png": [3, 3, 2, 2], "c.png": [8, 8, 16, 16],
+           "d.png": [9, 17, 3, 3]}
+  root = _export(tmp_path, dict(enumerate(boxes)),
+                 [{"image_id": i, "category_id": 1, "bbox": box}
+                  for i, box in enumerate(boxes.values())], size=(64, 64))
+  with caplog.at_level(logging.WARNING):
+    source = coco.CocoSource(root, "train", 8)
+  assert [int(source[i]["mask"].sum()) for i in range(4)] == [0, 1, 4, 0]
+  assert ("2 images (a.png, d.png) hold tumours too small to keep a pixel at "
+          "data.image_size=8: they train and score as without tumour") in caplog.text
+
+
 def test_polygon_matches_hand_drawn_mask(tmp_path):
   # A rectangle from (2, 1) to (6, 4): pixel centres x+0.5 in [2, 6], y+0.5 in [1, 4].
   polygon = [2, 1, 6, 1, 6, 4, 2, 4]

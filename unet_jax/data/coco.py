@@ -316,6 +316,7 @@ class CocoSource:
     self._counts = [label_counts(subset, image, self.category_ids, problems)
                     for image in subset.images]
     log_problems(problems, self.json_path)
+    self._warn_of_vanishing_tumours()
     if problems and not any(self._counts):
       more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
       raise UserError(f"{self.json_path}: none of its annotations is usable, so {split} has no "
@@ -324,6 +325,24 @@ class CocoSource:
     self.fingerprint = (f"coco {self.json_path.resolve()} {stat.st_size} {stat.st_mtime_ns} "
                         f"{self.image_dir} {split} {image_size} {channels} "
                         f"labels {list(map(str, self.category_ids))}")
+
+  def _warn_of_vanishing_tumours(self) -> None:
+    """Warns of annotated tumours that the nearest-neighbour resize to `image_size` empties:
+    those images train and score as without tumour."""
+    vanished = []
+    for index, ((height, width), labelled) in enumerate(zip(self._sizes, self._counts)):
+      area = sum(mask_utils.area({"size": [int(height), int(width)], "counts": counts})
+                 for _, counts in labelled)
+      # Only small ones can vanish (a thin sliver aside); only they are resized here.
+      if (0 < area * self.image_size**2 / (height * width) < 16
+          and not images_lib.resize_labels(self.labels(index), self.image_size).any()):
+        vanished.append(self._file_names[index])
+    if vanished:
+      examples = ", ".join(vanished[:3]) + (", ..." if len(vanished) > 3 else "")
+      logging.warning("%s: %d image%s (%s) hold tumours too small to keep a pixel at "
+                      "data.image_size=%d: they train and score as without tumour; raise "
+                      "data.image_size to keep them", self.json_path, len(vanished),
+                      "s" if len(vanished) > 1 else "", examples, self.image_size)
 
   def __len__(self) -> int:
     return len(self._file_names)
