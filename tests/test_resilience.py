@@ -82,7 +82,7 @@ def test_parameters_diverged_by_an_epoch_s_last_step_are_not_saved(tiny_config, 
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def test_early_stopping_and_plateau(tiny_config, tmp_path):
+def test_early_stopping_and_plateau(tiny_config, tmp_path, caplog):
   tiny_config.train.learning_rate = 1e-12  # nothing improves after the first epoch
   tiny_config.train.epochs = 6
   tiny_config.train.early_stopping_patience = 2
@@ -91,8 +91,12 @@ def test_early_stopping_and_plateau(tiny_config, tmp_path):
   val = [r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]
   assert [r["epoch"] for r in val] == [1, 2, 3]
   assert [r["lr_scale"] for r in val] == [1.0, 1.0, 0.5]
-  # A second start says it stopped early and does nothing.
-  assert train.train_and_evaluate(tiny_config, str(tmp_path)) == {}
+  # A second start, with more epochs, says it stopped early and does nothing.
+  tiny_config.train.epochs = 8
+  with caplog.at_level(logging.INFO):
+    assert train.train_and_evaluate(tiny_config, str(tmp_path)) == {}
+  assert "already finished at step 6 (stopped early); raise train.early_stopping_patience " \
+         "(0: off) to train further" in caplog.text
   assert len([r for r in reports.read_metrics(tmp_path) if r["split"] == "valid"]) == 3
 
 
@@ -318,6 +322,17 @@ def test_resuming_under_a_config_that_trains_something_else_is_refused(trained_c
   config.eval.tta = True
   train.train_and_evaluate(config, str(workdir))
   assert [r["epoch"] for r in reports.read_metrics(workdir) if r["split"] == "valid"] == [1, 2]
+
+
+def test_an_older_step_half_deleted_by_a_kill_is_removed_when_the_run_starts_again(
+    trained_copy):
+  config, workdir = trained_copy
+  assert checkpoint.Checkpoints(workdir).latest_step() == 2
+  (workdir / "checkpoints/1/state").mkdir(parents=True)  # Orbax was deleting step 1.
+  (workdir / "checkpoints/1/state/data").write_bytes(b"0" * 100)
+  config.train.epochs = 2
+  train.train_and_evaluate(config, str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
 def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_started_again(trained_run,

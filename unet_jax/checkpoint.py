@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run: the latest few and the best by validation Dice."""
 
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -11,6 +12,8 @@ from unet_jax.errors import root_cause
 from unet_jax.errors import UserError
 
 BEST_METRIC = "val_dice"
+# What a complete step's folder holds.
+_STEP_FILES = ("_CHECKPOINT_METADATA", "state", "loop")
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -59,6 +62,16 @@ class Checkpoints:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "loop": ocp.JsonCheckpointHandler()})
+    if not read_only and jax.process_index() == 0:
+      self._remove_half_deleted()
+
+  def _remove_half_deleted(self) -> None:
+    """Removes what a kill left of an older step that Orbax was deleting (it ignores them)."""
+    latest = self.latest_step()
+    for folder in self.directory.iterdir() if latest is not None else ():
+      if (folder.name.isdigit() and int(folder.name) < latest
+          and not all((folder / name).exists() for name in _STEP_FILES)):
+        shutil.rmtree(folder, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -320,8 +320,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
   if start_step >= total_steps or stopped:
-    further = ("set train.time_budget_minutes=0 and raise train.epochs" if budgeted else
-               "raise train.epochs") + (" or train.early_stopping_patience" if stopped else "")
+    more_epochs = ("set train.time_budget_minutes=0 and raise train.epochs" if budgeted else
+                   "raise train.epochs")
+    further = more_epochs
+    if stopped:  # Its patience, not its length, ended it.
+      further = "raise train.early_stopping_patience (0: off)" + (
+          f", and {more_epochs}," if start_step >= total_steps else "")
     logging.info("%s already finished at step %d%s; %s to train further.",
                  workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()
@@ -396,13 +400,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # Every epoch that equals or beats the best is saved, whatever the cadence: Orbax's best
     # is the latest of equal ones, as the learning curve marks it.
     best_yet = val["dice"] >= counters.best_dice
+    # Logged before its checkpoint is saved: a run resumed from that checkpoint keeps the
+    # records up to its step and would not log this epoch's again.
+    if jax.process_index() == 0:
+      reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val,
+                                       "train_s": spent_before + epoch_ends[-1] - started})
     if (epoch % train_cfg.checkpoint_every_epochs == 0 or best_yet or step + 1 == total_steps
         or stop):
       checkpoints.save(step + 1, state, {checkpoint_lib.BEST_METRIC: val["dice"]},
                        dataclasses.asdict(counters))
     if jax.process_index() == 0:
-      reports.append_metrics(workdir, {"step": step + 1, "epoch": epoch, "split": "valid", **val,
-                                       "train_s": spent_before + epoch_ends[-1] - started})
       reports.plot_learning_curve(workdir)
     if stop:
       logging.info("Early stopping: no better validation Dice for %d epochs (best %.4f).",
