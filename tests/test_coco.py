@@ -72,6 +72,14 @@ def test_the_first_image_far_darker_than_full_scale_is_warned_of(tmp_path, caplo
                    r"16-bit file reads so\): the model sees it that dark", caplog.text)
 
 
+def test_an_image_over_pillow_s_size_limit_is_too_large_not_unreadable(tmp_path, monkeypatch):
+  Image.new("L", (8, 8)).save(tmp_path / "a.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # Refused over twice this: 64 pixels.
+  with pytest.raises(UserError, match=r"a\.png: too large to read safely \(Image size \(64 "
+                     r"pixels\) exceeds .*; downscale it$"):
+    images.read_image(tmp_path / "a.png", 1)
+
+
 def test_polygon_matches_hand_drawn_mask(tmp_path):
   # A rectangle from (2, 1) to (6, 4): pixel centres x+0.5 in [2, 6], y+0.5 in [1, 4].
   polygon = [2, 1, 6, 1, 6, 4, 2, 4]

@@ -36,7 +36,9 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
     raise UserError(f"{path}: {what} file not found") from None
   except UserError:
     raise
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    raise UserError(f"{path}: too large to read safely ({e}); downscale it") from None
+  except (OSError, ValueError) as e:
     raise UserError(f"{path}: not a readable image ({e})") from None
   # Pillow reads a damaged header (a TIFF's IFDs, its EXIF) as these too; raised elsewhere,
   # they are bugs, not the file's.
