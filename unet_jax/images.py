@@ -7,7 +7,6 @@ import os
 import pathlib
 import struct
 
-from absl import logging
 import numpy as np
 from PIL import ExifTags
 from PIL import Image
@@ -235,31 +234,6 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     plane = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))
     planes.append(np.asarray(plane.resize((size, size), Image.Resampling.BILINEAR)))
   return np.stack(planes, axis=-1)
-
-
-def dark_image_warning(path: str | os.PathLike, image: np.ndarray) -> str | None:
-  """What is odd about an image far darker than full scale (a 12-bit scan saved in a 16-bit
-  file reads so), or None."""
-  brightest = float(image.max())
-  if 0 < brightest <= 1 / 16:
-    return (f"{path}: its brightest pixel is {brightest:.4f} of full scale (a 12-bit scan in a "
-            "16-bit file reads so)")
-  return None
-
-
-class FirstDarkImage:
-  """Logs `dark_image_warning` for the first such image of a source: a dataset of them
-  would repeat it for every image, every epoch."""
-
-  def __init__(self):
-    self.warned = False
-
-  def check(self, path: str | os.PathLike, image: np.ndarray) -> None:
-    dark = None if self.warned else dark_image_warning(path, image)
-    if dark:
-      self.warned = True
-      logging.warning("%s: the model sees it that dark (further such images are not named)",
-                      dark)
 
 
 def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:

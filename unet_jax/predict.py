@@ -153,10 +153,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     for path, _ in batch_files:
       try:
         loaded[path] = _read_input(path, config.data)
-        dark = images_lib.dark_image_warning(path, loaded[path][0])
-        if dark:
-          logging.warning("%s: the model sees it that dark; scale it as the training images "
-                          "were", dark)
+        _warn_if_dark(path, loaded[path][0])
       except UserError as e:
         logging.warning("skipped: %s", e)
         errors[path] = str(e)
@@ -190,6 +187,15 @@ def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
     return image, images_lib.resize_image(image, size)
   model_input, _ = images_lib.load_image(path, data_config.channels, size)
   return images_lib.read_image(path, data_config.channels), model_input
+
+
+def _warn_if_dark(path: pathlib.Path, image: np.ndarray) -> None:
+  """Warns of an image far darker than full scale: a 12-bit scan saved in a 16-bit file."""
+  brightest = float(image.max())
+  if 0 < brightest <= 1 / 16:
+    logging.warning("%s: its brightest pixel is %.4f of full scale (a 12-bit scan in a 16-bit "
+                    "file reads so): the model sees it that dark; scale it as the training "
+                    "images were", path, brightest)
 
 
 def _write_csv(out: pathlib.Path, rows: list[dict[str, Any]]) -> None:

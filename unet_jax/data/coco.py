@@ -310,7 +310,6 @@ class CocoSource:
     self._file_names = [image["file_name"] for image in subset.images]
     # Headers only: a fraction of a second for thousands.
     self._paths = [check_image(subset, image) for image in subset.images]
-    self._dark_images = images_lib.FirstDarkImage()
     self._sizes = np.array([(image["height"], image["width"]) for image in subset.images],
                            np.int64).reshape(-1, 2)
     problems: list[str] = []
@@ -381,7 +380,6 @@ class CocoSource:
     height, width = (int(v) for v in self._sizes[index])
     image, stored = images_lib.load_image(path, self.channels, self.image_size)
     check_size(path, stored, width, height, self.json_path)
-    self._dark_images.check(path, image)
     return {
         "image": image,
         "mask": images_lib.resize_labels(self.labels(index), self.image_size),

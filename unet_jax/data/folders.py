@@ -101,7 +101,6 @@ class FolderSource:
       raise UserError(f"data.channels must be 1 or 3 for LGG slices, got {channels}")
     self.root = pathlib.Path(root).resolve()
     self.split, self.image_size, self.channels = split, image_size, channels
-    self._dark_images = images_lib.FirstDarkImage()
     pairs = scan(self.root)
     assignment = splits.assign((p for p, _, _ in pairs), val_fraction, test_fraction,
                                split_seed, recorded_split)
@@ -135,7 +134,6 @@ class FolderSource:
     image_name, mask_name = self._pairs[index]
     image, (width, height) = images_lib.load_image(self.root / image_name, self.channels,
                                                    self.image_size)
-    self._dark_images.check(self.root / image_name, image)
     mask = self.mask(index)
     _check_sizes(self.root / mask_name, (mask.shape[1], mask.shape[0]), (width, height))
     return {
