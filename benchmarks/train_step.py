@@ -57,7 +57,8 @@ def main():
   state, compiled, compile_s = _compiled_step(config, mesh, batch)
   # The step as lowered, before XLA's rewrites: the model's FLOPs on any backend (a compiled
   # GPU step calls cuDNN convolutions, which its cost analysis counts as zero).
-  flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(state, batch, config.train.learning_rate))
+  flops = common.model_flops(lambda: steps.jit_steps(config, mesh)[0].lower(
+      state, batch, config.train.learning_rate))
   params = common.param_count(state.params)
   jax_step = _runner(compiled, state, batch, config.train.learning_rate)
   for _ in range(args.warmup):

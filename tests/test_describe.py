@@ -144,8 +144,7 @@ def test_one_annotation_file_layout(tmp_path):
   summary = describe.describe(config, str(tmp_path / "out"))
   assert summary["problems"] == [
       f"{tmp_path / 'data'}: splits 'train' and 'test' both list 1 image file "
-      f"({(tmp_path / 'data/img0.png').resolve()}): a model trained on one is validated or "
-      "scored on its own images"]
+      f"({(tmp_path / 'data/img0.png').resolve()}): each image belongs in one split"]
 
 
 def test_lgg_rows_per_slice_with_the_mask_as_rle(tmp_path):

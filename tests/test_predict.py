@@ -55,8 +55,8 @@ def test_a_validation_split_without_tumour_tunes_nothing_and_is_warned_of(traine
   with caplog.at_level(logging.WARNING):
     evaluate.validate(steps.jit_steps(config, mesh)[1], state, source, config, mesh)
     summary = evaluate.evaluate(config, str(workdir))
-  assert ("data.val_split='valid' has no tumour pixel at data.image_size=32: its Dice cannot "
-          "tell checkpoints apart") in caplog.text
+  assert ("data.val_split='valid' has no tumour pixel at data.image_size=32: its Dice rewards "
+          "only predicting nothing") in caplog.text
   assert "so the best threshold would be one that predicts nothing; eval.threshold=0.4 kept" in (
       caplog.text)
   assert summary["threshold"] == 0.4

@@ -40,6 +40,17 @@ def named_step(which: str | int) -> int | None:
     raise UserError(f"eval.checkpoint={which!r}: use best, latest or a step number") from None
 
 
+def _remove_half_deleted(directory: pathlib.Path) -> None:
+  """Removes what a kill left of older steps that Orbax was deleting: it lists such a step
+  but, without its metadata, never deletes it again."""
+  steps = {int(f.name): f for f in directory.glob("*") if f.name.isdigit() and f.is_dir()}
+  complete = [step for step, folder in steps.items()
+              if all((folder / name).exists() for name in _STEP_FILES)]
+  for step, folder in steps.items():
+    if complete and step < max(complete) and step not in complete:
+      shutil.rmtree(folder, ignore_errors=True)
+
+
 class Checkpoints:
   """The `checkpoints/` folder of a run.
 
@@ -54,6 +65,8 @@ class Checkpoints:
         checkpoint_managers.LatestN(n=keep_latest),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1),
     ])
+    if not read_only and jax.process_index() == 0:
+      _remove_half_deleted(self.directory)
     options = ocp.CheckpointManagerOptions(
         best_fn=_best_metric, best_mode="max", preservation_policy=policy,
         read_only=read_only, create=not read_only,
@@ -62,16 +75,6 @@ class Checkpoints:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "loop": ocp.JsonCheckpointHandler()})
-    if not read_only and jax.process_index() == 0:
-      self._remove_half_deleted()
-
-  def _remove_half_deleted(self) -> None:
-    """Removes what a kill left of an older step that Orbax was deleting (it ignores them)."""
-    latest = self.latest_step()
-    for folder in self.directory.iterdir() if latest is not None else ():
-      if (folder.name.isdigit() and int(folder.name) < latest
-          and not all((folder / name).exists() for name in _STEP_FILES)):
-        shutil.rmtree(folder, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -121,8 +121,8 @@ def _coco_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
     for other in subset_names[i + 1:]:
       shared = coco.images_in_both(paths.get(subset_name, []), paths.get(other, []))
       if shared:
-        problems.append(f"{root}: {coco.shared_images_line(subset_name, other, shared)}: a "
-                        "model trained on one is validated or scored on its own images")
+        problems.append(f"{root}: {coco.shared_images_line(subset_name, other, shared)}: "
+                        "each image belongs in one split")
 
 
 def _checked_mask(data_config: ml_collections.ConfigDict, root: pathlib.Path, file_name: str,

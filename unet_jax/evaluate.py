@@ -253,7 +253,7 @@ def validate(p_eval, state, source, config: ml_collections.ConfigDict, mesh) -> 
   if not (counts[:, 0] + counts[:, 2]).any():
     logging.log_first_n(
         logging.WARNING, "data.val_split=%r has no tumour pixel at data.image_size=%d: its Dice "
-        "cannot tell checkpoints apart (the best is the latest of equal scores)", 1,
+        "rewards only predicting nothing, so it picks the best checkpoint poorly", 1,
         config.data.val_split, config.data.image_size)
   scores = metrics_lib.per_image_metrics(counts)
   return {"loss": float(loss.mean()), "dice": float(scores["dice"].mean()),
