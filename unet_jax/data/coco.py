@@ -149,8 +149,7 @@ def duplicate_file_names(subset: Subset) -> list[str]:
 
 def images_in_both(paths: Sequence[pathlib.Path], other_paths: Sequence[pathlib.Path]
                    ) -> list[str]:
-  """The image files (links followed) that two splits both list, sorted: one split's images
-  scored or validated on after training on the other's."""
+  """The image files (links followed) that two splits both list, sorted."""
   return sorted(map(str, {p.resolve() for p in paths} & {p.resolve() for p in other_paths}))
 
 
@@ -217,15 +216,15 @@ def check_image(subset: Subset, image: dict[str, Any]) -> pathlib.Path:
   return path
 
 
-def check_size(path: pathlib.Path, stored: tuple[int, int], width: int, height: int,
+def check_size(path: pathlib.Path, displayed: tuple[int, int], width: int, height: int,
                json_path: pathlib.Path) -> None:
-  """Refuses an image whose stored (width, height) is not the one `json_path` lists."""
-  if stored != (width, height):
+  """Refuses an image whose displayed (width, height) is not the one `json_path` lists."""
+  if displayed != (width, height):
     turned = ""
-    if stored == (height, width) and images_lib.turned_by_exif(path):
+    if displayed == (height, width) and images_lib.turned_by_exif(path):
       turned = (f" (its EXIF orientation turns the stored {width}x{height} a quarter turn: "
                 "annotate the image as displayed, or remove the orientation tag)")
-    raise UserError(f"{path}: image is {stored[0]}x{stored[1]} as displayed but "
+    raise UserError(f"{path}: image is {displayed[0]}x{displayed[1]} as displayed but "
                     f"{json_path.name} says {width}x{height}{turned}")
 
 
