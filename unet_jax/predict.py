@@ -92,11 +92,9 @@ def _listed_outputs(out: pathlib.Path) -> set[str]:
   return {CSV_FILE, *masks, *(m[:-len("_mask.png")] + "_overlay.png" for m in masks)}
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 RGB picture: the image in grey, the tumour tinted red and outlined."""
-  grey = image.mean(-1) if image.ndim == 3 else image
-  # In uint8 from the start: a float64 picture of a 6000x6000 scan is 860 MB.
-  rgb = np.repeat((np.clip(grey, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+def overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """uint8 RGB picture of a uint8 (H, W) grey image: the tumour tinted red and outlined."""
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
   red = np.array([255, 0, 0], np.float32)
   rgb[mask] = (0.55 * rgb[mask].astype(np.float32) + 0.45 * red).round().astype(np.uint8)
   rgb[mask & ~ndimage.binary_erosion(mask)] = (255, 26, 26)
@@ -149,11 +147,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
 
   for start in range(0, len(files), config.eval.batch_size):
     batch_files = named[start:start + config.eval.batch_size]
-    loaded, errors = {}, {}  # path -> (image, model input); path -> why it was skipped
+    loaded, errors = {}, {}  # path -> (grey picture, model input); path -> why it was skipped
     for path, _ in batch_files:
       try:
         loaded[path] = _read_input(path, config.data)
-        _warn_if_dark(path, loaded[path][0])
       except UserError as e:
         logging.warning("skipped: %s", e)
         errors[path] = str(e)
@@ -178,15 +175,19 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
 
 def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
                 ) -> tuple[np.ndarray, np.ndarray]:
-  """The image at its own size in [0, 1] (for the overlay) and the model's input, prepared
-  exactly as training prepared its images."""
+  """The image at its own size as uint8 grey (for the overlay) and the model's input,
+  prepared exactly as training prepared its images."""
   size = data_config.image_size
   if data_lib.data_format(data_config) == "brats":
     image = brats.normalise(brats.read_image(path, data_config.modalities),
                             data_config.clip_percentiles)
-    return image, images_lib.resize_image(image, size)
-  model_input, _ = images_lib.load_image(path, data_config.channels, size)
-  return images_lib.read_image(path, data_config.channels), model_input
+    model_input = images_lib.resize_image(image, size)
+  else:
+    model_input, _ = images_lib.load_image(path, data_config.channels, size)
+    image = images_lib.read_image(path, data_config.channels)
+  _warn_if_dark(path, image)
+  # A batch of float32 pictures of 6000x6000 scans holds gigabytes; uint8 grey, 1 byte a pixel.
+  return (np.clip(image.mean(-1), 0, 1) * 255).round().astype(np.uint8), model_input
 
 
 def _warn_if_dark(path: pathlib.Path, image: np.ndarray) -> None:
@@ -206,16 +207,16 @@ def _write_csv(out: pathlib.Path, rows: list[dict[str, Any]]) -> None:
   reports.write_atomic(out / CSV_FILE, text.getvalue())
 
 
-def _write_prediction(path: pathlib.Path, stem: str, image: np.ndarray, prob: np.ndarray,
+def _write_prediction(path: pathlib.Path, stem: str, grey: np.ndarray, prob: np.ndarray,
                       out: pathlib.Path, threshold: float, config: ml_collections.ConfigDict
                       ) -> dict[str, Any]:
   """Decodes one image's probabilities at its own size, writes its mask and overlay; its row."""
-  height, width = image.shape[:2]
+  height, width = grey.shape
   prob = np.asarray(Image.fromarray(prob).resize((width, height), Image.Resampling.BILINEAR))
   mask = evaluate.binarise(prob, threshold, config.eval)
   if jax.process_index() == 0:  # Every process has every prediction: one writes them.
     Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
-    Image.fromarray(overlay(image, mask)).save(out / f"{stem}_overlay.png")
+    Image.fromarray(overlay(grey, mask)).save(out / f"{stem}_overlay.png")
   return {"file": path.name, "mask_file": f"{stem}_mask.png", "tumour_pixels": int(mask.sum()),
           "tumour_fraction": round(float(mask.mean()), 6),
           "max_probability": round(float(prob.max()), 6), "error": ""}
