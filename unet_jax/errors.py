@@ -1,8 +1,14 @@
-"""The one exception type for bad user input (files, configs, checkpoints)."""
+"""The exception types for bad user input (files, configs, checkpoints), and their wording."""
 
 
 class UserError(ValueError):
   """Input the user can fix; the message is one line naming the file and the problem."""
+
+
+def some_of(names: list[str], shown: int = 3) -> str:
+  """The first `shown` of `names`, comma-separated, and "..." when there are more: for a
+  message that names examples."""
+  return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -18,6 +18,7 @@ from unet_jax import images as images_lib
 from unet_jax import parallel
 from unet_jax import reports
 from unet_jax.data import brats
+from unet_jax.errors import some_of
 from unet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -47,15 +48,13 @@ def list_inputs(input_path: str | pathlib.Path,
   masks = [p for p in files if p.stem.endswith("_mask") and p.stem[:-len("_mask")] in stems]
   if masks:
     logging.warning("%s: %d files are masks beside their images (<name>_mask beside <name>) "
-                    "and are left out: %s%s", path, len(masks),
-                    ", ".join(p.name for p in masks[:3]), ", ..." if len(masks) > 3 else "")
+                    "and are left out: %s", path, len(masks), some_of([p.name for p in masks]))
     files = [p for p in files if p not in set(masks)]
   kept = set(files) | set(masks)
   others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in kept]
   if others:
-    logging.warning("%s: %d entries are not image files (%s) and are left out: %s%s", path,
-                    len(others), ", ".join(suffixes), ", ".join(others[:5]),
-                    ", ..." if len(others) > 5 else "")
+    logging.warning("%s: %d entries are not image files (%s) and are left out: %s", path,
+                    len(others), ", ".join(suffixes), some_of(others, shown=5))
   if not files:
     raise UserError(f"{path}: no image files ({', '.join(suffixes)}) in this folder")
   return files

@@ -320,12 +320,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   stopped = counters.stopped_early and (
       0 < train_cfg.early_stopping_patience <= counters.epochs_since_best_dice)
   if start_step >= total_steps or stopped:
-    more_epochs = ("set train.time_budget_minutes=0 and raise train.epochs" if budgeted else
-                   "raise train.epochs")
-    further = more_epochs
-    if stopped:  # Its patience, not its length, ended it.
+    more_epochs = (("set train.time_budget_minutes=0 and " if budgeted else "")
+                   + "raise train.epochs")
+    if stopped:  # Its patience, not its length, ended it; past its length too, both.
       further = "raise train.early_stopping_patience (0: off)" + (
           f", and {more_epochs}," if start_step >= total_steps else "")
+    else:
+      further = more_epochs
     logging.info("%s already finished at step %d%s; %s to train further.",
                  workdir, start_step, " (stopped early)" if stopped else "", further)
     checkpoints.close()

@@ -19,6 +19,7 @@ from unet_jax.data import coco
 from unet_jax.data import folders
 from unet_jax.data import splits
 from unet_jax.data import synthetic
+from unet_jax.errors import some_of
 from unet_jax.errors import UserError
 
 PHANTOMS_DIR = "phantoms"
@@ -108,9 +109,8 @@ def _warn_added(groups: list[str], recorded: dict[str, str], workdir: str) -> No
   added = [g for g in groups if g not in recorded]
   if added:
     logging.warning("%s: %d patients/volumes under data.root were not there when the run "
-                    "started (%s%s); never trained on, they are evaluated as test",
-                    pathlib.Path(workdir) / splits.RECORD_FILE, len(added),
-                    ", ".join(added[:3]), ", ..." if len(added) > 3 else "")
+                    "started (%s); never trained on, they are evaluated as test",
+                    pathlib.Path(workdir) / splits.RECORD_FILE, len(added), some_of(added))
 
 
 def subset_names(data_config: ml_collections.ConfigDict, workdir: str) -> list[str]:
