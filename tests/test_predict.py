@@ -91,10 +91,11 @@ def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path, monkey
   Image.fromarray(grey).convert("RGBA").resize((50, 40)).save(inputs / "rgba.png")
   Image.fromarray(grey.astype(np.uint16) * 257).save(inputs / "deep.tif")
   Image.fromarray(grey).convert("RGB").save(inputs / "photo.jpg")
+  Image.fromarray(grey).save(inputs / "web.webp", lossless=True)
   (inputs / "broken.png").write_bytes(b"\x89PNG truncated")
   out = tmp_path / "out"
   rows = predict.predict(config, str(workdir), str(inputs), str(out))
-  assert len(rows) == 5
+  assert len(rows) == 6
   with open(out / "predictions.csv") as f:
     table = {r["file"]: r for r in csv.DictReader(f)}
   assert "not a readable image" in table["broken.png"]["error"]
@@ -106,10 +107,11 @@ def test_predict_writes_masks_overlays_and_skips_bad_files(run, tmp_path, monkey
     row = table[f"{stem}.{'tif' if stem == 'deep' else 'jpg' if stem == 'photo' else 'png'}"]
     assert int(row["tumour_pixels"]) == (np.asarray(mask) > 0).sum()
     assert row["mask_file"] == f"{stem}_mask.png"
-  # 16-bit and 8-bit versions of one slice give the same mask.
-  np.testing.assert_array_equal(np.asarray(Image.open(out / "deep_mask.png")),
-                                np.asarray(Image.open(out / "grey_mask.png")))
-  # The 4 readable files in evaluation's batch shape: compiled once, whatever the count.
+  # 16-bit, lossless WebP and 8-bit versions of one slice give the same mask.
+  for stem in ("deep", "web"):
+    np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}_mask.png")),
+                                  np.asarray(Image.open(out / "grey_mask.png")))
+  # The 5 readable files in evaluation's batch shape: compiled once, whatever the count.
   assert shapes == [(config.eval.batch_size, 32, 32, 1)]
 
 
@@ -250,10 +252,12 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
   (inputs / "notes.txt").write_text("notes")
   pages = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
   pages[0].save(inputs / "stack.tif", save_all=True, append_images=pages[1:])
+  pages[0].save(inputs / "loop.gif", save_all=True, append_images=pages[1:])
   rows = predict.predict(config, str(workdir), str(inputs), str(out))
-  assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png", "stack.tif"]
-  assert [bool(r["error"]) for r in rows] == [False, True, False, True]
-  assert "a TIFF of 2 pages" in rows[3]["error"]
+  assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png", "loop.gif", "stack.tif"]
+  assert [bool(r["error"]) for r in rows] == [False, True, False, True, True]
+  assert "a GIF of 2 frames" in rows[3]["error"]
+  assert "a TIFF of 2 pages" in rows[4]["error"]
   assert sorted(p.name for p in out.iterdir()) == [
       "a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png", "predictions.csv"]
   predict.predict(config, str(workdir), str(inputs), str(out))  # Its own output: written over.
@@ -268,7 +272,7 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
       predict.predict(config, str(workdir), str(inputs), str(stopped))
   assert (stopped / "a_mask.png").is_file()
-  assert len(predict.predict(config, str(workdir), str(inputs), str(stopped))) == 4
+  assert len(predict.predict(config, str(workdir), str(inputs), str(stopped))) == 5
 
   # A folder of other files that predict would overwrite is refused before anything is written.
   truths = tmp_path / "truths"

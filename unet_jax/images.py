@@ -15,6 +15,9 @@ from PIL import ImageOps
 from unet_jax.errors import UserError
 
 
+_STACK_FORMATS = {"TIFF": "pages", "GIF": "frames", "WEBP": "frames"}
+
+
 @contextlib.contextmanager
 def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
   """Opens an image, turning every way of failing into a one-line UserError."""
@@ -25,11 +28,13 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
         # Pillow maps an uncompressed TIFF's pixels from the file as if already turned: they
         # come out scrambled. Read from memory, they are turned as they should be.
         img = stack.enter_context(Image.open(io.BytesIO(pathlib.Path(path).read_bytes())))
-      # A TIFF stack or volume would silently be read as its first page. (Other formats'
-      # extra frames, a JPEG's embedded preview say, are not slices.)
-      if img.format == "TIFF" and img.n_frames > 1:
-        raise UserError(f"{path}: a TIFF of {img.n_frames} pages (a stack or volume); "
-                        "only single 2-D images are read: save each slice as its own file")
+      # A TIFF stack or volume, or an animated GIF or WebP (a cine loop), would silently be
+      # read as its first frame. (Other formats' extra frames, a JPEG's embedded preview say,
+      # are not slices.)
+      if img.format in _STACK_FORMATS and img.n_frames > 1:
+        raise UserError(f"{path}: a {img.format} of {img.n_frames} {_STACK_FORMATS[img.format]} "
+                        "(a stack, volume or animation); only single 2-D images are read: "
+                        "save each slice as its own file")
       yield img
   except FileNotFoundError:
     raise UserError(f"{path}: {what} file not found") from None

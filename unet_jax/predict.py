@@ -21,7 +21,7 @@ from unet_jax.data import brats
 from unet_jax.errors import some_of
 from unet_jax.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 SLICE_SUFFIXES = (".h5",)  # What a BraTS run predicts from.
 CSV_FILE = "predictions.csv"
 PENDING = "not predicted: the command stopped before this file"
