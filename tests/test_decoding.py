@@ -48,6 +48,32 @@ def test_never_empty_takes_the_likeliest_region_and_one_pixel_of_a_map_of_zeros(
   assert zeros.sum() == 1 and zeros[0, 0]
 
 
+def _expected_dice_mask_by_argsort(probs, allow_empty):
+  """The definition, with every array in float64 and the sort's index."""
+  flat = np.asarray(probs, np.float64).ravel()
+  order = np.argsort(-flat, kind="stable")
+  expected = 2 * np.cumsum(flat[order]) / (np.arange(1, flat.size + 1) + flat.sum())
+  best = int(np.argmax(expected))
+  mask = np.zeros(flat.size, bool)
+  empty_chance = np.exp(np.log1p(-np.minimum(flat, 1 - 1e-7)).sum())
+  if not (allow_empty and empty_chance >= expected[best]):
+    mask[order[:best + 1]] = True
+  return mask.reshape(np.shape(probs))
+
+
+def test_the_mask_is_the_definitions_to_the_pixel_ties_and_large_maps_included():
+  rng = np.random.default_rng(3)
+  maps = [rng.random((40, 30)), rng.beta(0.3, 3.0, (64, 64)).astype(np.float32),
+          np.round(rng.beta(0.5, 2.0, (50, 50)) * 8) / 8,  # Many equal values.
+          np.where(rng.random((33, 33)) < 0.1, 1.0, 0.0),  # Saturated: ties at 1 and 0.
+          np.full((16, 16), 0.002), np.zeros((8, 8), np.float32),
+          rng.beta(0.2, 5.0, (1100, 1000)).astype(np.float32)]  # Past one chunk.
+  for probs in maps:
+    for allow_empty in (True, False):
+      np.testing.assert_array_equal(decoding.expected_dice_mask(probs, allow_empty),
+                                    _expected_dice_mask_by_argsort(probs, allow_empty))
+
+
 def test_no_fixed_threshold_beats_it_in_expected_dice():
   # Truths drawn pixel by pixel from the map: the decoded mask's mean Dice is
   # at least that of every threshold's mask, for maps of different confidence.

@@ -331,3 +331,7 @@ def test_a_12_bit_scan_in_a_16_bit_file_is_predicted_with_a_warning(run, tmp_pat
   rows = predict.predict(config, str(workdir), str(tmp_path / "scan.png"), str(tmp_path / "out"))
   assert rows[0]["error"] == ""
   assert re.search(r"scan.png: its brightest pixel is 0\.0[0-6]\d+ of full scale", caplog.text)
+  # An 8-bit file as dark is no 12-bit scan: no such warning.
+  Image.fromarray((scan // 257).astype(np.uint8)).save(tmp_path / "dim.png")
+  predict.predict(config, str(workdir), str(tmp_path / "dim.png"), str(tmp_path / "out_dim"))
+  assert "dim.png: its brightest pixel" not in caplog.text

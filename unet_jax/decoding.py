@@ -12,6 +12,9 @@ from unet_jax.errors import UserError
 DECODERS = ("threshold", "expected_dice")
 
 
+_CHUNK = 1 << 20  # Elements of a temporary array.
+
+
 def check_decoder(name: str) -> None:
   """Raises UserError unless `name` is one of DECODERS."""
   if name not in DECODERS:
@@ -66,15 +69,31 @@ def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarra
   Returns:
     A boolean mask of the shape of `probs`.
   """
-  flat = np.asarray(probs, np.float64).ravel()
-  order = np.argsort(-flat, kind="stable")
-  total = flat.sum()
-  expected = 2 * np.cumsum(flat[order]) / (np.arange(1, flat.size + 1) + total)
+  flat = np.asarray(probs).ravel()
+  # Computed as 2 * cumsum(sorted) / (k + total) in float64, without the index of the sort:
+  # predict decodes at the image's own size, and a 6000x6000 map's arrays are 288 MB each.
+  as_float64 = flat.astype(np.float64)
+  total = as_float64.sum()
+  log_not_tumour = as_float64
+  np.minimum(log_not_tumour, 1 - 1e-7, out=log_not_tumour)
+  np.negative(log_not_tumour, out=log_not_tumour)
+  np.log1p(log_not_tumour, out=log_not_tumour)
+  empty_chance = np.exp(log_not_tumour.sum())
+  del as_float64, log_not_tumour
+  descending = np.sort(flat)[::-1]
+  expected = np.cumsum(descending, dtype=np.float64)
+  for start in range(0, flat.size, _CHUNK):
+    stop = min(start + _CHUNK, flat.size)
+    expected[start:stop] *= 2
+    expected[start:stop] /= np.arange(start + 1, stop + 1) + total
   best = int(np.argmax(expected))
-  mask = np.zeros(flat.size, bool)
-  empty_chance = np.exp(np.log1p(-np.minimum(flat, 1 - 1e-7)).sum())
-  if not (allow_empty and empty_chance >= expected[best]):
-    mask[order[:best + 1]] = True
+  if allow_empty and empty_chance >= expected[best]:
+    return np.zeros(np.shape(probs), bool)
+  # The best + 1 likeliest pixels; among equal ones, the first in order.
+  cut = descending[best]
+  mask = flat > cut
+  ties = np.flatnonzero(flat == cut)[:best + 1 - int(mask.sum())]
+  mask[ties] = True
   return mask.reshape(np.shape(probs))
 
 

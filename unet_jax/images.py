@@ -174,6 +174,25 @@ def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
     return _as_float(img, channels, path)
 
 
+def read_picture(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
+  """Reads an image as displayed, as uint8 (H, W) luminance, for pictures of it.
+
+  Returns:
+    The picture and, for a 16- or 32-bit image, its brightest pixel as a fraction of full
+    scale (`read_image`'s); None for an 8-bit one.
+
+  Raises:
+    UserError: the file is missing, not a readable image, or out of its scale.
+  """
+  with _opened(path) as img:
+    _upright(img)
+    if not _wide(img.mode):  # 1 byte a pixel throughout: a 6000x6000 scan takes 36 MB.
+      return np.asarray(img.convert("L")), None
+    grey = _as_float(img, 1, path)[..., 0]
+  brightest = float(grey.max()) if grey.size else 0.0
+  return (grey * 255).round().astype(np.uint8), brightest
+
+
 def load_image(path: str | os.PathLike, channels: int,
                size: int) -> tuple[np.ndarray, tuple[int, int]]:
   """Reads an image resized to float32 (size, size, channels) in [0, 1], and its stored size.

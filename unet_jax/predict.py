@@ -93,9 +93,13 @@ def _listed_outputs(out: pathlib.Path) -> set[str]:
 
 def overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """uint8 RGB picture of a uint8 (H, W) grey image: the tumour tinted red and outlined."""
-  rgb = np.repeat(grey[..., None], 3, axis=-1)
-  red = np.array([255, 0, 0], np.float32)
-  rgb[mask] = (0.55 * rgb[mask].astype(np.float32) + 0.45 * red).round().astype(np.uint8)
+  # Each grey level's tint, looked up, a channel at a time: no float or index array of the
+  # tumour's pixels, which for a 6000x6000 scan would take hundreds of MB.
+  levels = np.arange(256, dtype=np.float32)[:, None]
+  tinted = (0.55 * levels + 0.45 * np.array([255, 0, 0], np.float32)).round().astype(np.uint8)
+  rgb = np.empty((*grey.shape, 3), np.uint8)
+  for channel in range(3):
+    rgb[..., channel] = np.where(mask, tinted[grey, channel], grey)
   rgb[mask & ~ndimage.binary_erosion(mask)] = (255, 26, 26)
   return rgb
 
@@ -180,18 +184,19 @@ def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
   if data_lib.data_format(data_config) == "brats":
     image = brats.normalise(brats.read_image(path, data_config.modalities),
                             data_config.clip_percentiles)
-    model_input = images_lib.resize_image(image, size)
-  else:
-    model_input, _ = images_lib.load_image(path, data_config.channels, size)
-    image = images_lib.read_image(path, data_config.channels)
-  _warn_if_dark(path, image)
+    return ((image.mean(-1) * 255).round().astype(np.uint8),
+            images_lib.resize_image(image, size))
+  model_input, _ = images_lib.load_image(path, data_config.channels, size)
   # A batch of float32 pictures of 6000x6000 scans holds gigabytes; uint8 grey, 1 byte a pixel.
-  return (np.clip(image.mean(-1), 0, 1) * 255).round().astype(np.uint8), model_input
+  grey, brightest = images_lib.read_picture(path)
+  if brightest is not None:
+    _warn_if_dark(path, brightest)
+  return grey, model_input
 
 
-def _warn_if_dark(path: pathlib.Path, image: np.ndarray) -> None:
-  """Warns of an image far darker than full scale: a 12-bit scan saved in a 16-bit file."""
-  brightest = float(image.max())
+def _warn_if_dark(path: pathlib.Path, brightest: float) -> None:
+  """Warns of a 16- or 32-bit image far darker than full scale: a 12-bit scan saved in a
+  16-bit file."""
   if 0 < brightest <= 1 / 16:
     logging.warning("%s: its brightest pixel is %.4f of full scale (a 12-bit scan in a 16-bit "
                     "file reads so): the model sees it that dark; scale it as the training "
