@@ -147,6 +147,16 @@ def test_bad_files_name_the_file(tmp_path):
     brats.scan(tmp_path / "copy" / "empty")
 
 
+def test_a_new_scan_stored_channels_first_is_refused(tmp_path):
+  # Predict and serving read a new scan without a mask to compare its shape with.
+  _write(tmp_path / "scan.h5", image=np.zeros((4, 16, 16)))
+  with pytest.raises(UserError, match=r"scan\.h5: image of shape \(4, 16, 16\) is not "
+                     r"\(H, W, channels\).*store slices channels-last"):
+    brats.read_image(tmp_path / "scan.h5", (0, 1, 2, 3))
+  _write(tmp_path / "upright.h5", image=np.ones((16, 16, 4)))
+  assert brats.read_image(tmp_path / "upright.h5", (0, 1, 2, 3)).shape == (16, 16, 4)
+
+
 def test_hidden_files_are_not_slices(tmp_path):
   root = _brats(tmp_path / ".cache" / "kagglehub", volumes=[1, 2])  # A hidden root is fine.
   folder = root / "BraTS2020_training_data" / "content" / "data"

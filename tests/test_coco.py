@@ -252,7 +252,8 @@ def test_a_tiff_turned_by_its_orientation_reads_upright(tmp_path, compression):
 @pytest.mark.parametrize("mode, pixel, expected", [
     ("I", 200, 200 / 65535), ("I", 65535, 1.0), ("F", 0.25, 0.25),
     ("I", 70000, "integer pixels span \\[70000, 70000\\]"),
-    ("F", 2.0, "float pixels span \\[2, 2\\]; float images must already be scaled")])
+    ("F", 2.0, "float pixels span \\[2, 2\\]; float images must already be scaled"),
+    ("F", float("nan"), "64 of its 32-bit float pixels are NaN or infinite")])
 def test_wide_images_are_scaled_by_their_type(tmp_path, mode, pixel, expected):
   path = tmp_path / "slice.tif"
   Image.new(mode, (8, 8), pixel).save(path)

@@ -22,6 +22,7 @@ from unet_jax import checkpoint as checkpoint_lib
 from unet_jax import (data, evaluate, export, losses, metrics, optim, parallel, reports, serving,
                       run_lock, steps, time_budget, train)
 from unet_jax.data import pipeline
+from unet_jax.data import synthetic
 from unet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -600,6 +601,18 @@ def test_a_workdir_under_home_is_there_not_in_a_folder_named_tilde(tmp_path, run
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path / 'run' / 'checkpoints'}: no checkpoint; train the run first")
   assert not (REPO / "~").exists()
+
+
+def test_a_relative_data_root_is_saved_absolute(tiny_config, tmp_path, monkeypatch):
+  synthetic.write_phantom_coco(tmp_path / "data", split_sizes={"train": 8, "valid": 4},
+                               image_size=32, seed=0)
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config
+  config.data.root, config.eval.split = "data", "none"
+  train.train_and_evaluate(config, "run")
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["data"]["root"] == str(tmp_path / "data")  # Eval finds it from any folder.
+  assert config.data.root == "data"  # The caller's config is left as it was.
 
 
 def test_missing_flags_are_one_line_not_the_help(tmp_path, launch):

@@ -134,6 +134,9 @@ def _as_float(img: Image.Image, channels: int, path: str | os.PathLike) -> np.nd
   """float32 (H, W, channels) in [0, 1] of an open image (see `read_image` for the scale)."""
   if _wide(img.mode):
     array = np.asarray(img, dtype=np.float32)
+    if img.mode == "F" and not np.isfinite(array).all():
+      raise UserError(f"{path}: {np.count_nonzero(~np.isfinite(array))} of its 32-bit float "
+                      "pixels are NaN or infinite")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if img.mode == "F":
       if not (0 <= low and high <= 1):

@@ -276,6 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The evaluation summary of `config.eval.split`; {} when that split does
     not exist or the run had already finished.
   """
+  if config.data.root:  # Saved as an absolute path: eval and predict run from any folder.
+    config = config.copy_and_resolve_references()
+    config.data.root = str(pathlib.Path(config.data.root).expanduser().absolute())
   with run_lock.held(workdir):
     return _train_and_evaluate(config, workdir)
 

@@ -190,9 +190,12 @@ def read_image(path: pathlib.Path, modalities: Sequence[int]) -> np.ndarray:
   """
   with _opened(path) as fid:
     image = _dataset(fid, "image", path)
-    if len(image.shape) != 3 or max(modalities) >= image.shape[-1]:
-      raise UserError(f"{path}: image of shape {image.shape} is not (H, W, channels) with "
-                      f"the channels data.modalities={tuple(modalities)} names")
+    shape = image.shape
+    # Without a mask to compare with, (C, H, W) shows as a channel axis longer than H or W.
+    if len(shape) != 3 or shape[-1] > min(shape[:2]) or max(modalities) >= shape[-1]:
+      raise UserError(f"{path}: image of shape {shape} is not (H, W, channels) with the "
+                      f"channels data.modalities={tuple(modalities)} names; store slices "
+                      "channels-last")
     return _read(image)[..., list(modalities)]
 
 
