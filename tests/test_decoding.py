@@ -1,5 +1,6 @@
 """Decoding probability maps: the expected-Dice mask and the post-processing."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -84,6 +85,15 @@ def test_no_fixed_threshold_beats_it_in_expected_dice():
     ours = _dice(decoding.expected_dice_mask(probs), truths).mean()
     for threshold in np.arange(0.05, 1.0, 0.05):
       assert ours >= _dice(probs > threshold, truths).mean() - 0.005, (scale, threshold)
+
+
+def test_jax_arrays_decode_as_numpy_ones():
+  probs = np.full((8, 8), 0.01, np.float32)
+  probs[2:4, 2:5] = 0.3
+  for rule in decoding.DECODERS:
+    mask = decoding.decode(jnp.asarray(probs), rule, 0.5, never_empty=True)
+    assert isinstance(mask, np.ndarray)
+    np.testing.assert_array_equal(mask, decoding.decode(probs, rule, 0.5, never_empty=True))
 
 
 def test_unknown_decoder_is_a_user_error():

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unet_jax import losses
 
@@ -128,3 +129,10 @@ def test_each_image_weighs_as_the_category_covering_most_of_its_tumour():
   # The third image holds no tumour.
   np.testing.assert_allclose(losses.category_weights(jnp.asarray(labels), (2.0, 0.5)),
                              [2.0, 0.5, 1.0])
+
+
+def test_masks_of_another_shape_than_the_logits_are_refused_not_broadcast():
+  logits = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match=r"logits of shape \(2, 8, 8, 1\) and masks of shape "
+                     r"\(2, 8, 8\): both must be \(N, H, W, K\)"):
+    losses.dice_bce_loss(logits, jnp.zeros((2, 8, 8)))

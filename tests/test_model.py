@@ -100,6 +100,13 @@ def _conv(i, o, k=3, bias=True):
   return k * k * i * o + (o if bias else 0)
 
 
+def test_an_image_without_its_batch_axis_is_a_clear_error():
+  model = model_lib.UNet(features=4, depth=2)
+  with pytest.raises(ValueError, match=r"images of shape \(16, 16, 1\): the U-Net takes a "
+                     r"batch \(N, H, W, C\)"):
+    model.init(jax.random.key(0), jnp.ones((16, 16, 1)), train=False)
+
+
 def test_classic_unet_has_the_original_parameter_count():
   # Ronneberger et al. 2015 with "same" padding: 3x3 convs with biases, no
   # normalisation, 2x2 max pooling, 2x2 transposed convs that halve the

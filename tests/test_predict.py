@@ -124,7 +124,12 @@ def test_serving_refuses_the_model_of_another_export(run, tmp_path):
   shutil.copy(second / "model.jax_exported", first / "model.jax_exported")
   with pytest.raises(ValueError, match="model.json does not describe model.jax_exported"):
     serving.load(first)
-  serving.load(second)
+  model = serving.load(second)
+  size = config.data.image_size
+  probs = model(np.zeros((1, size, size, 1), np.float32))
+  probs[probs < 0.5] = 0  # Writable, as numpy's own arrays are.
+  with pytest.raises(FileNotFoundError, match=r"run\d*: no model.json; give an export's folder"):
+    serving.load(workdir)
 
 
 def test_predict_refuses_to_write_among_the_images(run, tmp_path):

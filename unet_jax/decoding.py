@@ -35,6 +35,7 @@ def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: b
     fill_box: Replace each blob by its bounding box.
   """
   check_decoder(rule)
+  probs = np.asarray(probs)
   if rule == "expected_dice":
     mask = expected_dice_mask(probs, allow_empty=not never_empty)
   else:

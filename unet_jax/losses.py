@@ -71,6 +71,9 @@ def dice_bce_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 1.0,
                   per_image: bool = True) -> jax.Array:
   """`dice_weight * soft Dice + bce_weight * BCE + lovasz_weight * Lovasz hinge`,
   (N,) losses; losses and logits are float32 whatever the compute dtype."""
+  if logits.shape != masks.shape:  # Broadcast, they would give a loss silently wrong.
+    raise ValueError(f"logits of shape {logits.shape} and masks of shape {masks.shape}: both "
+                     "must be (N, H, W, K), the masks' values in [0, 1]")
   logits = logits.astype(jnp.float32)
   loss = (dice_weight * soft_dice_loss(logits, masks, smooth, per_image)
           + bce_weight * bce_loss(logits, masks))

@@ -320,6 +320,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool, mixed: bool = False) -> jax.Array:
+    if images.ndim != 4:
+      raise ValueError(f"images of shape {images.shape}: the U-Net takes a batch (N, H, W, C)")
     height, width = images.shape[1:3]
     ensembled = self.subnetworks > 1 and not mixed
     if ensembled:

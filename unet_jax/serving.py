@@ -31,6 +31,9 @@ class ExportedModel:
 
   def __init__(self, folder: str | pathlib.Path):
     folder = pathlib.Path(folder)
+    if not (folder / "model.json").is_file():
+      raise FileNotFoundError(f"{folder}: no model.json; give an export's folder (RUN/export, "
+                              "written by --mode=export)")
     self.meta = json.loads((folder / "model.json").read_text())
     serialized = (folder / "model.jax_exported").read_bytes()
     expected = self.meta.get("model_sha256")  # Exports made before it had none.
@@ -55,7 +58,7 @@ class ExportedModel:
                        f"{spec['width']}, {spec['channels']}); predict_file resizes a file")
     if not len(images):  # The artifact's symbolic batch is at least 1.
       return np.zeros((0, spec["height"], spec["width"]), np.float32)
-    return np.asarray(self._exported.call(images))
+    return np.array(self._exported.call(images))  # A copy: jax's view is read-only.
 
   def predict_file(self, path: str | pathlib.Path) -> np.ndarray:
     """The mask (model.json's decode rule) of one image file, or of a BraTS model's .h5
