@@ -178,6 +178,23 @@ def test_lgg_unreadable_mask_is_listed_and_the_rest_described(tmp_path):
   assert summary["num_problems"] == 1 and str(broken) in summary["problems"][0]
 
 
+def test_lgg_slice_without_its_mask_and_mask_without_its_slice_are_listed(tmp_path):
+  config = lgg.get_config()
+  root = test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:2])
+  masks = sorted(root.rglob("*_mask.tif"))
+  masks[0].unlink()
+  orphan = masks[1].with_name(masks[1].name.replace("_mask", ""))
+  orphan.unlink()
+  config.data.root = str(root)
+  config.data.val_fraction, config.data.test_fraction = 0.0, 0.0
+  summary = describe.describe(config, str(tmp_path / "out"))
+  assert len(_rows(tmp_path / "out")) == 4
+  image = masks[0].with_name(masks[0].name.replace("_mask", ""))
+  assert sorted(summary["problems"]) == sorted([
+      f"{masks[1]}: mask without its image {orphan.name}",
+      f"{image}: no mask {masks[0].name} beside it"])
+
+
 def test_lgg_image_training_would_refuse_is_listed(tmp_path):
   config = lgg.get_config()
   root = test_folders._lgg(tmp_path / "data", test_folders.PATIENTS[:2])

@@ -140,7 +140,7 @@ def _slice_images(data_config: ml_collections.ConfigDict, root: pathlib.Path,
   subsets = data_lib.group_subsets(data_config, root)
   subset_names += splits.ordered(set(subsets.values()))
   if fmt == "lgg":
-    slices = folders.scan(root)
+    slices = folders.scan(root, unpaired=problems)
   else:
     brats.check_indices("modalities", data_config.modalities)
     brats.check_indices("mask_channels", data_config.mask_channels)

@@ -75,7 +75,8 @@ def coco_layout(data_config: ml_collections.ConfigDict) -> coco.Layout:
 def _groups(data_config: ml_collections.ConfigDict, root: pathlib.Path) -> list[str]:
   """The patients (lgg) or volumes (brats) under `root`."""
   if data_format(data_config) == "lgg":
-    return [p for p, _, _ in folders.scan(root)]
+    # Unpaired files left out: the sources refuse them, and describe lists them.
+    return [p for p, _, _ in folders.scan(root, unpaired=[])]
   return [v for v, _ in brats.scan(root)]
 
 

@@ -30,8 +30,14 @@ def _natural_key(name: str) -> list[Any]:
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def scan(root: str | os.PathLike) -> list[tuple[str, str, str]]:
+def scan(root: str | os.PathLike,
+         unpaired: list[str] | None = None) -> list[tuple[str, str, str]]:
   """Finds every (patient, image, mask) under `root`, paths relative to it.
+
+  Args:
+    root: The dataset's root.
+    unpaired: When given, each slice without its mask and mask without its slice is
+      listed here (one line each) and left out, instead of raising.
 
   Returns:
     Sorted by patient, then slice number.
@@ -40,6 +46,11 @@ def scan(root: str | os.PathLike) -> list[tuple[str, str, str]]:
     UserError: no pairs, a slice without its mask or a mask without its
       slice, files outside a patient folder, or a patient folder twice.
   """
+  def refuse(problem: str) -> None:
+    if unpaired is None:
+      raise UserError(problem)
+    unpaired.append(problem)
+
   root = pathlib.Path(root)
   images, masks = set(), set()
   for path in listing.visible_files(root, "*"):
@@ -53,7 +64,8 @@ def scan(root: str | os.PathLike) -> list[tuple[str, str, str]]:
   for mask in sorted(masks):
     image = mask.with_name(mask.stem[:-len(MASK_SUFFIX)] + mask.suffix)
     if image not in images:
-      raise UserError(f"{root / mask}: mask without its image {image.name}")
+      refuse(f"{root / mask}: mask without its image {image.name}")
+      continue
     images.discard(image)
     if mask.parent == pathlib.Path("."):
       raise UserError(f"{root / mask}: not in a patient folder; the split is by patient folder")
@@ -62,9 +74,8 @@ def scan(root: str | os.PathLike) -> list[tuple[str, str, str]]:
       raise UserError(f"{root}: patient {patient!r} is in two folders ({folders[patient]} and "
                       f"{mask.parent}); point data.root at one copy of the dataset")
     pairs.append((patient, image.as_posix(), mask.as_posix()))
-  if images:
-    image = sorted(images)[0]
-    raise UserError(f"{root / image}: no mask {image.stem}{MASK_SUFFIX}{image.suffix} beside it")
+  for image in sorted(images):
+    refuse(f"{root / image}: no mask {image.stem}{MASK_SUFFIX}{image.suffix} beside it")
   return sorted(pairs, key=lambda p: (p[0], _natural_key(pathlib.PurePath(p[1]).name)))
 
 
