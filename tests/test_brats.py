@@ -175,7 +175,7 @@ def test_missing_h5py_says_how_to_install_it(tmp_path, monkeypatch):
     brats.BratsSource(tmp_path, "train", 16)
 
 
-def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path):
+def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path, caplog):
   """New slices (an image, no mask) are prepared exactly as training read its own."""
   root = _brats(tmp_path / "data")
   config = brats_config.get_config()
@@ -206,3 +206,10 @@ def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path):
   np.testing.assert_array_equal(model.predict_file(scans / "new_scan.h5"), predicted)
   with pytest.raises(UserError, match=r"photo\.png: not a readable HDF5 file"):
     model.predict_file(scans / "photo.png")
+  # NaN voxels are background, with a warning naming the slice.
+  with h5py.File(scans / "new_scan.h5", "r+") as f:
+    image = f["image"][()]
+    image[:2, :3] = np.nan
+    f["image"][...] = image
+  predict._read_input(scans / "new_scan.h5", config.data)
+  assert f"{scans / 'new_scan.h5'}: 24 NaN or infinite voxels, read as background" in caplog.text

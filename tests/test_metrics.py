@@ -117,3 +117,15 @@ def test_scores_break_down_by_the_category_of_each_image():
   assert result["7"]["pooled"]["dice"] == pytest.approx(12 / 16)
   assert result["9"] == {"name": "nine", "n_images": 0, "dice": None, "iou": None,
                          "pooled": None}
+
+
+def test_images_with_and_without_a_tumour_are_scored_apart():
+  # A found tumour (Dice 1), a half-found one (Dice 0.5), a correct empty, a false alarm.
+  counts = np.array([[4, 0, 0, 60], [2, 2, 2, 58], [0, 0, 0, 64], [0, 3, 0, 61]])
+  scores = metrics.per_image_metrics(counts)
+  assert metrics.by_truth(scores, counts) == {
+      "with_tumour": {"n_images": 2, "dice": pytest.approx(0.75),
+                      "iou": pytest.approx((1 + 2 / 6) / 2)},
+      "without_tumour": {"n_images": 2, "false_alarms": 1}}
+  healthy = metrics.by_truth(metrics.per_image_metrics(counts[2:]), counts[2:])
+  assert healthy["with_tumour"] == {"n_images": 0, "dice": None, "iou": None}

@@ -349,6 +349,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "ensemble": [{"workdir": w, "checkpoint_step": s} for w, _, s in members],
       "metrics": {name: metrics_lib.summarise(values) for name, values in scores.items()},
       "pooled": metrics_lib.pooled_metrics(counts),
+      **metrics_lib.by_truth(scores, counts),
   }
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels,
@@ -374,6 +375,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                split, step, averaging, summary["metrics"]["dice"]["mean"],
                summary["metrics"]["iou"]["mean"], summary["metrics"]["hd95"]["mean"],
                len(source), out)
+  found, healthy = summary["with_tumour"], summary["without_tumour"]
+  if found["n_images"] and healthy["n_images"]:  # Else the line above says it all.
+    logging.info("%s: mean Dice %.4f over the %d images with a tumour; %d false alarms on the "
+                 "%d without", split, found["dice"], found["n_images"], healthy["false_alarms"],
+                 healthy["n_images"])
   for category, result in summary.get("by_category", {}).items():
     logging.info("%s, category %s (%r): mean Dice %s over %d images", split, category,
                  result["name"], "-" if result["dice"] is None else f"{result['dice']:.4f}",

@@ -76,6 +76,20 @@ def pooled_metrics(counts: np.ndarray) -> dict[str, float]:
   return {"dice": float(_ratio(2 * tp, 2 * tp + fp + fn)), "iou": float(_ratio(tp, tp + fp + fn))}
 
 
+def by_truth(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict[str, dict]:
+  """The images with a tumour, their count and mean Dice and IoU (what papers on data of many
+  healthy slices, LGG's and BraTS's, report), and those without, their count and how many
+  of them have a tumour predicted (false alarms)."""
+  tumour = (counts[:, 0] + counts[:, 2]) > 0
+  predicted = (counts[:, 0] + counts[:, 1]) > 0
+  found = {"n_images": int(tumour.sum()), "dice": None, "iou": None}
+  if tumour.any():
+    found.update(dice=float(scores["dice"][tumour].mean()), iou=float(scores["iou"][tumour].mean()))
+  return {"with_tumour": found,
+          "without_tumour": {"n_images": int((~tumour).sum()),
+                             "false_alarms": int((predicted & ~tumour).sum())}}
+
+
 def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
                 category_names: dict) -> dict[str, dict]:
   """Category id -> its name, its images' count, mean Dice and IoU, and pooled Dice and IoU;

@@ -182,8 +182,11 @@ def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
   prepared exactly as training prepared its images."""
   size = data_config.image_size
   if data_lib.data_format(data_config) == "brats":
-    image = brats.normalise(brats.read_image(path, data_config.modalities),
-                            data_config.clip_percentiles)
+    stored = brats.read_image(path, data_config.modalities)
+    broken = np.count_nonzero(~np.isfinite(stored))
+    if broken:
+      logging.warning("%s: %d NaN or infinite voxels, read as background", path, broken)
+    image = brats.normalise(stored, data_config.clip_percentiles)
     return ((image.mean(-1) * 255).round().astype(np.uint8),
             images_lib.resize_image(image, size))
   model_input, _ = images_lib.load_image(path, data_config.channels, size)
