@@ -448,6 +448,25 @@ def test_subnetworks_step_on_the_mean_of_their_losses(tiny_config, tmp_path):
     np.testing.assert_allclose(got, p - 0.1 * g, rtol=1e-4, atol=1e-6)
 
 
+def test_cutmix_mixes_the_training_batch_when_augmenting(tiny_config, tmp_path):
+  config = tiny_config
+  config.augment.cutmix_prob = 1.0
+  mesh, initial, start, batch = _sgd_at_rate_0_1(config, tmp_path)
+  logits, _ = jax.jit(functools.partial(initial.apply_fn, train=True, mutable=["batch_stats"]))(
+      {"params": start, "batch_stats": initial.batch_stats}, batch["image"])
+  unmixed = float(losses.dice_bce_loss(logits, batch["mask"] > 0).mean())
+  losses_seen, on_host = [], jax.device_get(initial)  # The step donates the state it is given.
+  for enabled in (True, False):
+    config.augment.enabled = enabled
+    p_train, _ = steps.jit_steps(config, mesh)
+    _, metrics = p_train(jax.device_put(on_host, parallel.replicated(mesh)),
+                         parallel.device_batch(batch, mesh), 0.1)
+    losses_seen.append(float(metrics["loss"]))
+  mixed, without_augmentation = losses_seen
+  assert mixed != pytest.approx(unmixed, rel=1e-3)
+  assert without_augmentation == pytest.approx(unmixed, rel=1e-5)
+
+
 def test_deep_supervision_trains_the_coarse_heads(tiny_config, tmp_path):
   tiny_config.model.deep_supervision = True
   mesh = parallel.make_mesh()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unet_jax import cutmix as cutmix_lib
 from unet_jax import losses
 from unet_jax import metrics as metrics_lib
 from unet_jax import model as model_lib
@@ -45,7 +46,11 @@ _jitted_init = jax.jit(_eager_init, static_argnums=0,
 
 def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                        tx: optax.GradientTransformation) -> TrainState:
-  """Initialises the U-Net of `config.model` for (H, W, C) images."""
+  """Initialises the U-Net of `config.model` for (H, W, C) images.
+
+  `tx` runs at rate 1 (`optim.make_optimizer`'s): the train step scales its updates by the
+  learning rate it is given.
+  """
   return _new_train_state(config, image_shape, tx, _jitted_init)
 
 
@@ -94,7 +99,7 @@ def _aux_logits(model_updates: dict[str, Any]) -> dict[int, jax.Array]:
 def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
                loss_options: dict[str, Any], ema_decay: float, ema_warmup: float, seed: int,
                category_weights: tuple[float, ...] = (), sam_rho: float = 0.0,
-               subnetworks: int = 1, shared_input_fraction: float = 0.0
+               subnetworks: int = 1, shared_input_fraction: float = 0.0, cutmix_prob: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (global) batch at `learning_rate` (x the state's `lr_scale`);
   returns the new state and batch metrics.
@@ -102,13 +107,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: ja
   The loss is the batch's mean, weighted by each image's category when `category_weights`
   are given (`losses.category_weights`). With `sam_rho` > 0 the step is sharpness-aware
   (`_sharpness_aware_grads`). With `subnetworks` > 1 the batch is mixed for them
-  (`subnetworks.mix`) and the loss is the mean over their images.
+  (`subnetworks.mix`) and the loss is the mean over their images. With `cutmix_prob` > 0
+  images first take a box of another (`cutmix.cutmix`).
   """
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
-  images, labels = batch["image"], batch["mask"][None]
+  images, labels = batch["image"], batch["mask"]
+  if cutmix_prob > 0:
+    images, labels = cutmix_lib.cutmix(jax.random.fold_in(dropout_key, 2), images, labels,
+                                       cutmix_prob)
+  labels = labels[None]
   if subnetworks > 1:
-    images, labels = subnetworks_lib.mix(jax.random.fold_in(dropout_key, 1), batch["image"],
-                                         batch["mask"], subnetworks, shared_input_fraction)
+    images, labels = subnetworks_lib.mix(jax.random.fold_in(dropout_key, 1), images,
+                                         labels[0], subnetworks, shared_input_fraction)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -217,8 +227,16 @@ def jit_predict(mesh, tta: bool = False, up_down: bool = True):
                  out_shardings=parallel.batch_sharded(mesh))
 
 
+def _cutmix_prob(augment: ml_collections.ConfigDict) -> float:
+  return augment.cutmix_prob if augment.enabled else 0.0
+
+
 def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
-  """The jitted train and eval steps: batch sharded over the mesh, state replicated."""
+  """The jitted train and eval steps: batch sharded over the mesh, state replicated.
+
+  The train step is called as `(state, batch, learning_rate)` and the eval step as
+  `(state, batch)`, each batch a `parallel.device_batch`.
+  """
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   options = _loss_options(config)
   p_train = jax.jit(functools.partial(train_step, loss_options=options, seed=config.train.seed,
@@ -227,7 +245,8 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                                       category_weights=tuple(config.train.category_weights),
                                       sam_rho=config.train.sam_rho,
                                       subnetworks=config.model.subnetworks,
-                                      shared_input_fraction=config.train.shared_input_fraction),
+                                      shared_input_fraction=config.train.shared_input_fraction,
+                                      cutmix_prob=_cutmix_prob(config.augment)),
                     in_shardings=(replicated, sharded, replicated),
                     out_shardings=(replicated, replicated),
                     donate_argnums=0)

@@ -18,7 +18,7 @@ from PIL import Image
 from unet_jax.errors import UserError
 
 PROBABILITIES = ("rotate_prob", "shift_prob", "zoom_prob", "brightness_prob", "contrast_prob",
-                 "gamma_prob", "noise_prob", "hflip_prob", "vflip_prob")
+                 "gamma_prob", "noise_prob", "hflip_prob", "vflip_prob", "cutmix_prob")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
