@@ -96,6 +96,12 @@ def test_jax_arrays_decode_as_numpy_ones():
     np.testing.assert_array_equal(mask, decoding.decode(probs, rule, 0.5, never_empty=True))
 
 
+def test_post_processing_of_a_map_that_is_not_2d_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"probabilities of shape \(2, 8, 8\): the largest blob"):
+    decoding.decode(np.zeros((2, 8, 8)), "threshold", 0.5, largest_component=True)
+  assert decoding.decode(np.zeros((2, 8, 8)), "threshold", 0.5).shape == (2, 8, 8)
+
+
 def test_unknown_decoder_is_a_user_error():
   with pytest.raises(UserError, match="eval.decode='otsu'"):
     decoding.check_decoder("otsu")

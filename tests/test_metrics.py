@@ -129,3 +129,9 @@ def test_images_with_and_without_a_tumour_are_scored_apart():
       "without_tumour": {"n_images": 2, "false_alarms": 1}}
   healthy = metrics.by_truth(metrics.per_image_metrics(counts[2:]), counts[2:])
   assert healthy["with_tumour"] == {"n_images": 0, "dice": None, "iou": None}
+
+
+def test_hd95_refuses_masks_that_are_not_one_2d_size():
+  with pytest.raises(ValueError, match=r"masks of shapes \(4, 4, 1\) and \(4, 4, 1\): hd95 "
+                     r"takes two \(H, W\) masks"):
+    metrics.hd95(np.ones((4, 4, 1)), np.ones((4, 4, 1)))

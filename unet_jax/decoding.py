@@ -10,9 +10,7 @@ from scipy import ndimage
 from unet_jax.errors import UserError
 
 DECODERS = ("threshold", "expected_dice")
-
-
-_CHUNK = 1 << 20  # Elements of a temporary array.
+_CHUNK = 1 << 20  # Elements of expected_dice_mask's temporary arrays.
 
 
 def check_decoder(name: str) -> None:
@@ -36,6 +34,9 @@ def decode(probs: np.ndarray, rule: str, threshold: float | None, never_empty: b
   """
   check_decoder(rule)
   probs = np.asarray(probs)
+  if (largest_component or fill_box) and probs.ndim != 2:
+    raise ValueError(f"probabilities of shape {probs.shape}: the largest blob and the boxes "
+                     "are found in one (H, W) map")
   if rule == "expected_dice":
     mask = expected_dice_mask(probs, allow_empty=not never_empty)
   else:

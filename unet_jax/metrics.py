@@ -120,7 +120,10 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
   The percentile is taken over the distances from each boundary pixel of one
   mask to the nearest boundary pixel of the other, both directions pooled.
   """
-  pred, target = pred.astype(bool), target.astype(bool)
+  pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+  if pred.ndim != 2 or pred.shape != target.shape:
+    raise ValueError(f"masks of shapes {pred.shape} and {target.shape}: hd95 takes two (H, W) "
+                     "masks of one size")
   if not pred.any() and not target.any():
     return 0.0
   if not pred.any() or not target.any():
