@@ -15,8 +15,9 @@ data.split_seed). Needs the optional extra: pip install -e '.[brats]'.
 
 Many slices near the top and bottom of each volume hold no brain or no tumour;
 per-image Dice scores an empty slice predicted empty as 1, so read the
-summary's Dice together with its pooled Dice and its `with_tumour` Dice (the
-tumour slices alone). Not yet measured with this code:
+summary's Dice together with its pooled Dice, its `with_tumour` Dice (the
+tumour slices alone) and its `by_patient` Dice (each volume's slices one 3-D
+mask, at data.image_size). Not yet measured with this code:
 2D U-Nets on BraTS whole tumour typically reach a Dice of about 0.85-0.9.
 """
 

@@ -12,8 +12,9 @@ train, valid and test (seeded by data.split_seed), never one on two sides:
 
 About two thirds of the slices have no tumour; per-image Dice scores those
 as 1 when the model predicts nothing, so read the summary's Dice together with
-its pooled Dice and its `with_tumour` Dice (the tumour slices alone) and
-`without_tumour` false alarms. Not yet measured with this code: published U-Nets
+its pooled Dice, its `with_tumour` Dice (the tumour slices alone), its
+`without_tumour` false alarms and its `by_patient` Dice (each patient's slices
+one 3-D mask). Not yet measured with this code: published U-Nets
 on this set report a mean Dice of about 0.8 on tumour slices.
 """
 

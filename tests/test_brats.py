@@ -83,6 +83,7 @@ def test_split_is_by_volume(tmp_path):
   for s, source in sources.items():
     assert len(source) == 2 * len(volumes[s])
     assert {name.split("volume_")[1].split("_")[0] for name in source.file_names} == volumes[s]
+    assert source.groups == [name.split("volume_")[1].split("_")[0] for name in source.file_names]
 
 
 def test_normalise_is_robust_min_max_over_brain_pixels():
@@ -184,7 +185,9 @@ def test_a_brats_run_predicts_and_exports_from_h5_slices(tmp_path, caplog):
   config.train.epochs, config.train.batch_size = 1, 8
   config.eval.batch_size, config.eval.num_pictures = 4, 1
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  summary = train.train_and_evaluate(config, workdir)
+  # Scored per volume too, each one 3-D mask.
+  assert summary["by_patient"]["n"] == len(data.build_source(config.data, "test", workdir).volumes)
   scans = tmp_path / "scans"
   scans.mkdir()
   with h5py.File(scans / "new_scan.h5", "w") as f:  # A slice of the data's shape, unlabelled.

@@ -67,6 +67,7 @@ def test_split_is_by_patient_seeded_and_complete(tmp_path):
   assert sum(len(source) for source in sources.values()) == 3 * len(PATIENTS)
   for s, source in sources.items():
     assert {name.split("/")[0] for name in source.file_names} == patients[s]
+    assert source.groups == [name.split("/")[0] for name in source.file_names]
   assert data.build_source(config, "test", "x").patients == sources["test"].patients
   config.split_seed = 1
   assert set(data.build_source(config, "test", "x").patients) != patients["test"]

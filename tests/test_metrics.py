@@ -135,3 +135,11 @@ def test_hd95_refuses_masks_that_are_not_one_2d_size():
   with pytest.raises(ValueError, match=r"masks of shapes \(4, 4, 1\) and \(4, 4, 1\): hd95 "
                      r"takes two \(H, W\) masks"):
     metrics.hd95(np.ones((4, 4, 1)), np.ones((4, 4, 1)))
+
+
+def test_a_patients_slices_are_scored_as_one_3d_mask():
+  # Patient a: a found tumour and a missed one (one mask, Dice 2*4 / (2*4 + 4)); patient b: a
+  # correct empty slice, which scores 1 as a slice and as a patient.
+  counts = np.array([[4, 0, 0, 60], [0, 0, 4, 60], [0, 0, 0, 64]])
+  assert metrics.by_group(counts, ["a", "a", "b"]) == {
+      "n": 2, "dice": pytest.approx((8 / 12 + 1) / 2), "iou": pytest.approx((4 / 8 + 1) / 2)}

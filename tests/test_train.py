@@ -47,6 +47,7 @@ def test_two_steps_on_four_devices_write_the_run(trained):
   assert 0 <= summary["metrics"]["dice"]["mean"] <= 1
   found, healthy = summary["with_tumour"], summary["without_tumour"]
   assert found["n_images"] + healthy["n_images"] == 8 and 0 <= found["dice"] <= 1
+  assert "by_patient" not in summary  # COCO slices name no patient.
   rows = (workdir / "eval/test/per_image.csv").read_text().splitlines()
   assert len(rows) == 9 and rows[0].startswith("file_name,dice,iou")
   assert json.loads((workdir / "config.json").read_text())["model"]["features"] == 4

@@ -351,6 +351,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "pooled": metrics_lib.pooled_metrics(counts),
       **metrics_lib.by_truth(scores, counts),
   }
+  groups = getattr(getattr(source, "source", source), "groups", None)  # Unwrapped from a cache.
+  if groups:
+    summary["by_patient"] = metrics_lib.by_group(counts, groups)
   if category_ids:
     summary["by_category"] = metrics_lib.by_category(scores, counts, labels,
                                                      source.category_names)
@@ -380,6 +383,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("%s: mean Dice %.4f over the %d images with a tumour; %d false alarms on the "
                  "%d without", split, found["dice"], found["n_images"], healthy["false_alarms"],
                  healthy["n_images"])
+  if groups:
+    logging.info("%s: mean Dice %.4f over its %d patients (LGG) or volumes (BraTS), each one 3-D "
+                 "mask", split, summary["by_patient"]["dice"], summary["by_patient"]["n"])
   for category, result in summary.get("by_category", {}).items():
     logging.info("%s, category %s (%r): mean Dice %s over %d images", split, category,
                  result["name"], "-" if result["dice"] is None else f"{result['dice']:.4f}",

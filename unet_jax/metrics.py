@@ -90,6 +90,17 @@ def by_truth(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict[str, dic
                              "false_alarms": int((predicted & ~tumour).sum())}}
 
 
+def by_group(counts: np.ndarray, groups: list[str]) -> dict[str, float | int]:
+  """Each group's (an LGG patient's, a BraTS volume's) slices pooled into one 3-D mask, scored
+  as an image is, then averaged over the groups: their count and mean Dice and IoU."""
+  position = {name: i for i, name in enumerate(sorted(set(groups)))}
+  pooled = np.zeros((len(position), 4), np.int64)
+  np.add.at(pooled, [position[g] for g in groups], counts)
+  scores = per_image_metrics(pooled)
+  return {"n": len(position), "dice": float(scores["dice"].mean()),
+          "iou": float(scores["iou"].mean())}
+
+
 def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.ndarray,
                 category_names: dict) -> dict[str, dict]:
   """Category id -> its name, its images' count, mean Dice and IoU, and pooled Dice and IoU;

@@ -231,7 +231,9 @@ class BratsSource:
     slices = scan(self.root)
     assignment = splits.assign((v for v, _ in slices), val_fraction, test_fraction, split_seed,
                                recorded_split)
-    self._file_names = [name for volume, name in slices if assignment[volume] == split]
+    chosen = [(volume, name) for volume, name in slices if assignment[volume] == split]
+    self._file_names = [name for _, name in chosen]
+    self.groups = [volume for volume, _ in chosen]  # Each slice's volume, in index order.
     if not self._file_names:
       raise UserError(f"data.root {self.root}: no volumes in split {split!r}; the BraTS splits "
                       f"are {', '.join(splits.SUBSETS)} (data.val_fraction, data.test_fraction)")

@@ -115,7 +115,10 @@ class FolderSource:
     pairs = scan(self.root)
     assignment = splits.assign((p for p, _, _ in pairs), val_fraction, test_fraction,
                                split_seed, recorded_split)
-    self._pairs = [(image, mask) for patient, image, mask in pairs if assignment[patient] == split]
+    chosen = [(patient, image, mask) for patient, image, mask in pairs
+              if assignment[patient] == split]
+    self._pairs = [(image, mask) for _, image, mask in chosen]
+    self.groups = [patient for patient, _, _ in chosen]  # Each slice's patient, in index order.
     if not self._pairs:
       raise UserError(f"data.root {self.root}: no patients in split {split!r}; the LGG splits "
                       f"are {', '.join(splits.SUBSETS)} (data.val_fraction, data.test_fraction)")
