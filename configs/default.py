@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   augment.noise_prob = 0.0  # ...applied with this probability; off by default.
   augment.hflip_prob = 0.0  # Left-right flips; off for brain MRI by default.
   augment.vflip_prob = 0.0  # Up-down flips; off by default.
-  # CutMix: a box of the next image of the batch, labels and all, pasted into an image.
+  # CutMix: a box of the batch's image before it, labels and all, pasted into an image.
   augment.cutmix_prob = 0.0  # Off by default.
 
   config.model = model = ml_collections.ConfigDict()

@@ -265,6 +265,22 @@ def test_wide_images_are_scaled_by_their_type(tmp_path, mode, pixel, expected):
       np.testing.assert_allclose(read(), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_a_picture_is_the_rounded_mean_of_the_channels_read(tmp_path, mode):
+  rng = np.random.default_rng(0)
+  if mode == "I;16":
+    image = Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16))
+  else:
+    image = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert(mode)
+  path = tmp_path / "scan.png"
+  image.save(path)
+  for channels in (1, 3):
+    expected = (np.clip(images.read_image(path, channels).mean(-1), 0, 1) * 255).round()
+    picture, _ = images.read_picture(path, channels)
+    assert picture.dtype == np.uint8
+    np.testing.assert_array_equal(picture, expected.astype(np.uint8))
+
+
 def _single_file(tmp_path, image_dir=""):
   """One annotation file at the root; images carry their subset in extra.split."""
   folder = tmp_path / (image_dir or ".")

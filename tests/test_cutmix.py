@@ -1,4 +1,4 @@
-"""CutMix: a box of the next image, labels and all."""
+"""CutMix: a box of the batch's image before it, labels and all."""
 
 import jax
 import numpy as np

@@ -68,6 +68,7 @@ def test_the_mask_is_the_definitions_to_the_pixel_ties_and_large_maps_included()
           np.round(rng.beta(0.5, 2.0, (50, 50)) * 8) / 8,  # Many equal values.
           np.where(rng.random((33, 33)) < 0.1, 1.0, 0.0),  # Saturated: ties at 1 and 0.
           np.full((16, 16), 0.002), np.zeros((8, 8), np.float32),
+          np.where(np.arange(64).reshape(8, 8) == 9, np.nan, 0.3),  # A NaN sorts last.
           rng.beta(0.2, 5.0, (1100, 1000)).astype(np.float32)]  # Past one chunk.
   for probs in maps:
     for allow_empty in (True, False):

@@ -258,11 +258,14 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
   pages = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
   pages[0].save(inputs / "stack.tif", save_all=True, append_images=pages[1:])
   pages[0].save(inputs / "loop.gif", save_all=True, append_images=pages[1:])
+  pages[0].save(inputs / "loop.png", save_all=True, append_images=pages[1:])
   rows = predict.predict(config, str(workdir), str(inputs), str(out))
-  assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png", "loop.gif", "stack.tif"]
-  assert [bool(r["error"]) for r in rows] == [False, True, False, True, True]
+  assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png", "loop.gif", "loop.png",
+                                       "stack.tif"]
+  assert [bool(r["error"]) for r in rows] == [False, True, False, True, True, True]
   assert "a GIF of 2 frames" in rows[3]["error"]
-  assert "a TIFF of 2 pages" in rows[4]["error"]
+  assert "a PNG of 2 frames" in rows[4]["error"]
+  assert "a TIFF of 2 pages" in rows[5]["error"]
   assert sorted(p.name for p in out.iterdir()) == [
       "a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png", "predictions.csv"]
   predict.predict(config, str(workdir), str(inputs), str(out))  # Its own output: written over.
@@ -277,7 +280,7 @@ def test_predict_lists_files_in_order_and_guards_its_output(run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
       predict.predict(config, str(workdir), str(inputs), str(stopped))
   assert (stopped / "a_mask.png").is_file()
-  assert len(predict.predict(config, str(workdir), str(inputs), str(stopped))) == 5
+  assert len(predict.predict(config, str(workdir), str(inputs), str(stopped))) == 6
 
   # A folder of other files that predict would overwrite is refused before anything is written.
   truths = tmp_path / "truths"

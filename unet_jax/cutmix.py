@@ -7,11 +7,12 @@ import jax.numpy as jnp
 
 def cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, prob: float
            ) -> tuple[jax.Array, jax.Array]:
-  """Each image, with probability `prob`, takes a box of the next image of the batch.
+  """Each image, with probability `prob`, takes a box of the image before it in the batch
+  (the first image takes one of the last).
 
-  The box covers a fraction of the image uniform in [0, 1] (each side the square root of
-  it), centred anywhere, clipped at the borders; its labels come with it, so a tumour may be
-  covered and another pasted in.
+  Each side of the box is the image's times the square root of a number uniform in [0, 1];
+  centred anywhere and clipped at the borders, it covers a third of the image on average.
+  Its labels come with it, so a tumour may be covered and another pasted in.
 
   Args:
     key: PRNG key of this batch.

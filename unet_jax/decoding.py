@@ -82,7 +82,8 @@ def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarra
   np.log1p(log_not_tumour, out=log_not_tumour)
   empty_chance = np.exp(log_not_tumour.sum())
   del as_float64, log_not_tumour
-  descending = np.sort(flat)[::-1]
+  descending = np.sort(-flat)  # Negated, not reversed: a NaN stays last, as argsort put it.
+  np.negative(descending, out=descending)
   expected = np.cumsum(descending, dtype=np.float64)
   for start in range(0, flat.size, _CHUNK):
     stop = min(start + _CHUNK, flat.size)

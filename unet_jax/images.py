@@ -15,7 +15,7 @@ from PIL import ImageOps
 from unet_jax.errors import UserError
 
 
-_STACK_FORMATS = {"TIFF": "pages", "GIF": "frames", "WEBP": "frames"}
+_STACK_FORMATS = {"TIFF": "pages", "GIF": "frames", "WEBP": "frames", "PNG": "frames"}
 
 
 @contextlib.contextmanager
@@ -28,7 +28,7 @@ def _opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Imag
         # Pillow maps an uncompressed TIFF's pixels from the file as if already turned: they
         # come out scrambled. Read from memory, they are turned as they should be.
         img = stack.enter_context(Image.open(io.BytesIO(pathlib.Path(path).read_bytes())))
-      # A TIFF stack or volume, or an animated GIF or WebP (a cine loop), would silently be
+      # A TIFF stack or volume, or an animated GIF, WebP or PNG (a cine loop), would silently be
       # read as its first frame. (Other formats' extra frames, a JPEG's embedded preview say,
       # are not slices.)
       if img.format in _STACK_FORMATS and img.n_frames > 1:
@@ -177,8 +177,9 @@ def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
     return _as_float(img, channels, path)
 
 
-def read_picture(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
-  """Reads an image as displayed, as uint8 (H, W) luminance, for pictures of it.
+def read_picture(path: str | os.PathLike, channels: int) -> tuple[np.ndarray, float | None]:
+  """Reads an image as displayed, as uint8 (H, W) grey for pictures of it: the mean of the
+  `channels` that `read_image` gives, rounded.
 
   Returns:
     The picture and, for a 16- or 32-bit image, its brightest pixel as a fraction of full
@@ -187,10 +188,16 @@ def read_picture(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
   Raises:
     UserError: the file is missing, not a readable image, or out of its scale.
   """
+  _check_channels(channels)
   with _opened(path) as img:
     _upright(img)
-    if not _wide(img.mode):  # 1 byte a pixel throughout: a 6000x6000 scan takes 36 MB.
+    # In integers: a 6000x6000 scan's picture takes 36 MB, not float32 planes of 144 MB each.
+    if not _wide(img.mode) and channels == 1:
       return np.asarray(img.convert("L")), None
+    if not _wide(img.mode):  # A sum of thirds is never halfway: rounds as the float mean did.
+      planes = np.asarray(img.convert("RGB"))
+      total = sum(planes[..., c].astype(np.uint16) for c in range(3))
+      return np.round(total / 3).astype(np.uint8), None
     grey = _as_float(img, 1, path)[..., 0]
   brightest = float(grey.max()) if grey.size else 0.0
   return (grey * 255).round().astype(np.uint8), brightest

@@ -191,7 +191,7 @@ def _read_input(path: pathlib.Path, data_config: ml_collections.ConfigDict
             images_lib.resize_image(image, size))
   model_input, _ = images_lib.load_image(path, data_config.channels, size)
   # A batch of float32 pictures of 6000x6000 scans holds gigabytes; uint8 grey, 1 byte a pixel.
-  grey, brightest = images_lib.read_picture(path)
+  grey, brightest = images_lib.read_picture(path, data_config.channels)
   if brightest is not None:
     _warn_if_dark(path, brightest)
   return grey, model_input
