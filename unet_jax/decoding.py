@@ -74,14 +74,14 @@ def expected_dice_mask(probs: np.ndarray, allow_empty: bool = True) -> np.ndarra
   flat = np.asarray(probs).ravel()
   # Computed as 2 * cumsum(sorted) / (k + total) in float64, without the index of the sort:
   # predict decodes at the image's own size, and a 6000x6000 map's arrays are 288 MB each.
-  as_float64 = flat.astype(np.float64)
-  total = as_float64.sum()
-  log_not_tumour = as_float64
-  np.minimum(log_not_tumour, 1 - 1e-7, out=log_not_tumour)
-  np.negative(log_not_tumour, out=log_not_tumour)
-  np.log1p(log_not_tumour, out=log_not_tumour)
-  empty_chance = np.exp(log_not_tumour.sum())
-  del as_float64, log_not_tumour
+  values = flat.astype(np.float64)
+  total = values.sum()
+  # Then, in place, log(1 - p): the chance that no pixel is tumour.
+  np.minimum(values, 1 - 1e-7, out=values)
+  np.negative(values, out=values)
+  np.log1p(values, out=values)
+  empty_chance = np.exp(values.sum())
+  del values
   descending = np.sort(-flat)  # Negated, not reversed: a NaN stays last, as argsort put it.
   np.negative(descending, out=descending)
   expected = np.cumsum(descending, dtype=np.float64)

@@ -5,6 +5,11 @@ class UserError(ValueError):
   """Input the user can fix; the message is one line naming the file and the problem."""
 
 
+def counted(count: int, noun: str) -> str:
+  """"1 image", "3 images": `count` and the noun, plural unless it is 1."""
+  return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def some_of(names: list[str], shown: int = 3) -> str:
   """The first `shown` of `names`, comma-separated, and "..." when there are more: for a
   message that names examples."""

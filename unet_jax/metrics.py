@@ -76,16 +76,19 @@ def pooled_metrics(counts: np.ndarray) -> dict[str, float]:
   return {"dice": float(_ratio(2 * tp, 2 * tp + fp + fn)), "iou": float(_ratio(tp, tp + fp + fn))}
 
 
+def _means(scores: dict[str, np.ndarray], chosen: np.ndarray) -> dict[str, float | None]:
+  """Mean Dice and IoU of the `chosen` images; None for none."""
+  return {name: float(scores[name][chosen].mean()) if chosen.any() else None
+          for name in ("dice", "iou")}
+
+
 def by_truth(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict[str, dict]:
   """The images with a tumour, their count and mean Dice and IoU (what papers on data of many
   healthy slices, LGG's and BraTS's, report), and those without, their count and how many
   of them have a tumour predicted (false alarms)."""
   tumour = (counts[:, 0] + counts[:, 2]) > 0
   predicted = (counts[:, 0] + counts[:, 1]) > 0
-  found = {"n_images": int(tumour.sum()), "dice": None, "iou": None}
-  if tumour.any():
-    found.update(dice=float(scores["dice"][tumour].mean()), iou=float(scores["iou"][tumour].mean()))
-  return {"with_tumour": found,
+  return {"with_tumour": {"n_images": int(tumour.sum()), **_means(scores, tumour)},
           "without_tumour": {"n_images": int((~tumour).sum()),
                              "false_alarms": int((predicted & ~tumour).sum())}}
 
@@ -109,14 +112,9 @@ def by_category(scores: dict[str, np.ndarray], counts: np.ndarray, labels: np.nd
   summary = {}
   for label, (category, name) in enumerate(category_names.items(), start=1):
     chosen = labels == label
-    if not chosen.any():
-      summary[str(category)] = {"name": name, "n_images": 0, "dice": None, "iou": None,
-                                "pooled": None}
-      continue
     summary[str(category)] = {
-        "name": name, "n_images": int(chosen.sum()), "dice": float(scores["dice"][chosen].mean()),
-        "iou": float(scores["iou"][chosen].mean()),
-        "pooled": pooled_metrics(counts[chosen])}
+        "name": name, "n_images": int(chosen.sum()), **_means(scores, chosen),
+        "pooled": pooled_metrics(counts[chosen]) if chosen.any() else None}
   return summary
 
 

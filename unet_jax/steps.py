@@ -227,10 +227,6 @@ def jit_predict(mesh, tta: bool = False, up_down: bool = True):
                  out_shardings=parallel.batch_sharded(mesh))
 
 
-def _cutmix_prob(augment: ml_collections.ConfigDict) -> float:
-  return augment.cutmix_prob if augment.enabled else 0.0
-
-
 def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
   """The jitted train and eval steps: batch sharded over the mesh, state replicated.
 
@@ -246,7 +242,8 @@ def jit_steps(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any]:
                                       sam_rho=config.train.sam_rho,
                                       subnetworks=config.model.subnetworks,
                                       shared_input_fraction=config.train.shared_input_fraction,
-                                      cutmix_prob=_cutmix_prob(config.augment)),
+                                      cutmix_prob=(config.augment.cutmix_prob
+                                                   if config.augment.enabled else 0.0)),
                     in_shardings=(replicated, sharded, replicated),
                     out_shardings=(replicated, replicated),
                     donate_argnums=0)

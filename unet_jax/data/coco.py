@@ -30,6 +30,7 @@ from unet_jax import images as images_lib
 from unet_jax.data import coco_json
 from unet_jax.data import splits
 from unet_jax.errors import EmptySplit
+from unet_jax.errors import counted
 from unet_jax.errors import some_of
 from unet_jax.errors import UserError
 
@@ -156,8 +157,8 @@ def images_in_both(paths: Sequence[pathlib.Path], other_paths: Sequence[pathlib.
 
 def shared_images_line(split: str, other_split: str, shared: Sequence[str]) -> str:
   """`images_in_both`'s result as one line."""
-  return (f"splits {split!r} and {other_split!r} both list {len(shared)} image "
-          f"file{'s' if len(shared) > 1 else ''} ({some_of(shared)})")
+  return (f"splits {split!r} and {other_split!r} both list "
+          f"{counted(len(shared), 'image file')} ({some_of(shared)})")
 
 
 def log_problems(problems: list[str], where: pathlib.Path) -> None:
@@ -337,10 +338,10 @@ class CocoSource:
           and not images_lib.resize_labels(self.labels(index), self.image_size).any()):
         vanished.append(self._file_names[index])
     if vanished:
-      logging.warning("%s: %d image%s (%s) hold tumours too small to keep a pixel at "
+      logging.warning("%s: %s (%s) hold tumours too small to keep a pixel at "
                       "data.image_size=%d: they train and score as without tumour; raise "
-                      "data.image_size to keep them", self.json_path, len(vanished),
-                      "s" if len(vanished) > 1 else "", some_of(vanished), self.image_size)
+                      "data.image_size to keep them", self.json_path,
+                      counted(len(vanished), "image"), some_of(vanished), self.image_size)
 
   def __len__(self) -> int:
     return len(self._file_names)

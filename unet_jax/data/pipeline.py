@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax.data import augment as augment_lib
+from unet_jax.errors import counted
 from unet_jax.errors import UserError
 
 
@@ -42,8 +43,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   _check_positive(global_batch_size)
   steps = num_examples // global_batch_size
   if steps == 0:
-    images = f"{num_examples} image{'' if num_examples == 1 else 's'}"
-    raise UserError(f"the training split has {images}, fewer than one "
+    raise UserError(f"the training split has {counted(num_examples, 'image')}, fewer than one "
                     f"batch of {global_batch_size}; lower train.batch_size")
   return steps
 
